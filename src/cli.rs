@@ -1,0 +1,27 @@
+//! What every binary's `main` does around its work: structured logs, a Tokio runtime, and a failure
+//! printed as one line (`error: what failed: why`) with exit code 1.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+/// Runs `work` to completion and turns its outcome into the process exit code.
+pub fn run<F>(work: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Kafka client settings shared by every consumer and producer of the project.
+//!
+//! One place decides how the project talks to the broker, so the broker fidelity test exercises exactly
+//! the consumer the stream jobs run.
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaArgs;
+
+/// A consumer-group member that commits by hand, after the work a message covers is durable.
+///
+/// `session.timeout.ms` is short because a group join waits for about half of it on tansu (STACK.md), and
+/// a crashed member should hand its partitions over quickly anyway.
+pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &args.brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("fetch.wait.max.ms", "100");
+    cfg
+}
+
+/// An idempotent producer: a retried send is never written twice.
+pub fn producer_config(args: &KafkaArgs) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    cfg
+}

@@ -1,0 +1,12 @@
+//! cdc-cqrs: keeps MongoDB read models exactly in step with a PostgreSQL write model.
+//!
+//! Changes flow one way: PostgreSQL WAL -> Debezium (Kafka Connect) -> Kafka topics -> the stream jobs ->
+//! MongoDB. This crate holds what the binaries share: configuration, the Postgres and Kafka clients set up
+//! the way every part needs them, and the bootstrap logic (schema, sample workload, connector).
+
+pub mod bootstrap;
+pub mod cli;
+pub mod config;
+pub mod kafka;
+pub mod postgres;
+pub mod telemetry;
