@@ -1,0 +1,89 @@
+//! compose.yml cannot run on a machine without a Docker engine, so this keeps it consistent with the
+//! local stack by reading it: the same services and ports (bound to 127.0.0.1 only), logical decoding,
+//! Debezium 3.x, a Mongo replica set, secrets from the environment, and setup running our binaries.
+
+use serde_yaml_ng::Value;
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/compose.yml")).unwrap();
+    let mut doc: Value = serde_yaml_ng::from_str(&text).expect("compose.yml is YAML");
+    doc.apply_merge().expect("merge keys resolve");
+    doc
+}
+
+fn service<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["services"].get(name).unwrap_or_else(|| panic!("compose.yml has no service {name}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence().map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+/// The default port scripts/stack gives a setting, e.g. CDC_PG_PORT -> 55432.
+fn stack_default(setting: &str) -> String {
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")).unwrap();
+    let needle = format!("$(setting {setting} ");
+    let at = script.find(&needle).unwrap_or_else(|| panic!("scripts/stack has no setting {setting}"));
+    script[at + needle.len()..].split(')').next().unwrap().to_owned()
+}
+
+#[test]
+fn services_and_ports_match_the_local_stack() {
+    let doc = compose();
+    for (name, setting, inner) in [
+        ("postgres", "CDC_PG_PORT", "5432"),
+        ("kafka", "CDC_KAFKA_PORT", "29092"),
+        ("connect", "CDC_CONNECT_PORT", "8083"),
+        ("mongo", "CDC_MONGO_PORT", "27017"),
+    ] {
+        let ports = strings(&service(&doc, name)["ports"]);
+        assert_eq!(ports, vec![format!("127.0.0.1:{}:{inner}", stack_default(setting))], "{name} ports");
+    }
+    for (name, svc) in doc["services"].as_mapping().unwrap() {
+        for port in strings(&svc["ports"]) {
+            assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port} beyond loopback");
+        }
+    }
+    let advertised = service(&doc, "kafka")["environment"]["KAFKA_ADVERTISED_LISTENERS"].as_str().unwrap();
+    assert!(advertised.contains(&format!("127.0.0.1:{}", stack_default("CDC_KAFKA_PORT"))), "{advertised}");
+}
+
+#[test]
+fn capture_runs_as_the_design_requires() {
+    let doc = compose();
+    let pg = strings(&service(&doc, "postgres")["command"]).join(" ");
+    assert!(pg.contains("wal_level=logical"), "{pg}");
+    let connect = service(&doc, "connect")["image"].as_str().unwrap();
+    assert!(connect.starts_with("quay.io/debezium/connect:3."), "{connect}");
+    let mongo = strings(&service(&doc, "mongo")["command"]);
+    assert!(mongo.iter().any(|a| a == "--replSet"), "{mongo:?}");
+    let kafka = &service(&doc, "kafka")["environment"];
+    assert!(kafka["KAFKA_PROCESS_ROLES"].as_str().unwrap().contains("controller"), "single-node KRaft");
+}
+
+#[test]
+fn secrets_come_from_the_environment() {
+    let doc = compose();
+    for (svc, var) in [("postgres", "POSTGRES_PASSWORD"), ("setup", "PGPASSWORD"), ("setup", "DEBEZIUM_PASSWORD")] {
+        let v = service(&doc, svc)["environment"][var].as_str().unwrap();
+        assert!(v.starts_with("${") && v.contains(":?"), "{svc}.{var} must be required from the environment, is {v}");
+    }
+}
+
+#[test]
+fn setup_and_jobs_run_this_projects_binaries() {
+    let doc = compose();
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let setup = strings(&service(&doc, "setup")["command"]).join(" ");
+    for bin in ["setup_pg_db", "register_connector"] {
+        assert!(setup.contains(bin), "setup should run {bin}: {setup}");
+        assert!(manifest.contains(&format!("name = \"{bin}\"")), "{bin} is not a binary of Cargo.toml");
+    }
+    assert_eq!(service(&doc, "setup")["environment"]["CDC_CONNECT_PG_HOST"], "postgres");
+    for job in ["stream_products", "stream_orders", "stream_order_details"] {
+        let svc = service(&doc, job);
+        assert_eq!(strings(&svc["command"]), vec![job.to_owned()]);
+        assert_eq!(svc["image"], service(&doc, "setup")["image"], "{job} runs the project image");
+        assert_eq!(svc["environment"]["CDC_KAFKA_BROKERS"], "kafka:9092");
+    }
+}
