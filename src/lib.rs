@@ -7,6 +7,7 @@
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod envelope;
 pub mod kafka;
 pub mod postgres;
 pub mod telemetry;

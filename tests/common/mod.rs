@@ -143,11 +143,11 @@ pub fn read_topics(
 
 /// Deletes topics a test made (best effort: a failure here is not the test's).
 pub async fn delete_topics(brokers: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> =
-        match ClientConfig::new().set("bootstrap.servers", brokers).create() {
-            Ok(a) => a,
-            Err(_) => return,
-        };
+    let admin: AdminClient<DefaultClientContext> = match ClientConfig::new().set("bootstrap.servers", brokers).create()
+    {
+        Ok(a) => a,
+        Err(_) => return,
+    };
     let _ = admin.delete_topics(topics, &AdminOptions::new()).await;
 }
 
