@@ -37,3 +37,20 @@ impl KafkaArgs {
         format!("{}.public.{}", self.topic_prefix, table)
     }
 }
+
+/// Where the read models live.
+#[derive(Debug, Clone, Args)]
+pub struct MongoArgs {
+    /// MongoDB holding the read models (a replica set: batches are transactions).
+    #[arg(
+        id = "mongo_uri",
+        long = "mongo-uri",
+        env = "CDC_MONGO_URI",
+        default_value = "mongodb://127.0.0.1:57017/?directConnection=true"
+    )]
+    pub uri: String,
+
+    /// MongoDB database of the read models.
+    #[arg(id = "mongo_database", long = "mongo-database", env = "CDC_MONGO_DATABASE", default_value = "ecommerce")]
+    pub database: String,
+}

@@ -22,7 +22,10 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000")
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // A job may start before Debezium has created its topic (it does so with the first change): look
+        // for it every few seconds, not every 5 minutes (librdkafka's default).
+        .set("topic.metadata.refresh.interval.ms", "5000");
     cfg
 }
 

@@ -8,7 +8,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use cdc_cqrs::bootstrap::connector::ConnectClient;
 use cdc_cqrs::config::PgArgs;
 use cdc_cqrs::postgres;
 use common::{Record, Stack, success, unique};
@@ -23,7 +22,7 @@ const UNAVAILABLE: &str = "__debezium_unavailable_value";
 async fn debezium_streams_every_change_of_the_sample_workload() {
     let stack = Stack::from_env();
     let name = unique("pipeline");
-    sweep_stale(&stack).await;
+    common::sweep_stale(&stack).await;
 
     // setup_pg_db: creates everything, then a second run changes nothing.
     let first = success("setup_pg_db", &stack.run("setup_pg_db", &["--database", &name]));
@@ -42,7 +41,7 @@ async fn debezium_streams_every_change_of_the_sample_workload() {
 
     let pg = PgArgs { url: stack.pg_url.clone(), database: name.clone() };
     let mut conn = postgres::connect(&pg, &name).await.expect("connect");
-    wait_for_streaming_slot(&mut conn, &name).await;
+    common::wait_for_streaming_slot(&mut conn, &name).await;
 
     // A deterministic probe first: exact values to look for in the stream.
     let probe_id: i32 = sqlx::query_scalar(
@@ -103,7 +102,7 @@ async fn debezium_streams_every_change_of_the_sample_workload() {
     }
 
     drop(conn);
-    teardown(&stack, &name).await;
+    common::teardown(&stack, &name).await;
 }
 
 /// Per-event checks on every record.
@@ -251,78 +250,4 @@ async fn table_rows(conn: &mut PgConnection, table: &str, pk: &str) -> BTreeMap<
     };
     let rows: Vec<Value> = sqlx::query_scalar(sql).fetch_all(conn).await.unwrap();
     rows.into_iter().map(|r| (r[pk].as_i64().unwrap(), r)).collect()
-}
-
-async fn wait_for_streaming_slot(conn: &mut PgConnection, slot: &str) {
-    for _ in 0..120 {
-        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-            .bind(slot)
-            .fetch_optional(&mut *conn)
-            .await
-            .unwrap();
-        if active == Some(true) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("replication slot {slot} never became active");
-}
-
-/// Removes the connector, its slot and its database (best effort: a failure here is not the test's).
-async fn teardown(stack: &Stack, name: &str) {
-    let connect = ConnectClient::new(&stack.connect_url).unwrap();
-    let _ = connect.delete(name).await;
-    let topics: Vec<String> = TABLES
-        .iter()
-        .map(|(t, _)| format!("{name}.public.{t}"))
-        .chain([format!("__debezium-heartbeat.{name}")])
-        .collect();
-    common::delete_topics(&stack.brokers, &topics.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
-    let Ok(mut conn) = postgres::connect(&pg, "postgres").await else { return };
-    for _ in 0..60 {
-        let dropped = sqlx::query(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-        )
-        .bind(name)
-        .execute(&mut conn)
-        .await;
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
-            .bind(name)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap_or(0);
-        if dropped.is_ok() && left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-        .execute(&mut conn)
-        .await;
-}
-
-/// Tears down what earlier test processes (now gone) left behind, so slots never pile up.
-async fn sweep_stale(stack: &Stack) {
-    let alive = |name: &str| {
-        name.strip_prefix("it_")
-            .and_then(|rest| rest.split('_').next())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-    };
-    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
-    let mut conn = postgres::connect(&pg, "postgres").await.expect("connect");
-    let mut names: Vec<String> = sqlx::query_scalar(
-        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'it\\_%' \
-         UNION SELECT datname::text FROM pg_database WHERE datname LIKE 'it\\_%'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    let connect = ConnectClient::new(&stack.connect_url).unwrap();
-    names.extend(connect.list().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
-    names.sort();
-    names.dedup();
-    for name in names.into_iter().filter(|n| !alive(n)) {
-        teardown(stack, &name).await;
-    }
 }

@@ -146,3 +146,12 @@ fn a_wrong_flag_is_one_line_naming_the_fix() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unknown operation 'new_ordr'") && err.contains("new_order"), "{err}");
 }
+
+#[test]
+fn every_binary_answers_help() {
+    for bin in ["setup_pg_db", "insert_sample_data", "register_connector", "stream_products", "verify"] {
+        let out = Command::new(common::bin_path(bin)).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{bin} --help: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{bin} --help prints its usage");
+    }
+}

@@ -8,11 +8,15 @@ use std::collections::HashMap;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use cdc_cqrs::bootstrap::connector::ConnectClient;
+use cdc_cqrs::config::PgArgs;
+use cdc_cqrs::postgres;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::PgConnection;
 
 /// The real services, as the stack script describes them.
 pub struct Stack {
@@ -20,6 +24,7 @@ pub struct Stack {
     pub brokers: String,
     pub connect_url: String,
     pub debezium_password: String,
+    pub mongo_uri: String,
 }
 
 impl Stack {
@@ -34,6 +39,7 @@ impl Stack {
             brokers: var("CDC_KAFKA_BROKERS", "127.0.0.1:59092"),
             connect_url: var("CDC_CONNECT_URL", "http://127.0.0.1:58083"),
             debezium_password: std::env::var("DEBEZIUM_PASSWORD").expect("DEBEZIUM_PASSWORD (from scripts/stack exec)"),
+            mongo_uri: var("CDC_MONGO_URI", "mongodb://127.0.0.1:57017/?directConnection=true"),
         }
     }
 
@@ -48,6 +54,7 @@ impl Stack {
             .env("CDC_KAFKA_BROKERS", &self.brokers)
             .env("CDC_CONNECT_URL", &self.connect_url)
             .env("DEBEZIUM_PASSWORD", &self.debezium_password)
+            .env("CDC_MONGO_URI", &self.mongo_uri)
             .env("RUST_LOG", "warn");
         cmd
     }
@@ -59,6 +66,8 @@ pub fn bin_path(bin: &str) -> String {
         "setup_pg_db" => env!("CARGO_BIN_EXE_setup_pg_db").to_owned(),
         "insert_sample_data" => env!("CARGO_BIN_EXE_insert_sample_data").to_owned(),
         "register_connector" => env!("CARGO_BIN_EXE_register_connector").to_owned(),
+        "stream_products" => env!("CARGO_BIN_EXE_stream_products").to_owned(),
+        "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
         other => panic!("no binary {other}"),
     }
 }
@@ -175,4 +184,193 @@ pub fn by_topic(records: &[Record]) -> HashMap<&str, Vec<&Record>> {
         map.entry(r.topic.as_str()).or_default().push(r);
     }
     map
+}
+
+pub async fn wait_for_streaming_slot(conn: &mut PgConnection, slot: &str) {
+    for _ in 0..120 {
+        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(slot)
+            .fetch_optional(&mut *conn)
+            .await
+            .unwrap();
+        if active == Some(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("replication slot {slot} never became active");
+}
+
+/// Removes the connector, its slot and its database (best effort: a failure here is not the test's).
+pub async fn teardown(stack: &Stack, name: &str) {
+    let connect = ConnectClient::new(&stack.connect_url).unwrap();
+    let _ = connect.delete(name).await;
+    let topics: Vec<String> = ["products", "orders", "order_details"]
+        .iter()
+        .map(|t| format!("{name}.public.{t}"))
+        .chain([format!("__debezium-heartbeat.{name}"), format!("{name}.dead_letter")])
+        .collect();
+    delete_topics(&stack.brokers, &topics.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
+    let Ok(mut conn) = postgres::connect(&pg, "postgres").await else { return };
+    for _ in 0..60 {
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+        )
+        .bind(name)
+        .execute(&mut conn)
+        .await;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or(0);
+        if dropped.is_ok() && left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+        .execute(&mut conn)
+        .await;
+}
+
+/// Tears down what earlier test processes (now gone) left behind, so slots never pile up.
+pub async fn sweep_stale(stack: &Stack) {
+    let alive = |name: &str| {
+        name.strip_prefix("it_")
+            .and_then(|rest| rest.split('_').next())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
+    let mut conn = postgres::connect(&pg, "postgres").await.expect("connect");
+    let mut names: Vec<String> = sqlx::query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'it\\_%' \
+         UNION SELECT datname::text FROM pg_database WHERE datname LIKE 'it\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let connect = ConnectClient::new(&stack.connect_url).unwrap();
+    names.extend(connect.list().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
+    if let Ok(mongo) = mongodb::Client::with_uri_str(&stack.mongo_uri).await {
+        names
+            .extend(mongo.list_database_names().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
+    }
+    names.sort();
+    names.dedup();
+    for name in names.into_iter().filter(|n| !alive(n)) {
+        teardown(stack, &name).await;
+    }
+}
+
+/// A captured database of its own: PostgreSQL database, connector, slot, topics and MongoDB database all
+/// named `it_<pid>_<what>`.
+pub struct Capture {
+    pub stack: Stack,
+    pub name: String,
+    pub pg: PgConnection,
+}
+
+impl Capture {
+    /// Sets up the write model and starts capturing it (before any row exists: the stream holds them all).
+    pub async fn start(what: &str) -> Capture {
+        let stack = Stack::from_env();
+        let name = unique(what);
+        sweep_stale(&stack).await;
+        success("setup_pg_db", &stack.run("setup_pg_db", &["--database", &name]));
+        let args = ["--name", &name, "--database", &name, "--topic-prefix", &name, "--slot", &name, "--timeout", "180"];
+        success("register_connector", &stack.run("register_connector", &args));
+        let pg_args = PgArgs { url: stack.pg_url.clone(), database: name.clone() };
+        let mut pg = postgres::connect(&pg_args, &name).await.expect("connect");
+        wait_for_streaming_slot(&mut pg, &name).await;
+        Capture { stack, name, pg }
+    }
+
+    /// Runs insert_sample_data on this database with extra flags.
+    pub fn workload(&self, flags: &[&str]) -> String {
+        let mut args = vec!["--database", &self.name, "--quiet"];
+        args.extend_from_slice(flags);
+        success("insert_sample_data", &self.stack.run("insert_sample_data", &args))
+    }
+
+    /// Starts a stream job on this capture (its own consumer group unless `group` says otherwise).
+    pub fn spawn_job(&self, bin: &str, group: &str) -> JobProcess {
+        let child = self
+            .stack
+            .command(bin)
+            .env("CDC_TOPIC_PREFIX", &self.name)
+            .env("CDC_MONGO_DATABASE", &self.name)
+            .env("CDC_GROUP_ID", format!("{}-{group}", self.name))
+            .env("CDC_BATCH_MS", "100")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        JobProcess(Some(child))
+    }
+
+    /// Runs `verify` for `collections` until the read models equal PostgreSQL's projection; panics with
+    /// the last report after `timeout`.
+    pub async fn converge(&self, collections: &[&str], timeout: Duration) {
+        let started = Instant::now();
+        let mut args = vec!["--database", &self.name, "--examples", "3"];
+        for c in collections {
+            args.extend_from_slice(&["--collection", c]);
+        }
+        loop {
+            let out = self
+                .stack
+                .command("verify")
+                .env("CDC_MONGO_DATABASE", &self.name)
+                .args(&args)
+                .output()
+                .expect("verify");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "read models did not converge in {timeout:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub async fn teardown(self) {
+        drop(self.pg);
+        teardown(&self.stack, &self.name).await;
+    }
+}
+
+/// A running job, killed if the test ends without stopping it (a failed assertion must not leave it behind).
+pub struct JobProcess(Option<std::process::Child>);
+
+impl JobProcess {
+    /// Stops the job the way an orchestrator does (SIGTERM) and checks it exits cleanly.
+    pub fn stop(mut self) {
+        let mut child = self.0.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let status = child.wait().expect("job exit");
+        assert!(status.success(), "job exited with {status} after SIGTERM");
+    }
+
+    /// Kills the job at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let mut child = self.0.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,295 @@
+//! The micro-batch runtime every stream job runs: poll a batch (by count and time) -> decode -> reduce
+//! per key -> project -> write the batch and its checkpoints in one MongoDB transaction -> commit offsets
+//! to Kafka. The jobs differ only in their [`Job`] (table and projection).
+//!
+//! Failure handling: a record that does not decode goes to the dead-letter topic, with the reason in its
+//! headers, before the batch is written (so it is never lost); MongoDB or Kafka being unreachable means
+//! the same batch is retried with backoff and no offset moves; SIGTERM or Ctrl-C lets the batch in hand
+//! finish, then the job exits. Offsets committed to Kafka are only a convenience (lag, restart position):
+//! the checkpoints in MongoDB decide what is applied, so a job may be killed at any moment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::config::{KafkaArgs, MongoArgs};
+use crate::envelope::{self, Event};
+use crate::kafka;
+use crate::metrics::{Metrics, serve};
+use crate::projection::Write;
+use crate::sink::{Checkpoint, MongoSink};
+
+/// One stream job: the table it follows and how its changes project onto the read models.
+pub trait Job: Send + Sync + 'static {
+    /// The source table (the topic is `<prefix>.public.<TABLE>`).
+    const TABLE: &'static str;
+    type Row: DeserializeOwned + Send + Sync + 'static;
+
+    /// The primary key of a row.
+    fn key(row: &Self::Row) -> i32;
+
+    /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order).
+    fn project(&self, events: &[Event<Self::Row>], sink: &MongoSink)
+    -> impl Future<Output = Result<Vec<Write>>> + Send;
+}
+
+/// What every job is configured with.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Consumer group (run more processes with the same group to share partitions). Default: cdc-cqrs-<table>.
+    #[arg(long, env = "CDC_GROUP_ID")]
+    pub group: Option<String>,
+
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+
+    /// Most records in one batch.
+    #[arg(long, env = "CDC_BATCH_SIZE", default_value_t = 5_000)]
+    pub batch_size: usize,
+
+    /// Longest wait to fill a batch, in milliseconds.
+    #[arg(long, env = "CDC_BATCH_MS", default_value_t = 200)]
+    pub batch_ms: u64,
+
+    /// Topic for records that cannot be decoded or projected. Default: <prefix>.dead_letter.
+    #[arg(long, env = "CDC_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101); off when not given.
+    #[arg(long, env = "CDC_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Runs `job` until SIGTERM / Ctrl-C.
+pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
+    let topic = args.kafka.table_topic(J::TABLE);
+    let group = args.group.clone().unwrap_or_else(|| format!("cdc-cqrs-{}", J::TABLE));
+    let dead_letter_topic =
+        args.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", args.kafka.topic_prefix));
+    let metrics = Arc::new(Metrics::new(J::TABLE));
+    if let Some(addr) = args.metrics_addr {
+        serve(addr, metrics.clone()).await?;
+    }
+    let shutdown = shutdown_signal();
+
+    let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&args.mongo))
+        .await
+        .context("stopped before MongoDB answered")?;
+    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &group).create().context("Kafka consumer")?;
+    consumer.subscribe(&[&topic]).context("subscribing")?;
+    let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
+    tracing::info!(job = J::TABLE, %topic, %group, database = %args.mongo.database, "started");
+
+    let mut checkpoints = sink.checkpoints(&group, &topic).await?;
+    let mut last_lag_check = Instant::now() - Duration::from_secs(60);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let batch = poll_batch(&consumer, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await;
+        if batch.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut events = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        let mut newest_source_ms = None;
+        for m in &batch {
+            let end = next.entry(m.partition()).or_default();
+            *end = (*end).max(m.offset() + 1);
+            if checkpoints.get(&m.partition()).is_some_and(|&done| m.offset() < done) {
+                metrics.skipped.inc(1);
+                continue; // applied before a crash or a rebalance
+            }
+            match envelope::decode::<J::Row>(J::TABLE, m.payload()) {
+                Ok(event) => {
+                    if let Some(source) = source_of(&event) {
+                        newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
+                    }
+                    events.push(event);
+                }
+                Err(reason) => dead.push((m, reason.to_string())),
+            }
+        }
+        metrics.records_in.inc(batch.len() as u64);
+
+        for (m, reason) in &dead {
+            tracing::warn!(job = J::TABLE, partition = m.partition(), offset = m.offset(), %reason, "dead-lettering a record");
+            retry("writing to the dead-letter topic", &shutdown, || {
+                dead_letter(&producer, &dead_letter_topic, m, reason)
+            })
+            .await?;
+            metrics.dead_lettered.inc(1);
+        }
+        let reduced = reduce::<J>(events);
+        let writes = job.project(&reduced, &sink).await?;
+        let batch_checkpoints: Vec<Checkpoint> = next
+            .iter()
+            .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
+            .collect();
+        retry("writing the batch to MongoDB", &shutdown, || sink.apply(&group, &writes, &batch_checkpoints)).await?;
+        metrics.written.inc(writes.len() as u64);
+
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &next_offset) in &next {
+            checkpoints.insert(partition, next_offset);
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(next_offset))?;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "committing offsets to Kafka (MongoDB checkpoints are authoritative)");
+        }
+        metrics.batches.inc(1);
+        metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        if let Some(ts) = newest_source_ms {
+            metrics.lag_ms.set((now_ms() - ts).max(0));
+        }
+        if last_lag_check.elapsed() > Duration::from_secs(5) {
+            last_lag_check = Instant::now();
+            metrics.lag_records.set(lag_records(&consumer, &topic, &checkpoints));
+        }
+    }
+    tracing::info!(job = J::TABLE, "stopped");
+    Ok(())
+}
+
+/// Up to `size` records, waiting at most `wait` after the first one arrives (or the shutdown).
+async fn poll_batch(
+    consumer: &StreamConsumer,
+    size: usize,
+    wait: Duration,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<OwnedMessage> {
+    let mut shutdown = shutdown.clone();
+    let mut batch = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < size {
+        tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => batch.push(m.detach()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka poll failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = shutdown.changed() => break,
+        }
+    }
+    batch
+}
+
+/// The last event of each key in the batch; truncates are all kept. Version guards make the order of
+/// writes across keys irrelevant; within a key the last image is the row's state.
+fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
+    let mut last: HashMap<i32, usize> = HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        match e {
+            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => {
+                last.insert(J::key(row), i);
+            }
+            Event::Truncate { .. } | Event::Tombstone => {}
+        }
+    }
+    events
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| match e {
+            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => last[&J::key(row)] == *i,
+            Event::Truncate { .. } => true,
+            Event::Tombstone => false,
+        })
+        .map(|(_, e)| e)
+        .collect()
+}
+
+fn source_of<R>(event: &Event<R>) -> Option<&envelope::Source> {
+    match event {
+        Event::Upsert { source, .. } | Event::Delete { source, .. } | Event::Truncate { source } => Some(source),
+        Event::Tombstone => None,
+    }
+}
+
+async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, reason: &str) -> Result<()> {
+    let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "reason", value: Some(reason) })
+        .insert(Header { key: "source_topic", value: Some(m.topic()) })
+        .insert(Header { key: "source_partition", value: Some(&partition) })
+        .insert(Header { key: "source_offset", value: Some(&offset) });
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+    if let Some(k) = m.key() {
+        record = record.key(k);
+    }
+    if let Some(p) = m.payload() {
+        record = record.payload(p);
+    }
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
+    Ok(())
+}
+
+/// Records between the checkpoints and the ends of the topic's partitions.
+fn lag_records(consumer: &StreamConsumer, topic: &str, checkpoints: &HashMap<i32, i64>) -> i64 {
+    tokio::task::block_in_place(|| {
+        checkpoints
+            .iter()
+            .filter_map(|(&p, &next)| {
+                consumer.fetch_watermarks(topic, p, Duration::from_secs(2)).ok().map(|(_, hi)| hi - next)
+            })
+            .map(|lag| lag.max(0))
+            .sum()
+    })
+}
+
+/// Calls `attempt` until it succeeds, backing off from 200 ms to 10 s; gives up only at shutdown.
+async fn retry<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !*shutdown.borrow() => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).context(format!("{what} (shutting down)")),
+        }
+    }
+}
+
+/// Turns true at SIGTERM or Ctrl-C.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down after the batch in hand");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,145 @@
+//! The MongoDB sink: applies a batch's writes and advances the job's checkpoints in one transaction.
+//!
+//! Committing the checkpoint with the writes is what makes a batch's effect exactly-once: a crash before
+//! the commit leaves neither, a crash after leaves both, and on restart the runtime skips records below the
+//! checkpoint. (Every write is also version-guarded, so a replay past a lost checkpoint is a no-op too.)
+//! A server without replica set or an unreachable one is an error the runtime retries with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bson::{Document, doc};
+use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, ClientSession, Database};
+
+use crate::config::MongoArgs;
+use crate::projection::{Collection, Write};
+
+/// `update` commands hold at most this many statements (the server's limit is 100,000).
+const STATEMENTS_PER_COMMAND: usize = 10_000;
+const CHECKPOINTS: &str = "_checkpoints";
+
+/// How far a job has applied one partition: the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+pub struct MongoSink {
+    client: Client,
+    db: Database,
+}
+
+impl MongoSink {
+    /// Connects and checks the server answers (a one-line error naming the fix otherwise).
+    pub async fn connect(args: &MongoArgs) -> Result<MongoSink> {
+        let mut opts = ClientOptions::parse(&args.uri)
+            .await
+            .map_err(|e| anyhow!("--mongo-uri / CDC_MONGO_URI is not a MongoDB URI ({e})"))?;
+        opts.app_name = Some("cdc-cqrs".into());
+        opts.server_selection_timeout.get_or_insert(Duration::from_secs(10));
+        let client = Client::with_options(opts)?;
+        let db = client.database(&args.database);
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+            anyhow!("cannot reach MongoDB ({e}): start it (`scripts/stack up`) or point CDC_MONGO_URI at it")
+        })?;
+        Ok(MongoSink { client, db })
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The job's checkpoints for `topic`: partition -> next offset.
+    pub async fn checkpoints(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>> {
+        let mut cursor = self
+            .db
+            .collection::<Document>(CHECKPOINTS)
+            .find(doc! { "group": group, "topic": topic })
+            .await
+            .context("reading checkpoints")?;
+        let mut out = HashMap::new();
+        while cursor.advance().await? {
+            let d = cursor.deserialize_current()?;
+            out.insert(d.get_i32("partition")?, d.get_i64("next_offset")?);
+        }
+        Ok(out)
+    }
+
+    /// Applies `writes` (in order per collection) and moves `checkpoints` forward, atomically.
+    pub async fn apply(&self, group: &str, writes: &[Write], checkpoints: &[Checkpoint]) -> Result<()> {
+        let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
+        for w in writes {
+            by_collection.entry(w.collection).or_default().push(w.statement.clone());
+        }
+        let checkpoint_updates: Vec<Document> = checkpoints
+            .iter()
+            .map(|c| {
+                doc! {
+                    "q": { "_id": format!("{group}|{}|{}", c.topic, c.partition) },
+                    "u": {
+                        "$max": { "next_offset": c.next_offset },
+                        "$set": { "group": group, "topic": &c.topic, "partition": c.partition },
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let mut session = self.client.start_session().await.context("starting a MongoDB session")?;
+        loop {
+            session.start_transaction().await?;
+            let result = async {
+                for (collection, statements) in &by_collection {
+                    update(&self.db, &mut session, collection.name(), statements).await?;
+                }
+                update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await
+            }
+            .await;
+            match result {
+                Ok(()) => match commit(&mut session).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
+                    Err(e) => return Err(e).context("committing the batch"),
+                },
+                Err(e) => {
+                    let _ = session.abort_transaction().await;
+                    match e.downcast_ref::<mongodb::error::Error>() {
+                        // A write conflict with another job's transaction on the same document: redo it.
+                        Some(me) if me.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
+    loop {
+        match session.commit_transaction().await {
+            Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Runs `update` commands for `statements` in the session's transaction; any write error fails the batch.
+async fn update(db: &Database, session: &mut ClientSession, collection: &str, statements: &[Document]) -> Result<()> {
+    for chunk in statements.chunks(STATEMENTS_PER_COMMAND) {
+        let reply = db
+            .run_command(doc! { "update": collection, "updates": chunk, "ordered": true })
+            .session(&mut *session)
+            .await
+            .map_err(anyhow::Error::new)?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && let Some(first) = errors.first()
+        {
+            bail!("MongoDB refused an update of {collection}: {first}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! `verify`: computes the read models straight from PostgreSQL and compares them with MongoDB.
+//!
+//! Both sides are streamed in `_id` order and merge-joined, so memory stays flat however large the tables.
+//! Tombstones and bookkeeping fields are not part of the comparison (see [`crate::readmodel`]).
+
+use std::fmt;
+
+use anyhow::{Context, Result};
+use bson::{Document, doc};
+use futures::{Stream, StreamExt, TryStreamExt};
+use mongodb::Database;
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+
+use crate::projection::Collection;
+use crate::readmodel;
+
+/// How one read collection compares with its projection from PostgreSQL.
+#[derive(Debug, Default, Clone)]
+pub struct CollectionReport {
+    pub name: &'static str,
+    pub expected: u64,
+    pub actual: u64,
+    pub missing: u64,
+    pub unexpected: u64,
+    pub different: u64,
+    /// The first differences, readable.
+    pub examples: Vec<String>,
+}
+
+impl CollectionReport {
+    pub fn is_equal(&self) -> bool {
+        self.missing == 0 && self.unexpected == 0 && self.different == 0
+    }
+}
+
+impl fmt::Display for CollectionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.is_equal() { "equal" } else { "DIFFERENT" };
+        writeln!(
+            f,
+            "{:<14} {verdict:<9} expected {}, found {}: {} missing, {} unexpected, {} different",
+            self.name, self.expected, self.actual, self.missing, self.unexpected, self.different
+        )?;
+        for e in &self.examples {
+            writeln!(f, "    {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares `collection` in `db` with its projection from the PostgreSQL connection; keeps `examples` of
+/// the differences.
+pub async fn compare(
+    pg: &mut PgConnection,
+    db: &Database,
+    collection: Collection,
+    examples: usize,
+) -> Result<CollectionReport> {
+    let expected = expected_documents(pg, collection);
+    let actual = db
+        .collection::<Document>(collection.name())
+        .find(doc! { "_deleted": { "$ne": true } })
+        .sort(doc! { "_id": 1 })
+        .await
+        .with_context(|| format!("reading {} from MongoDB", collection.name()))?
+        .map_err(anyhow::Error::new)
+        .map_ok(|d| readmodel::contract_view(&d));
+    merge(collection.name(), expected, actual, examples).await
+}
+
+async fn merge(
+    name: &'static str,
+    expected: impl Stream<Item = Result<Document>>,
+    actual: impl Stream<Item = Result<Document>>,
+    examples: usize,
+) -> Result<CollectionReport> {
+    let mut report = CollectionReport { name, ..Default::default() };
+    let (mut expected, mut actual) = (Box::pin(expected.fuse()), Box::pin(actual.fuse()));
+    let (mut e, mut a) = (expected.try_next().await?, actual.try_next().await?);
+    let id = |d: &Document| d.get("_id").and_then(bson::Bson::as_i32).unwrap_or(i32::MIN);
+    let note = |report: &mut CollectionReport, text: String| {
+        if report.examples.len() < examples {
+            report.examples.push(text);
+        }
+    };
+    loop {
+        match (&e, &a) {
+            (None, None) => break,
+            (Some(x), Some(y)) if id(x) == id(y) => {
+                report.expected += 1;
+                report.actual += 1;
+                if x != y {
+                    report.different += 1;
+                    note(&mut report, format!("_id {}: expected {x}, found {y}", id(x)));
+                }
+                (e, a) = (expected.try_next().await?, actual.try_next().await?);
+            }
+            (Some(x), y) if y.as_ref().is_none_or(|y| id(x) < id(y)) => {
+                report.expected += 1;
+                report.missing += 1;
+                note(&mut report, format!("_id {}: missing, expected {x}", id(x)));
+                e = expected.try_next().await?;
+            }
+            (_, Some(y)) => {
+                report.actual += 1;
+                report.unexpected += 1;
+                note(&mut report, format!("_id {}: unexpected {y}", id(y)));
+                a = actual.try_next().await?;
+            }
+            (Some(_), None) => unreachable!("handled above"),
+        }
+    }
+    Ok(report)
+}
+
+/// The documents a collection should hold, from PostgreSQL, in `_id` order.
+fn expected_documents<'a>(
+    pg: &'a mut PgConnection,
+    collection: Collection,
+) -> impl Stream<Item = Result<Document>> + 'a {
+    match collection {
+        Collection::Products => sqlx::query_as::<_, (i32, String, Option<String>, Decimal, i32)>(
+            "SELECT product_id, name, description, price, stock_quantity FROM products ORDER BY product_id",
+        )
+        .fetch(pg)
+        .map_err(|e| anyhow::Error::new(e).context("reading products from PostgreSQL"))
+        .map_ok(|(id, name, description, price, stock)| {
+            readmodel::product(id, &name, description.as_deref(), price, stock)
+        })
+        .boxed(),
+        other => futures::stream::once(async move {
+            Err(anyhow::anyhow!("verify does not know the {} read model yet", other.name()))
+        })
+        .boxed(),
+    }
+}
