@@ -76,6 +76,16 @@ pub enum Event<R> {
     Tombstone,
 }
 
+impl<R> Event<R> {
+    /// The change's origin (none for a tombstone).
+    pub fn source(&self) -> Option<&Source> {
+        match self {
+            Event::Upsert { source, .. } | Event::Delete { source, .. } | Event::Truncate { source } => Some(source),
+            Event::Tombstone => None,
+        }
+    }
+}
+
 /// Why a record could not be decoded: what the dead-letter topic records as its reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

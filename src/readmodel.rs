@@ -7,6 +7,22 @@ use bson::{Bson, Document, doc};
 use rust_decimal::Decimal;
 
 use crate::projection::decimal;
+use crate::rows::OrderDetail;
+
+/// Money, at its column's scale (`numeric(10,2)`), whoever read it: PostgreSQL's binary protocol gives a
+/// zero as `0`, Debezium as `"0.00"`.
+fn money(d: Decimal) -> Bson {
+    let mut d = d;
+    d.rescale(2);
+    decimal(d)
+}
+
+/// A discount rate at its column's scale (`numeric(4,3)`).
+fn rate(d: Decimal) -> Bson {
+    let mut d = d;
+    d.rescale(3);
+    decimal(d)
+}
 
 /// A `products` document (without bookkeeping). `description: None` is a NULL description.
 pub fn product(
@@ -20,7 +36,7 @@ pub fn product(
         "_id": product_id,
         "name": name,
         "description": description.map_or(Bson::Null, Bson::from),
-        "price": decimal(price),
+        "price": money(price),
         "stock_quantity": stock_quantity,
     }
 }
@@ -41,4 +57,98 @@ fn strip(v: &Bson) -> Bson {
 /// Whether a stored document is a tombstone (the row was deleted).
 pub fn is_tombstone(doc: &Document) -> bool {
     doc.get_bool("_deleted").unwrap_or(false)
+}
+
+/// The header fields of an `orders` document. `order_date` is epoch microseconds (stored as a Date, to
+/// the millisecond, rounded down).
+pub fn order_header(
+    customer_name: &str,
+    address: &str,
+    phone: &str,
+    order_date_us: Option<i64>,
+    status: Option<&str>,
+) -> Document {
+    doc! {
+        "customer_name": customer_name,
+        "address": address,
+        "phone": phone,
+        "order_date": order_date_us.map_or(Bson::Null, |us| Bson::DateTime(bson::DateTime::from_millis(us.div_euclid(1000)))),
+        "status": status.map_or(Bson::Null, Bson::from),
+    }
+}
+
+/// A line's amount after discount, to the cent (half to even, as MongoDB's `$round` does).
+pub fn line_total(unit_price: Decimal, quantity: i32, discount: Decimal) -> Decimal {
+    (unit_price * Decimal::from(quantity) * (Decimal::ONE - discount))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven)
+}
+
+/// An order line as embedded in `orders.lines`; `product` is `{name, price}` (or null if not known yet).
+pub fn order_line(row: &OrderDetail, product: Option<(&str, Decimal)>) -> Document {
+    doc! {
+        "order_detail_id": row.order_detail_id,
+        "product_id": row.product_id,
+        "product": product.map_or(Bson::Null, |(name, price)| Bson::Document(doc! { "name": name, "price": money(price) })),
+        "unit_price": money(row.unit_price),
+        "quantity": row.quantity,
+        "discount": rate(row.discount),
+        "line_total": money(line_total(row.unit_price, row.quantity, row.discount)),
+    }
+}
+
+/// `totals` of an order from its lines (the same sums the stream computes in MongoDB; see
+/// [`crate::projection::order_details`]).
+pub fn order_totals(lines: &[(Decimal, i32, Decimal)]) -> Document {
+    let cents = |d: Decimal| d.round_dp(2);
+    let subtotal: Decimal = lines.iter().map(|(p, q, _)| *p * Decimal::from(*q)).sum::<Decimal>() + Decimal::new(0, 2);
+    let total: Decimal = lines.iter().map(|(p, q, d)| line_total(*p, *q, *d)).sum::<Decimal>() + Decimal::new(0, 2);
+    doc! {
+        "items": lines.len() as i32,
+        "quantity": lines.iter().map(|(_, q, _)| q).sum::<i32>(),
+        "subtotal": money(cents(subtotal)),
+        "discount": money(cents(subtotal - total)),
+        "total": money(cents(total)),
+    }
+}
+
+/// An `order_details` document: the row plus the product's name and the order's status.
+pub fn order_detail(row: &OrderDetail, product_name: Option<&str>, order_status: Option<&str>) -> Document {
+    doc! {
+        "_id": row.order_detail_id,
+        "order_id": row.order_id,
+        "product_id": row.product_id,
+        "unit_price": money(row.unit_price),
+        "quantity": row.quantity,
+        "discount": rate(row.discount),
+        "product_name": product_name.map_or(Bson::Null, Bson::from),
+        "order_status": order_status.map_or(Bson::Null, Bson::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn line_totals_round_half_to_even_to_the_cent() {
+        assert_eq!(line_total(dec("10.00"), 3, dec("0.150")).to_string(), "25.50");
+        assert_eq!(line_total(dec("0.05"), 1, dec("0.500")).to_string(), "0.02"); // 0.025 -> 0.02
+        assert_eq!(line_total(dec("0.15"), 1, dec("0.500")).to_string(), "0.08"); // 0.075 -> 0.08
+    }
+
+    #[test]
+    fn totals_are_sums_in_cents_and_zero_for_no_lines() {
+        let t = order_totals(&[(dec("10.00"), 3, dec("0.150")), (dec("2.50"), 2, dec("0.000"))]);
+        assert_eq!(t.get_i32("items").unwrap(), 2);
+        assert_eq!(t.get_i32("quantity").unwrap(), 5);
+        assert_eq!(t.get("subtotal").unwrap().to_string(), "35.00");
+        assert_eq!(t.get("discount").unwrap().to_string(), "4.50");
+        assert_eq!(t.get("total").unwrap().to_string(), "30.50");
+        let empty = order_totals(&[]);
+        assert_eq!(empty.get("total").unwrap().to_string(), "0.00");
+    }
 }

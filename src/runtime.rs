@@ -27,20 +27,26 @@ use crate::envelope::{self, Event};
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
 use crate::projection::Write;
-use crate::sink::{Checkpoint, MongoSink};
+use crate::sink::{Checkpoint, MongoSink, Reads};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
     /// The source table (the topic is `<prefix>.public.<TABLE>`).
     const TABLE: &'static str;
-    type Row: DeserializeOwned + Send + Sync + 'static;
+    /// The job's binary name.
+    const BIN: &'static str;
+    type Row: DeserializeOwned + Clone + Send + Sync + 'static;
 
     /// The primary key of a row.
     fn key(row: &Self::Row) -> i32;
 
-    /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order).
-    fn project(&self, events: &[Event<Self::Row>], sink: &MongoSink)
-    -> impl Future<Output = Result<Vec<Write>>> + Send;
+    /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order). Runs
+    /// inside the batch's transaction: `reads` see its snapshot.
+    fn project(
+        &self,
+        events: &[Event<Self::Row>],
+        reads: &mut Reads<'_>,
+    ) -> impl Future<Output = Result<Vec<Write>>> + Send;
 }
 
 /// What every job is configured with.
@@ -52,6 +58,12 @@ pub struct JobArgs {
     /// Consumer group (run more processes with the same group to share partitions). Default: cdc-cqrs-<table>.
     #[arg(long, env = "CDC_GROUP_ID")]
     pub group: Option<String>,
+
+    /// Static group membership id, stable across restarts of this process, unique among the group's
+    /// processes (Kafka KIP-345): a restarted job takes its partitions back at once, without a rebalance.
+    /// Default: <hostname>-<job binary>; give each process of a scaled-out job its own.
+    #[arg(long, env = "CDC_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 
     #[command(flatten)]
     pub mongo: MongoArgs,
@@ -73,6 +85,16 @@ pub struct JobArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// A job binary's whole `main`: parses the job flags (`--help` describes them with `about`), runs the job
+/// until SIGTERM / Ctrl-C, and turns the outcome into the exit code.
+pub fn main<J: Job>(job: J, about: &'static str) -> std::process::ExitCode {
+    use clap::{Args as _, FromArgMatches as _};
+    let command = JobArgs::augment_args(clap::Command::new(J::BIN)).about(about).version(env!("CARGO_PKG_VERSION"));
+    let matches = command.get_matches();
+    let args = JobArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    crate::cli::run(run(job, args))
+}
+
 /// Runs `job` until SIGTERM / Ctrl-C.
 pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let topic = args.kafka.table_topic(J::TABLE);
@@ -88,10 +110,14 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&args.mongo))
         .await
         .context("stopped before MongoDB answered")?;
-    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &group).create().context("Kafka consumer")?;
+    let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN));
+    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &group)
+        .set("group.instance.id", &instance_id)
+        .create()
+        .context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
-    tracing::info!(job = J::TABLE, %topic, %group, database = %args.mongo.database, "started");
+    tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %args.mongo.database, "started");
 
     let mut checkpoints = sink.checkpoints(&group, &topic).await?;
     let mut last_lag_check = Instant::now() - Duration::from_secs(60);
@@ -117,7 +143,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             }
             match envelope::decode::<J::Row>(J::TABLE, m.payload()) {
                 Ok(event) => {
-                    if let Some(source) = source_of(&event) {
+                    if let Some(source) = event.source() {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
                     }
                     events.push(event);
@@ -136,13 +162,14 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             metrics.dead_lettered.inc(1);
         }
         let reduced = reduce::<J>(events);
-        let writes = job.project(&reduced, &sink).await?;
         let batch_checkpoints: Vec<Checkpoint> = next
             .iter()
             .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
             .collect();
-        retry("writing the batch to MongoDB", &shutdown, || sink.apply(&group, &writes, &batch_checkpoints)).await?;
-        metrics.written.inc(writes.len() as u64);
+        let written =
+            retry("writing the batch to MongoDB", &shutdown, || sink.apply(&job, &reduced, &group, &batch_checkpoints))
+                .await?;
+        metrics.written.inc(written as u64);
 
         let mut tpl = TopicPartitionList::new();
         for (&partition, &next_offset) in &next {
@@ -216,13 +243,6 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
         .collect()
 }
 
-fn source_of<R>(event: &Event<R>) -> Option<&envelope::Source> {
-    match event {
-        Event::Upsert { source, .. } | Event::Delete { source, .. } | Event::Truncate { source } => Some(source),
-        Event::Tombstone => None,
-    }
-}
-
 async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, reason: &str) -> Result<()> {
     let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
     let headers = OwnedHeaders::new()
@@ -288,6 +308,15 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn now_ms() -> i64 {

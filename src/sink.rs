@@ -15,11 +15,14 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Database};
 
 use crate::config::MongoArgs;
-use crate::projection::{Collection, Write};
+use crate::envelope::Event;
+use crate::projection::Collection;
+use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
 const STATEMENTS_PER_COMMAND: usize = 10_000;
 const CHECKPOINTS: &str = "_checkpoints";
+const TRUNCATIONS: &str = "_truncations";
 
 /// How far a job has applied one partition: the next offset to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,12 +73,17 @@ impl MongoSink {
         Ok(out)
     }
 
-    /// Applies `writes` (in order per collection) and moves `checkpoints` forward, atomically.
-    pub async fn apply(&self, group: &str, writes: &[Write], checkpoints: &[Checkpoint]) -> Result<()> {
-        let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
-        for w in writes {
-            by_collection.entry(w.collection).or_default().push(w.statement.clone());
-        }
+    /// Projects `events` with `job` and applies the writes, moving `checkpoints` forward, atomically.
+    /// The projection runs inside the transaction (its reads see the transaction's snapshot) and is redone
+    /// when the transaction is retried, so a write conflict with another job never leaves stale data.
+    /// Returns the number of write statements committed.
+    pub async fn apply<J: Job>(
+        &self,
+        job: &J,
+        events: &[Event<J::Row>],
+        group: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<usize> {
         let checkpoint_updates: Vec<Document> = checkpoints
             .iter()
             .map(|c| {
@@ -93,15 +101,22 @@ impl MongoSink {
         loop {
             session.start_transaction().await?;
             let result = async {
+                let events = self.past_truncations::<J>(&mut session, events).await?;
+                let writes = job.project(&events, &mut Reads { db: &self.db, session: &mut session }).await?;
+                let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
+                for w in &writes {
+                    by_collection.entry(w.collection).or_default().push(w.statement.clone());
+                }
                 for (collection, statements) in &by_collection {
                     update(&self.db, &mut session, collection.name(), statements).await?;
                 }
-                update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await
+                update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
+                Ok::<_, anyhow::Error>(writes.len())
             }
             .await;
             match result {
-                Ok(()) => match commit(&mut session).await {
-                    Ok(()) => return Ok(()),
+                Ok(n) => match commit(&mut session).await {
+                    Ok(()) => return Ok(n),
                     Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
                     Err(e) => return Err(e).context("committing the batch"),
                 },
@@ -115,6 +130,74 @@ impl MongoSink {
                 }
             }
         }
+    }
+}
+
+impl MongoSink {
+    /// The batch's events newer than the table's last TRUNCATE (older ones describe rows it removed), and
+    /// the table's truncation watermark moved to the batch's newest TRUNCATE. Every batch writes the
+    /// watermark document, so batches of one table serialize on it: an older insert from another
+    /// partition cannot slip in after a TRUNCATE that was applied concurrently.
+    async fn past_truncations<'e, J: Job>(
+        &self,
+        session: &mut ClientSession,
+        events: &'e [Event<J::Row>],
+    ) -> Result<std::borrow::Cow<'e, [Event<J::Row>]>> {
+        let marks = self.db.collection::<Document>(TRUNCATIONS);
+        let mark = marks
+            .find_one(doc! { "_id": J::TABLE })
+            .session(&mut *session)
+            .await
+            .map_err(anyhow::Error::new)?
+            .and_then(|d| d.get_i64("lsn").ok())
+            .unwrap_or(-1);
+        let newest_truncate = events
+            .iter()
+            .filter_map(|e| if let Event::Truncate { source } = e { Some(source.lsn as i64) } else { None })
+            .max()
+            .unwrap_or(-1);
+        let statement = doc! {
+            "q": { "_id": J::TABLE },
+            "u": { "$max": { "lsn": newest_truncate }, "$inc": { "batches": 1_i64 } },
+            "upsert": true,
+        };
+        update(&self.db, session, TRUNCATIONS, &[statement]).await?;
+        let after_mark = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark);
+        Ok(if events.iter().all(after_mark) {
+            std::borrow::Cow::Borrowed(events)
+        } else {
+            std::borrow::Cow::Owned(events.iter().filter(|e| after_mark(e)).cloned().collect())
+        })
+    }
+}
+
+/// Reads a projection makes inside the batch's transaction.
+pub struct Reads<'a> {
+    db: &'a Database,
+    session: &'a mut ClientSession,
+}
+
+impl Reads<'_> {
+    /// The documents of `collection` with these `_id`s (tombstones included).
+    pub async fn by_ids(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, Document>> {
+        let mut out = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let mut cursor = self
+            .db
+            .collection::<Document>(collection.name())
+            .find(doc! { "_id": { "$in": ids } })
+            .session(&mut *self.session)
+            .await
+            .map_err(anyhow::Error::new)?;
+        while let Some(d) = cursor.next(&mut *self.session).await {
+            let d = d.map_err(anyhow::Error::new)?;
+            if let Ok(id) = d.get_i32("_id") {
+                out.insert(id, d);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -14,6 +14,7 @@ use sqlx::PgConnection;
 
 use crate::projection::Collection;
 use crate::readmodel;
+use crate::rows::OrderDetail;
 
 /// How one read collection compares with its projection from PostgreSQL.
 #[derive(Debug, Default, Clone)]
@@ -114,6 +115,21 @@ async fn merge(
     Ok(report)
 }
 
+/// One line of an order as the verify query aggregates it.
+#[derive(serde::Deserialize)]
+struct SourceLine {
+    order_detail_id: i32,
+    product_id: i32,
+    name: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    price: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    unit_price: Decimal,
+    quantity: i32,
+    #[serde(with = "rust_decimal::serde::str")]
+    discount: Decimal,
+}
+
 /// The documents a collection should hold, from PostgreSQL, in `_id` order.
 fn expected_documents<'a>(
     pg: &'a mut PgConnection,
@@ -129,8 +145,60 @@ fn expected_documents<'a>(
             readmodel::product(id, &name, description.as_deref(), price, stock)
         })
         .boxed(),
-        other => futures::stream::once(async move {
-            Err(anyhow::anyhow!("verify does not know the {} read model yet", other.name()))
+        Collection::Orders => sqlx::query_as::<_, (i32, String, String, String, Option<i64>, Option<String>, sqlx::types::Json<Vec<SourceLine>>)>(
+            r#"
+            SELECT o.order_id, o.customer_name, o.address, o.phone,
+                   (extract(epoch FROM o.order_date) * 1000000)::bigint, o.status,
+                   coalesce(json_agg(json_build_object(
+                       'order_detail_id', d.order_detail_id, 'product_id', d.product_id,
+                       'name', p.name, 'price', p.price::text, 'unit_price', d.unit_price::text,
+                       'quantity', d.quantity, 'discount', d.discount::text) ORDER BY d.order_detail_id)
+                     FILTER (WHERE d.order_detail_id IS NOT NULL), '[]'::json)
+            FROM orders o
+            LEFT JOIN order_details d ON d.order_id = o.order_id
+            LEFT JOIN products p ON p.product_id = d.product_id
+            GROUP BY o.order_id
+            ORDER BY o.order_id
+            "#,
+        )
+        .fetch(pg)
+        .map_err(|e| anyhow::Error::new(e).context("reading orders from PostgreSQL"))
+        .map_ok(|(id, name, address, phone, date, status, lines)| {
+            let mut order = doc! { "_id": id };
+            order.extend(readmodel::order_header(&name, &address, &phone, date, status.as_deref()));
+            let lines = lines.0;
+            order.insert(
+                "lines",
+                lines
+                    .iter()
+                    .map(|l| {
+                        let row = OrderDetail {
+                            order_detail_id: l.order_detail_id,
+                            order_id: id,
+                            product_id: l.product_id,
+                            unit_price: l.unit_price,
+                            quantity: l.quantity,
+                            discount: l.discount,
+                        };
+                        readmodel::order_line(&row, Some((l.name.as_str(), l.price)))
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            let amounts: Vec<(Decimal, i32, Decimal)> = lines.iter().map(|l| (l.unit_price, l.quantity, l.discount)).collect();
+            order.insert("totals", readmodel::order_totals(&amounts));
+            order
+        })
+        .boxed(),
+        Collection::OrderDetails => sqlx::query_as::<_, (i32, i32, i32, Decimal, i32, Decimal, String, Option<String>)>(
+            "SELECT d.order_detail_id, d.order_id, d.product_id, d.unit_price, d.quantity, d.discount, p.name, o.status \
+             FROM order_details d JOIN products p ON p.product_id = d.product_id JOIN orders o ON o.order_id = d.order_id \
+             ORDER BY d.order_detail_id",
+        )
+        .fetch(pg)
+        .map_err(|e| anyhow::Error::new(e).context("reading order_details from PostgreSQL"))
+        .map_ok(|(order_detail_id, order_id, product_id, unit_price, quantity, discount, name, status)| {
+            let row = OrderDetail { order_detail_id, order_id, product_id, unit_price, quantity, discount };
+            readmodel::order_detail(&row, Some(&name), status.as_deref())
         })
         .boxed(),
     }

@@ -8,6 +8,8 @@
 //! document (`_deleted: true` with its `_v`) so that a replayed older insert cannot resurrect the row;
 //! readers and `verify` skip tombstones and every field whose name starts with `_` other than `_id`.
 
+pub mod order_details;
+pub mod orders;
 pub mod products;
 
 use bson::{Bson, Document, doc};

@@ -69,13 +69,14 @@ pub struct ProductsJob;
 
 impl crate::runtime::Job for ProductsJob {
     const TABLE: &'static str = "products";
+    const BIN: &'static str = "stream_products";
     type Row = Product;
 
     fn key(row: &Product) -> i32 {
         row.product_id
     }
 
-    async fn project(&self, events: &[Event<Product>], _: &crate::sink::MongoSink) -> anyhow::Result<Vec<Write>> {
+    async fn project(&self, events: &[Event<Product>], _: &mut crate::sink::Reads<'_>) -> anyhow::Result<Vec<Write>> {
         Ok(events.iter().flat_map(project).collect())
     }
 }
