@@ -47,8 +47,24 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
         .unwrap();
     sqlx::query("UPDATE products SET price = 10.49 WHERE product_id = 100002").execute(&mut cap.pg).await.unwrap();
 
-    let job = cap.spawn_job("stream_products", "products");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let job = cap.spawn_job_with(
+        "stream_products",
+        "products",
+        &[("CDC_METRICS_ADDR", &format!("127.0.0.1:{metrics_port}"))],
+    );
     cap.converge(&["products"], CONVERGE).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("{name} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("cdc_records_in_total") >= 300.0, "{metrics}");
+    assert!(value("cdc_batches_total") >= 1.0 && value("cdc_writes_total") >= 300.0, "{metrics}");
+    assert_eq!(value("cdc_dead_lettered_total"), 0.0);
 
     // Poison: a record that is not a Debezium envelope goes to the dead-letter topic; the job goes on.
     let topic = format!("{}.public.products", cap.name);

@@ -67,6 +67,8 @@ pub fn bin_path(bin: &str) -> String {
         "insert_sample_data" => env!("CARGO_BIN_EXE_insert_sample_data").to_owned(),
         "register_connector" => env!("CARGO_BIN_EXE_register_connector").to_owned(),
         "stream_products" => env!("CARGO_BIN_EXE_stream_products").to_owned(),
+        "stream_orders" => env!("CARGO_BIN_EXE_stream_orders").to_owned(),
+        "stream_order_details" => env!("CARGO_BIN_EXE_stream_order_details").to_owned(),
         "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
         other => panic!("no binary {other}"),
     }
@@ -287,6 +289,12 @@ impl Capture {
         Capture { stack, name, pg }
     }
 
+    /// Another connection to this capture's database.
+    pub async fn connect(&self) -> PgConnection {
+        let pg_args = PgArgs { url: self.stack.pg_url.clone(), database: self.name.clone() };
+        postgres::connect(&pg_args, &self.name).await.expect("connect")
+    }
+
     /// Runs insert_sample_data on this database with extra flags.
     pub fn workload(&self, flags: &[&str]) -> String {
         let mut args = vec!["--database", &self.name, "--quiet"];
@@ -294,16 +302,33 @@ impl Capture {
         success("insert_sample_data", &self.stack.run("insert_sample_data", &args))
     }
 
+    /// Starts insert_sample_data in the background.
+    pub fn workload_in_background(&self, flags: &[&str]) -> std::process::Child {
+        self.stack
+            .command("insert_sample_data")
+            .args(["--database", &self.name, "--quiet"])
+            .args(flags)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("insert_sample_data")
+    }
+
     /// Starts a stream job on this capture (its own consumer group unless `group` says otherwise).
     pub fn spawn_job(&self, bin: &str, group: &str) -> JobProcess {
+        self.spawn_job_with(bin, group, &[])
+    }
+
+    /// [`Capture::spawn_job`] with extra environment.
+    pub fn spawn_job_with(&self, bin: &str, group: &str, env: &[(&str, &str)]) -> JobProcess {
         let child = self
             .stack
             .command(bin)
+            .envs(env.iter().copied())
             .env("CDC_TOPIC_PREFIX", &self.name)
             .env("CDC_MONGO_DATABASE", &self.name)
             .env("CDC_GROUP_ID", format!("{}-{group}", self.name))
             .env("CDC_BATCH_MS", "100")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("CDC_TEST_JOB_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()

@@ -1,0 +1,106 @@
+//! The three stream jobs together against the real services: the read models converge to PostgreSQL's
+//! projection (checked by `verify`) through the sample workload's inserts, updates and deletes on all
+//! tables, through a replay from the first offset, with the jobs started far apart (lines before their
+//! orders and products), and while every job is killed (SIGKILL) and restarted in the middle of writes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Capture;
+
+const ALL: [&str; 3] = ["products", "orders", "order_details"];
+const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
+const CONVERGE: Duration = Duration::from_secs(240);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_read_models_converge_and_survive_a_replay() {
+    let cap = Capture::start("jobs").await;
+    let summary = cap.workload(&[
+        "--products",
+        "30",
+        "--orders",
+        "120",
+        "--changes",
+        "800",
+        "--seed",
+        "11",
+        "--connections",
+        "2",
+    ]);
+    for op in ["delete_order", "remove_line", "change_price", "advance_status"] {
+        assert!(summary.contains(op), "the workload exercises {op}:\n{summary}");
+    }
+    // products and orders well ahead of order_details (the chaos test does the reverse).
+    let mut jobs: Vec<_> = JOBS[..2].iter().map(|j| Some(cap.spawn_job(j, j))).collect();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    jobs.push(Some(cap.spawn_job(JOBS[2], JOBS[2])));
+    cap.converge(&ALL, CONVERGE).await;
+
+    // Replay order_details from the first offset: a new group, its checkpoints gone. Deleted lines and
+    // orders stay deleted, totals stay right.
+    jobs[2].take().unwrap().stop();
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    mongo
+        .database(&cap.name)
+        .collection::<bson::Document>("_checkpoints")
+        .delete_many(bson::doc! { "topic": format!("{}.public.order_details", cap.name) })
+        .await
+        .unwrap();
+    jobs[2] = Some(cap.spawn_job("stream_order_details", "order_details-replay"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cap.workload(&["--products", "0", "--orders", "10", "--changes", "100", "--seed", "12"]);
+    cap.converge(&ALL, CONVERGE).await;
+
+    // TRUNCATE of orders (and by cascade order_details), then new orders.
+    let mut pg = cap.connect().await;
+    sqlx::query("TRUNCATE orders CASCADE").execute(&mut pg).await.unwrap();
+    cap.workload(&["--products", "0", "--orders", "15", "--changes", "50", "--seed", "13"]);
+    cap.converge(&ALL, CONVERGE).await;
+    for job in jobs.into_iter().flatten() {
+        job.stop();
+    }
+    cap.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_far_apart_and_killed_mid_stream_still_converge() {
+    let cap = Capture::start("chaos").await;
+    cap.workload(&["--products", "25", "--orders", "80", "--changes", "300", "--seed", "21", "--connections", "2"]);
+
+    // order_details alone first: every line arrives before its order's header and its product.
+    let details = cap.spawn_job("stream_order_details", "stream_order_details");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let orders = cap.spawn_job("stream_orders", "stream_orders");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let products = cap.spawn_job("stream_products", "stream_products");
+    cap.converge(&ALL, CONVERGE).await;
+
+    // Writes go on while each job is killed at an arbitrary moment and restarted, several times.
+    let mut writer = cap.workload_in_background(&[
+        "--products",
+        "0",
+        "--orders",
+        "0",
+        "--duration",
+        "20s",
+        "--rate",
+        "150",
+        "--seed",
+        "22",
+    ]);
+    let mut running = [Some(products), Some(orders), Some(details)];
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1500 + 700 * (round % 3) as u64)).await;
+        let i = round % 3;
+        running[i].take().unwrap().kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running[i] = Some(cap.spawn_job(JOBS[i], JOBS[i]));
+    }
+    assert!(writer.wait().unwrap().success(), "the workload failed");
+    cap.converge(&ALL, CONVERGE).await;
+    for job in running.into_iter().flatten() {
+        job.stop();
+    }
+    cap.teardown().await;
+}
