@@ -24,7 +24,9 @@ pub fn options(args: &PgArgs, database: &str) -> Result<PgConnectOptions> {
         .application_name("cdc-cqrs")
         // "relation already exists, skipping" and the like are not news for a user.
         .options([("client_min_messages", "warning")])
-        .log_statements(tracing::log::LevelFilter::Trace);
+        .log_statements(tracing::log::LevelFilter::Trace)
+        // verify's and the workload's long reads are expected to be long: not a warning for users.
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
     Ok(opts)
 }
 
