@@ -66,8 +66,8 @@ fn snapshot_flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 /// One decoded record of a table topic.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event<R> {
-    /// `c`, `u` or `r`: the row as it is after the change.
-    Upsert { row: R, source: Source },
+    /// `c`, `u` or `r`: the row as it is after the change, and for `u` as it was before.
+    Upsert { row: R, before: Option<R>, source: Source },
     /// `d`: the row is gone; `before` is the old row (REPLICA IDENTITY FULL).
     Delete { before: R, source: Source },
     /// `t`: every row of the table is gone.
@@ -119,7 +119,7 @@ pub fn decode<R: DeserializeOwned>(table: &str, value: Option<&[u8]>) -> Result<
     match envelope.op.as_str() {
         "c" | "u" | "r" => {
             let row = envelope.after.ok_or_else(|| missing(&envelope.op, "after"))?;
-            Ok(Event::Upsert { row, source })
+            Ok(Event::Upsert { row, before: envelope.before, source })
         }
         "d" => {
             let before = envelope.before.ok_or_else(|| missing("d", "before"))?;
@@ -150,7 +150,8 @@ mod tests {
     #[test]
     fn an_update_decodes_to_the_row_after_with_exact_money_and_its_position() {
         let event: Event<Product> = decode("products", Some(UPDATE.as_bytes())).unwrap();
-        let Event::Upsert { row, source } = event else { panic!("{event:?}") };
+        let Event::Upsert { row, before, source } = event else { panic!("{event:?}") };
+        assert_eq!(before.map(|b| b.price.to_string()), Some("498.82".into()));
         assert_eq!(row.product_id, 10);
         assert_eq!(row.price.to_string(), "498.82");
         assert_eq!(row.description, Some(Toasted::Value("Handmade".into())));

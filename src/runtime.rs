@@ -40,6 +40,11 @@ pub trait Job: Send + Sync + 'static {
     /// The primary key of a row.
     fn key(row: &Self::Row) -> i32;
 
+    /// Events the per-key reduction must keep even when a later event of the same key follows.
+    fn must_keep(_event: &Event<Self::Row>) -> bool {
+        false
+    }
+
     /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order). Runs
     /// inside the batch's transaction: `reads` see its snapshot.
     fn project(
@@ -207,6 +212,10 @@ async fn poll_batch(
         tokio::select! {
             received = consumer.recv() => match received {
                 Ok(m) => batch.push(m.detach()),
+                Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                    tracing::info!("waiting for the topic to be created (Debezium creates it with the first change)");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "Kafka poll failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -219,7 +228,7 @@ async fn poll_batch(
     batch
 }
 
-/// The last event of each key in the batch; truncates are all kept. Version guards make the order of
+/// The last event of each key in the batch (and those the job must keep); truncates are all kept. Version guards make the order of
 /// writes across keys irrelevant; within a key the last image is the row's state.
 fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
     let mut last: HashMap<i32, usize> = HashMap::new();
@@ -235,7 +244,9 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
         .into_iter()
         .enumerate()
         .filter(|(i, e)| match e {
-            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => last[&J::key(row)] == *i,
+            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => {
+                last[&J::key(row)] == *i || J::must_keep(e)
+            }
             Event::Truncate { .. } => true,
             Event::Tombstone => false,
         })

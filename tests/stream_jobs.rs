@@ -52,8 +52,26 @@ async fn the_read_models_converge_and_survive_a_replay() {
     cap.workload(&["--products", "0", "--orders", "10", "--changes", "100", "--seed", "12"]);
     cap.converge(&ALL, CONVERGE).await;
 
-    // TRUNCATE of orders (and by cascade order_details), then new orders.
+    // Lines moved to another order, one of them twice in a row (the same batch, most likely).
     let mut pg = cap.connect().await;
+    let (first, last): (i32, i32) =
+        sqlx::query_as("SELECT min(order_id), max(order_id) FROM orders").fetch_one(&mut pg).await.unwrap();
+    let lines: Vec<i32> =
+        sqlx::query_scalar("SELECT order_detail_id FROM order_details ORDER BY order_detail_id LIMIT 2")
+            .fetch_all(&mut pg)
+            .await
+            .unwrap();
+    for (line, order) in [(lines[0], last), (lines[1], last), (lines[1], first)] {
+        sqlx::query("UPDATE order_details SET order_id = $2 WHERE order_detail_id = $1")
+            .bind(line)
+            .bind(order)
+            .execute(&mut pg)
+            .await
+            .unwrap();
+    }
+    cap.converge(&ALL, CONVERGE).await;
+
+    // TRUNCATE of orders (and by cascade order_details), then new orders.
     sqlx::query("TRUNCATE orders CASCADE").execute(&mut pg).await.unwrap();
     cap.workload(&["--products", "0", "--orders", "15", "--changes", "50", "--seed", "13"]);
     cap.converge(&ALL, CONVERGE).await;

@@ -35,6 +35,11 @@ impl Job for OrderDetailsJob {
         row.order_detail_id
     }
 
+    /// A move to another order must reach the old order even when a later change of the line follows.
+    fn must_keep(event: &Event<OrderDetail>) -> bool {
+        matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
+    }
+
     async fn project(&self, events: &[Event<OrderDetail>], reads: &mut Reads<'_>) -> anyhow::Result<Vec<Write>> {
         let rows = || events.iter().filter_map(|e| if let Event::Upsert { row, .. } = e { Some(row) } else { None });
         let mut product_ids: Vec<i32> = rows().map(|r| r.product_id).collect();
@@ -74,14 +79,19 @@ fn project(
 ) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
     match event {
-        Event::Upsert { row, source } => {
+        Event::Upsert { row, before, source } => {
             let pos = source.lsn as i64;
             let product = products.get(&row.product_id).filter(|p| p.contains_key("name") && p.contains_key("_v"));
             let order = orders.get(&row.order_id).filter(|o| o.contains_key("status"));
-            vec![
+            let mut writes = vec![
                 write(Collection::OrderDetails, detail_document(row, pos, product, order)),
                 write(Collection::Orders, upsert_line(row, pos, product)),
-            ]
+            ];
+            // Moved to another order: it leaves the old one.
+            if let Some(old) = before.as_ref().filter(|b| b.order_id != row.order_id) {
+                writes.push(write(Collection::Orders, remove_line(old.order_id, row.order_detail_id, pos)));
+            }
+            writes
         }
         Event::Delete { before, source } => {
             let pos = source.lsn as i64;

@@ -14,7 +14,7 @@ use crate::sink::Reads;
 pub fn project(event: &Event<Order>) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
     match event {
-        Event::Upsert { row, source } => {
+        Event::Upsert { row, source, .. } => {
             let pos = source.lsn as i64;
             let plain = readmodel::order_header(
                 &row.customer_name,

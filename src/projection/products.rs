@@ -12,7 +12,7 @@ use crate::rows::Product;
 pub fn project(event: &Event<Product>) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
     match event {
-        Event::Upsert { row, source } => {
+        Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
             let mut writes = vec![write(Collection::Products, guarded_replace(id, pos, document(row, pos)))];
             let product_ref = doc! { "name": &row.name, "price": decimal(row.price), "_v": pos };
