@@ -6,7 +6,8 @@
 //! headers, before the batch is written (so it is never lost); MongoDB or Kafka being unreachable means
 //! the same batch is retried with backoff and no offset moves; SIGTERM or Ctrl-C lets the batch in hand
 //! finish, then the job exits. Offsets committed to Kafka are only a convenience (lag, restart position):
-//! the checkpoints in MongoDB decide what is applied, so a job may be killed at any moment.
+//! the checkpoints in MongoDB decide what is applied (re-read whenever the partition assignment changes),
+//! so a job may be killed at any moment.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -124,7 +125,8 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
     tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %args.mongo.database, "started");
 
-    let mut checkpoints = sink.checkpoints(&group, &topic).await?;
+    let mut checkpoints = HashMap::new();
+    let mut assigned: Vec<i32> = Vec::new();
     let mut last_lag_check = Instant::now() - Duration::from_secs(60);
     loop {
         if *shutdown.borrow() {
@@ -135,6 +137,13 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             continue;
         }
         let started = Instant::now();
+        // Partitions handed over by another member come with that member's progress: re-read it.
+        let now_assigned = assignment(&consumer);
+        if now_assigned != assigned {
+            checkpoints = retry("reading checkpoints", &shutdown, || sink.checkpoints(&group, &topic)).await?;
+            tracing::info!(job = J::TABLE, partitions = ?now_assigned, "assignment changed; checkpoints reloaded");
+            assigned = now_assigned;
+        }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
@@ -270,6 +279,14 @@ async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, r
     }
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
     Ok(())
+}
+
+/// The partitions this member holds, sorted.
+fn assignment(consumer: &StreamConsumer) -> Vec<i32> {
+    let mut partitions: Vec<i32> =
+        consumer.assignment().map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+    partitions.sort_unstable();
+    partitions
 }
 
 /// Records between the checkpoints and the ends of the topic's partitions.
