@@ -1,15 +1,13 @@
 //! `register_connector`: puts the Debezium connector's config to Kafka Connect and waits until it streams.
 
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use cdc_cqrs::bootstrap::connector::{self, ConnectClient, Deployment};
-use cdc_cqrs::cli;
 use cdc_cqrs::config::PgArgs;
+use cdc_cqrs::{cli, postgres};
 use clap::Parser;
-use sqlx::postgres::PgConnectOptions;
 
 /// Register (create or update) the Debezium PostgreSQL connector with Kafka Connect, wait until the
 /// connector and its task are RUNNING, and print its status. The password comes from DEBEZIUM_PASSWORD.
@@ -89,7 +87,7 @@ fn main() -> ExitCode {
             Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
             None => connector::CONFIG_TEMPLATE.to_owned(),
         };
-        let server = PgConnectOptions::from_str(&cli.pg.url).context("--pg-url / CDC_PG_URL")?;
+        let server = postgres::options(&cli.pg, &cli.pg.database)?;
         let deployment = Deployment {
             pg_host: cli.connect_pg_host.unwrap_or_else(|| server.get_host().to_owned()),
             pg_port: cli.connect_pg_port.unwrap_or_else(|| server.get_port()),

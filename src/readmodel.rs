@@ -99,15 +99,15 @@ pub fn order_line(row: &OrderDetail, product: Option<(&str, Decimal)>) -> Docume
 /// `totals` of an order from its lines (the same sums the stream computes in MongoDB; see
 /// [`crate::projection::order_details`]).
 pub fn order_totals(lines: &[(Decimal, i32, Decimal)]) -> Document {
-    let cents = |d: Decimal| d.round_dp(2);
-    let subtotal: Decimal = lines.iter().map(|(p, q, _)| *p * Decimal::from(*q)).sum::<Decimal>() + Decimal::new(0, 2);
-    let total: Decimal = lines.iter().map(|(p, q, d)| line_total(*p, *q, *d)).sum::<Decimal>() + Decimal::new(0, 2);
+    // Prices have two decimals and line totals are rounded to them, so every sum is exact in cents.
+    let subtotal: Decimal = lines.iter().map(|(p, q, _)| *p * Decimal::from(*q)).sum();
+    let total: Decimal = lines.iter().map(|(p, q, d)| line_total(*p, *q, *d)).sum();
     doc! {
         "items": lines.len() as i32,
         "quantity": lines.iter().map(|(_, q, _)| q).sum::<i32>(),
-        "subtotal": money(cents(subtotal)),
-        "discount": money(cents(subtotal - total)),
-        "total": money(cents(total)),
+        "subtotal": money(subtotal),
+        "discount": money(subtotal - total),
+        "total": money(total),
     }
 }
 

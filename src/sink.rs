@@ -103,15 +103,16 @@ impl MongoSink {
             let result = async {
                 let events = self.past_truncations::<J>(&mut session, events).await?;
                 let writes = job.project(&events, &mut Reads { db: &self.db, session: &mut session }).await?;
+                let count = writes.len();
                 let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
-                for w in &writes {
-                    by_collection.entry(w.collection).or_default().push(w.statement.clone());
+                for w in writes {
+                    by_collection.entry(w.collection).or_default().push(w.statement);
                 }
                 for (collection, statements) in &by_collection {
                     update(&self.db, &mut session, collection.name(), statements).await?;
                 }
                 update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
-                Ok::<_, anyhow::Error>(writes.len())
+                Ok::<_, anyhow::Error>(count)
             }
             .await;
             match result {

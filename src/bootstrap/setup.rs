@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use sqlx::ConnectOptions;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use crate::config::PgArgs;
 use crate::postgres;
@@ -23,7 +23,7 @@ pub struct SetupReport {
 /// Brings the server named by `args` to the write model of DESIGN.md.
 pub async fn setup(args: &PgArgs, capture_password: &str) -> Result<SetupReport> {
     let mut report = SetupReport::default();
-    let maintenance_db = url_database(&args.url).unwrap_or("postgres").to_owned();
+    let maintenance_db = url_database(&args.url)?.unwrap_or_else(|| "postgres".into());
     let mut admin = postgres::connect(args, &maintenance_db).await?;
     postgres::require_logical_wal(&mut admin).await?;
 
@@ -47,10 +47,11 @@ pub async fn setup(args: &PgArgs, capture_password: &str) -> Result<SetupReport>
     Ok(report)
 }
 
-fn url_database(url: &str) -> Option<&str> {
-    let path = url.split_once("://")?.1.split_once('/')?.1;
-    let db = path.split(['?', '#']).next()?;
-    (!db.is_empty()).then_some(db)
+/// The database named in the URL, as sqlx (which connects with it) reads it.
+fn url_database(url: &str) -> Result<Option<String>> {
+    let opts: PgConnectOptions =
+        url.parse().map_err(|e| anyhow::anyhow!("--pg-url / CDC_PG_URL is not a PostgreSQL URL ({e})"))?;
+    Ok(opts.get_database().filter(|db| !db.is_empty()).map(str::to_owned))
 }
 
 async fn create_database_if_missing(admin: &mut PgConnection, database: &str) -> Result<bool> {
@@ -133,9 +134,9 @@ mod tests {
 
     #[test]
     fn maintenance_database_comes_from_the_url() {
-        assert_eq!(url_database("postgres://u@h:1/admin"), Some("admin"));
-        assert_eq!(url_database("postgres://u@h:1/admin?sslmode=disable"), Some("admin"));
-        assert_eq!(url_database("postgres://u@h:1/"), None);
-        assert_eq!(url_database("postgres://u@h:1"), None);
+        assert_eq!(url_database("postgres://u@h:1/admin").unwrap().as_deref(), Some("admin"));
+        assert_eq!(url_database("postgres://u@h:1/admin?sslmode=disable").unwrap().as_deref(), Some("admin"));
+        assert_eq!(url_database("postgres://u@h:1/").unwrap(), None);
+        assert_eq!(url_database("postgres://u@h:1").unwrap(), None);
     }
 }
