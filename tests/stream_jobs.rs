@@ -47,6 +47,7 @@ async fn the_read_models_converge_and_survive_a_replay() {
         .delete_many(bson::doc! { "topic": format!("{}.public.order_details", cap.name) })
         .await
         .unwrap();
+    mongo.shutdown().await;
     jobs[2] = Some(cap.spawn_job("stream_order_details", "order_details-replay"));
     tokio::time::sleep(Duration::from_secs(5)).await;
     cap.workload(&["--products", "0", "--orders", "10", "--changes", "100", "--seed", "12"]);

@@ -99,6 +99,7 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
         .await
         .unwrap();
     assert_eq!(gone.and_then(|d| d.get_bool("_deleted").ok()), Some(true), "the deleted product stays a tombstone");
+    mongo.shutdown().await;
 
     // TRUNCATE (cascades to the empty order_details), then new rows.
     sqlx::query("TRUNCATE products CASCADE").execute(&mut cap.pg).await.unwrap();

@@ -203,8 +203,14 @@ pub async fn wait_for_streaming_slot(conn: &mut PgConnection, slot: &str) {
     panic!("replication slot {slot} never became active");
 }
 
-/// Removes the connector, its slot and its database (best effort: a failure here is not the test's).
+/// Removes the connector, its topics, its slot and its PostgreSQL and MongoDB databases (best effort: a
+/// failure here is not the test's).
 pub async fn teardown(stack: &Stack, name: &str) {
+    if let Ok(mongo) = mongodb::Client::with_uri_str(&stack.mongo_uri).await {
+        let _ = mongo.database(name).drop().await;
+        // Shut down before the test's runtime does, or the driver's pool task panics as it goes.
+        mongo.shutdown().await;
+    }
     let connect = ConnectClient::new(&stack.connect_url).unwrap();
     let _ = connect.delete(name).await;
     let topics: Vec<String> = ["products", "orders", "order_details"]
@@ -258,6 +264,7 @@ pub async fn sweep_stale(stack: &Stack) {
     if let Ok(mongo) = mongodb::Client::with_uri_str(&stack.mongo_uri).await {
         names
             .extend(mongo.list_database_names().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
+        mongo.shutdown().await;
     }
     names.sort();
     names.dedup();
