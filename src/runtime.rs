@@ -6,10 +6,12 @@
 //! headers, before the batch is written (so it is never lost); MongoDB or Kafka being unreachable means
 //! the same batch is retried with backoff and no offset moves; SIGTERM or Ctrl-C lets the batch in hand
 //! finish, then the job exits. Offsets committed to Kafka are only a convenience (lag, restart position):
-//! the checkpoints in MongoDB decide what is applied (re-read whenever the partition assignment changes),
-//! so a job may be killed at any moment.
+//! the checkpoints in MongoDB decide what is applied (re-read whenever the partition assignment changes,
+//! and the consumer is moved back to them when it starts past them), so a job may be killed at any moment.
+//! While first_load loads or swaps, batches are dropped unwritten and read again afterwards
+//! ([`crate::handoff`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,10 +27,11 @@ use tokio::sync::watch;
 
 use crate::config::{KafkaArgs, MongoArgs};
 use crate::envelope::{self, Event};
+use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
 use crate::projection::Write;
-use crate::sink::{Checkpoint, MongoSink, Reads};
+use crate::sink::{Applied, Checkpoint, MongoSink, Reads};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
@@ -116,6 +119,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&args.mongo))
         .await
         .context("stopped before MongoDB answered")?;
+    retry("creating the read models' indexes", &shutdown, || sink.create_indexes()).await?;
     let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN));
     let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &group)
         .set("group.instance.id", &instance_id)
@@ -126,23 +130,47 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %args.mongo.database, "started");
 
     let mut checkpoints = HashMap::new();
+    let mut epoch = 0;
+    let mut reload = true;
+    let mut positions = Positions::default();
     let mut assigned: Vec<i32> = Vec::new();
     let mut last_lag_check = Instant::now() - Duration::from_secs(60);
+    let mut last_pause_note: Option<Instant> = None;
+    let mut last_epoch_check = Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
         let batch = poll_batch(&consumer, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await;
-        if batch.is_empty() {
-            continue;
+        let now_assigned = assignment(&consumer);
+        if batch.is_empty() && !reload && now_assigned == assigned {
+            // Idle: a first_load epoch may still have moved the checkpoints back.
+            if last_epoch_check.elapsed() > Duration::from_secs(1) {
+                last_epoch_check = Instant::now();
+                reload = handoff::read(sink.database(), None).await.is_ok_and(|h| h.epoch != epoch);
+            }
+            if !reload {
+                continue;
+            }
         }
         let started = Instant::now();
-        // Partitions handed over by another member come with that member's progress: re-read it.
-        let now_assigned = assignment(&consumer);
-        if now_assigned != assigned {
-            checkpoints = retry("reading checkpoints", &shutdown, || sink.checkpoints(&group, &topic)).await?;
-            tracing::info!(job = J::TABLE, partitions = ?now_assigned, "assignment changed; checkpoints reloaded");
+        // Partitions handed over by another member come with that member's progress, and a first_load
+        // rebuild may have moved checkpoints back: re-read them and read on from there.
+        if now_assigned != assigned || reload {
+            (checkpoints, epoch) = retry("reading checkpoints", &shutdown, || async {
+                let epoch = handoff::read(sink.database(), None).await?.epoch;
+                Ok((sink.checkpoints(&group, &topic).await?, epoch))
+            })
+            .await?;
+            tracing::info!(job = J::TABLE, partitions = ?now_assigned, epoch, "checkpoints (re)loaded");
             assigned = now_assigned;
+            reload = false;
+            positions = Positions::default();
+            positions.seek_all(&consumer, &topic, &assigned, &checkpoints);
+        }
+        let batch = positions.resume_at_checkpoints(&consumer, &topic, batch, &checkpoints);
+        if batch.is_empty() {
+            continue;
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let mut events = Vec::with_capacity(batch.len());
@@ -180,9 +208,33 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             .iter()
             .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
             .collect();
-        let written =
-            retry("writing the batch to MongoDB", &shutdown, || sink.apply(&job, &reduced, &group, &batch_checkpoints))
-                .await?;
+        let applied = retry("writing the batch to MongoDB", &shutdown, || {
+            sink.apply(&job, &reduced, &group, &batch_checkpoints, epoch)
+        })
+        .await?;
+        let written = match applied {
+            Applied::Written(n) => n,
+            Applied::Paused(phase) => {
+                if last_pause_note.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                    tracing::warn!(
+                        job = J::TABLE,
+                        phase = phase.name(),
+                        "waiting for first_load (if it crashed, run it again)"
+                    );
+                    last_pause_note = Some(Instant::now());
+                }
+                // Read this batch again once the load is done.
+                reload = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Applied::Reset => {
+                tracing::info!(job = J::TABLE, "first_load started a new epoch; re-reading checkpoints");
+                reload = true;
+                continue;
+            }
+        };
+        last_pause_note = None;
         metrics.written.inc(written as u64);
 
         let mut tpl = TopicPartitionList::new();
@@ -235,6 +287,77 @@ async fn poll_batch(
         }
     }
     batch
+}
+
+/// Which partitions are known to be read from their MongoDB checkpoint.
+///
+/// The consumer starts a partition where Kafka's committed offset says. That is never behind what MongoDB
+/// holds by much (records below the checkpoint are skipped as they come) but it can be past it: a
+/// first_load rebuild rewinds checkpoints, and a batch dropped during a load leaves the consumer ahead.
+/// A partition read from past its checkpoint is moved back with a seek.
+#[derive(Default)]
+struct Positions {
+    on_track: HashSet<i32>,
+    /// Partitions sought back once: the next record is taken as the start (offsets may have gaps).
+    sought: HashSet<i32>,
+}
+
+impl Positions {
+    /// Moves every assigned partition to its checkpoint at once (after a reload; the records in hand may
+    /// be past it, and an idle partition would bring no record to notice it by). Records that still come
+    /// from past a checkpoint are caught by [`Positions::resume_at_checkpoints`].
+    fn seek_all(
+        &mut self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        partitions: &[i32],
+        checkpoints: &HashMap<i32, i64>,
+    ) {
+        tokio::task::block_in_place(|| {
+            for &p in partitions {
+                let next = checkpoints.get(&p).copied().unwrap_or(0);
+                if let Err(e) = consumer.seek(topic, p, Offset::Offset(next), Duration::from_secs(5)) {
+                    tracing::debug!(partition = p, error = %e, "seek after reload failed; the first record will tell");
+                }
+            }
+        });
+    }
+
+    /// The records of `batch` to process: those of partitions read from their checkpoint. A partition
+    /// read from past its checkpoint is sought back and its records dropped (they come again).
+    fn resume_at_checkpoints(
+        &mut self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        batch: Vec<OwnedMessage>,
+        checkpoints: &HashMap<i32, i64>,
+    ) -> Vec<OwnedMessage> {
+        let mut sought_now: HashSet<i32> = HashSet::new();
+        for m in &batch {
+            let p = m.partition();
+            if self.on_track.contains(&p) || sought_now.contains(&p) {
+                continue;
+            }
+            let next = checkpoints.get(&p).copied().unwrap_or(0);
+            if m.offset() <= next || self.sought.contains(&p) {
+                self.on_track.insert(p);
+                continue;
+            }
+            match tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(next), Duration::from_secs(5)))
+            {
+                Ok(()) => {
+                    tracing::info!(partition = p, from = m.offset(), to = next, "moved back to the checkpoint");
+                    self.sought.insert(p);
+                }
+                Err(e) => tracing::warn!(partition = p, error = %e, "seeking to the checkpoint failed; retrying"),
+            }
+            sought_now.insert(p);
+        }
+        if sought_now.is_empty() {
+            return batch;
+        }
+        batch.into_iter().filter(|m| !sought_now.contains(&m.partition())).collect()
+    }
 }
 
 /// The last event of each key in the batch (and those the job must keep); truncates are all kept. Version guards make the order of

@@ -12,17 +12,29 @@ use anyhow::{Context, Result, anyhow, bail};
 use bson::{Document, doc};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
-use mongodb::{Client, ClientSession, Database};
+use mongodb::{Client, ClientSession, Database, IndexModel};
 
 use crate::config::MongoArgs;
 use crate::envelope::Event;
+use crate::handoff::{self, Gate, Handoff, Phase};
 use crate::projection::Collection;
 use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
 const STATEMENTS_PER_COMMAND: usize = 10_000;
-const CHECKPOINTS: &str = "_checkpoints";
-const TRUNCATIONS: &str = "_truncations";
+pub(crate) const CHECKPOINTS: &str = "_checkpoints";
+pub(crate) const TRUNCATIONS: &str = "_truncations";
+
+/// What became of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Committed, with this many write statements.
+    Written(usize),
+    /// Nothing written: first_load is loading or swapping (see [`crate::handoff`]).
+    Paused(Phase),
+    /// Nothing written: a new first_load epoch; checkpoints must be re-read.
+    Reset,
+}
 
 /// How far a job has applied one partition: the next offset to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,17 +85,26 @@ impl MongoSink {
         Ok(out)
     }
 
+    /// Creates the indexes the projections' multi-document updates need (idempotent).
+    pub async fn create_indexes(&self) -> Result<()> {
+        for collection in Collection::ALL {
+            create_indexes(&self.db, collection, collection.name()).await?;
+        }
+        Ok(())
+    }
+
     /// Projects `events` with `job` and applies the writes, moving `checkpoints` forward, atomically.
     /// The projection runs inside the transaction (its reads see the transaction's snapshot) and is redone
     /// when the transaction is retried, so a write conflict with another job never leaves stale data.
-    /// Returns the number of write statements committed.
+    /// `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written under another.
     pub async fn apply<J: Job>(
         &self,
         job: &J,
         events: &[Event<J::Row>],
         group: &str,
         checkpoints: &[Checkpoint],
-    ) -> Result<usize> {
+        epoch: i64,
+    ) -> Result<Applied> {
         let checkpoint_updates: Vec<Document> = checkpoints
             .iter()
             .map(|c| {
@@ -101,7 +122,12 @@ impl MongoSink {
         loop {
             session.start_transaction().await?;
             let result = async {
-                let events = self.past_truncations::<J>(&mut session, events).await?;
+                let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
+                    Gate::Open(handoff) => handoff,
+                    Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
+                    Gate::Reset => return Ok(Applied::Reset),
+                };
+                let events = self.admissible::<J>(&mut session, events, &handoff).await?;
                 let writes = job.project(&events, &mut Reads { db: &self.db, session: &mut session }).await?;
                 let count = writes.len();
                 let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
@@ -112,15 +138,19 @@ impl MongoSink {
                     update(&self.db, &mut session, collection.name(), statements).await?;
                 }
                 update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
-                Ok::<_, anyhow::Error>(count)
+                Ok::<_, anyhow::Error>(Applied::Written(count))
             }
             .await;
             match result {
-                Ok(n) => match commit(&mut session).await {
-                    Ok(()) => return Ok(n),
+                Ok(Applied::Written(n)) => match commit(&mut session).await {
+                    Ok(()) => return Ok(Applied::Written(n)),
                     Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
                     Err(e) => return Err(e).context("committing the batch"),
                 },
+                Ok(stopped) => {
+                    let _ = session.abort_transaction().await;
+                    return Ok(stopped);
+                }
                 Err(e) => {
                     let _ = session.abort_transaction().await;
                     match e.downcast_ref::<mongodb::error::Error>() {
@@ -135,14 +165,17 @@ impl MongoSink {
 }
 
 impl MongoSink {
-    /// The batch's events newer than the table's last TRUNCATE (older ones describe rows it removed), and
-    /// the table's truncation watermark moved to the batch's newest TRUNCATE. Every batch writes the
-    /// watermark document, so batches of one table serialize on it: an older insert from another
-    /// partition cannot slip in after a TRUNCATE that was applied concurrently.
-    async fn past_truncations<'e, J: Job>(
+    /// The batch's events that first_load's snapshot does not hold and that are newer than the table's
+    /// last TRUNCATE (older ones describe rows it removed), and the table's truncation watermark moved to
+    /// the batch's newest TRUNCATE. Every batch writes the watermark document, so batches of one table
+    /// serialize on it: an older insert from another partition cannot slip in after a TRUNCATE that was
+    /// applied concurrently (and first_load's phase changes conflict with every batch, see
+    /// [`crate::handoff`]).
+    async fn admissible<'e, J: Job>(
         &self,
         session: &mut ClientSession,
         events: &'e [Event<J::Row>],
+        handoff: &Handoff,
     ) -> Result<std::borrow::Cow<'e, [Event<J::Row>]>> {
         let marks = self.db.collection::<Document>(TRUNCATIONS);
         let mark = marks
@@ -152,8 +185,10 @@ impl MongoSink {
             .map_err(anyhow::Error::new)?
             .and_then(|d| d.get_i64("lsn").ok())
             .unwrap_or(-1);
+        let admissible = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark && !handoff.loaded(s.tx_id));
         let newest_truncate = events
             .iter()
+            .filter(|e| admissible(e))
             .filter_map(|e| if let Event::Truncate { source } = e { Some(source.lsn as i64) } else { None })
             .max()
             .unwrap_or(-1);
@@ -163,11 +198,10 @@ impl MongoSink {
             "upsert": true,
         };
         update(&self.db, session, TRUNCATIONS, &[statement]).await?;
-        let after_mark = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark);
-        Ok(if events.iter().all(after_mark) {
+        Ok(if events.iter().all(admissible) {
             std::borrow::Cow::Borrowed(events)
         } else {
-            std::borrow::Cow::Owned(events.iter().filter(|e| after_mark(e)).cloned().collect())
+            std::borrow::Cow::Owned(events.iter().filter(|e| admissible(e)).cloned().collect())
         })
     }
 }
@@ -200,6 +234,19 @@ impl Reads<'_> {
         }
         Ok(out)
     }
+}
+
+/// Creates `collection`'s indexes on the MongoDB collection `name` (a rebuild's shadow has another name).
+pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -> Result<()> {
+    let indexes: Vec<IndexModel> =
+        collection.indexes().into_iter().map(|keys| IndexModel::builder().keys(keys).build()).collect();
+    if !indexes.is_empty() {
+        db.collection::<Document>(name)
+            .create_indexes(indexes)
+            .await
+            .with_context(|| format!("creating the indexes of {name}"))?;
+    }
+    Ok(())
 }
 
 async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {

@@ -1,0 +1,342 @@
+//! The handoff between `first_load` and the stream jobs (DESIGN.md invariant 3).
+//!
+//! `first_load` copies the tables as one PostgreSQL snapshot saw them and records that snapshot here. The
+//! stream then skips every event whose transaction the snapshot holds (already in the loaded data) and
+//! applies every other one; loaded documents carry version 0, so any applied change is newer. Commit
+//! order, not WAL position, decides what a snapshot holds, hence transaction ids and not LSNs.
+//!
+//! The state is one MongoDB document, `_handoff {_id: "first_load"}`: an `epoch` that every load bumps,
+//! a `phase` and the `snapshot`. Jobs read it inside each batch's transaction and write nothing while a
+//! load or a swap is under way. `first_load` changes phase in a transaction that also writes every
+//! table's `_truncations` document, which every batch of every job writes too: a batch that began under
+//! the old state conflicts and is redone under the new one, so none can commit across a phase change.
+//! A batch started under an older epoch is answered [`Gate::Reset`]: `--rebuild` moved the checkpoints
+//! back to where they stood before its snapshot, and the job must re-read them and seek.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bson::{Bson, Document, doc};
+use mongodb::{ClientSession, Database};
+
+pub const COLLECTION: &str = "_handoff";
+const ID: &str = "first_load";
+/// The tables whose `_truncations` documents a phase change writes.
+const TABLES: [&str; 3] = ["products", "orders", "order_details"];
+
+/// A PostgreSQL snapshot as `pg_current_snapshot()` gives it (64-bit transaction ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    /// Transactions in progress when the snapshot was taken, sorted.
+    pub xip: Vec<u64>,
+}
+
+impl Snapshot {
+    /// Parses `xmin:xmax:xip,xip,...`.
+    pub fn parse(text: &str) -> Result<Snapshot> {
+        let bad = || anyhow!("not a PostgreSQL snapshot: {text:?}");
+        let id = |s: &str| s.parse::<u64>().map_err(|_| bad());
+        let [xmin, xmax, list] = text.trim().splitn(3, ':').collect::<Vec<_>>()[..] else { return Err(bad()) };
+        let (xmin, xmax) = (id(xmin)?, id(xmax)?);
+        let mut xip = list.split(',').filter(|s| !s.is_empty()).map(id).collect::<Result<Vec<_>>>()?;
+        xip.sort_unstable();
+        Ok(Snapshot { xmin, xmax, xip })
+    }
+
+    /// Whether the committed transaction `tx_id` is in the snapshot. Debezium reports 32-bit transaction
+    /// ids; they are widened to the 64-bit id nearest the snapshot (transactions around a load are never
+    /// two billion apart).
+    pub fn holds(&self, tx_id: u64) -> bool {
+        let tx = self.widen(tx_id);
+        tx < self.xmin || (tx < self.xmax && self.xip.binary_search(&tx).is_err())
+    }
+
+    fn widen(&self, tx_id: u64) -> u64 {
+        if tx_id > u64::from(u32::MAX) {
+            return tx_id;
+        }
+        const WRAP: u64 = 1 << 32;
+        let candidate = (self.xmax & !(WRAP - 1)) | tx_id;
+        if candidate > self.xmax.saturating_add(WRAP / 2) && candidate >= WRAP {
+            candidate - WRAP
+        } else if candidate.saturating_add(WRAP / 2) < self.xmax {
+            candidate + WRAP
+        } else {
+            candidate
+        }
+    }
+
+    fn to_bson(&self) -> Document {
+        let xip: Vec<i64> = self.xip.iter().map(|&x| x as i64).collect();
+        doc! { "xmin": self.xmin as i64, "xmax": self.xmax as i64, "xip": xip }
+    }
+
+    fn from_bson(d: &Document) -> Result<Snapshot> {
+        let mut xip: Vec<u64> = d
+            .get_array("xip")?
+            .iter()
+            .map(|x| x.as_i64().map(|x| x as u64).ok_or_else(|| anyhow!("xip holds a non-integer")))
+            .collect::<Result<_>>()?;
+        xip.sort_unstable();
+        Ok(Snapshot { xmin: d.get_i64("xmin")? as u64, xmax: d.get_i64("xmax")? as u64, xip })
+    }
+}
+
+/// As PostgreSQL prints it: `xmin:xmax:xip,...`.
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let xip: Vec<String> = self.xip.iter().map(u64::to_string).collect();
+        write!(f, "{}:{}:{}", self.xmin, self.xmax, xip.join(","))
+    }
+}
+
+/// Where a load stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Loading straight into the read collections: jobs wait.
+    Loading,
+    /// Swapping rebuilt collections in: jobs wait.
+    Swapping,
+    /// Done (or never started): jobs apply what the snapshot does not hold.
+    Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Loading => "loading",
+            Phase::Swapping => "swapping",
+            Phase::Done => "done",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Phase> {
+        Ok(match s {
+            "loading" => Phase::Loading,
+            "swapping" => Phase::Swapping,
+            "done" => Phase::Done,
+            other => bail!("unknown handoff phase {other:?}"),
+        })
+    }
+}
+
+/// The recorded handoff state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub epoch: i64,
+    pub phase: Phase,
+    pub snapshot: Option<Snapshot>,
+    /// `true` for a `--rebuild` (the live collections stay whole while it loads).
+    pub rebuild: bool,
+}
+
+impl Handoff {
+    /// No load ever ran: the stream alone builds the read models.
+    pub fn none() -> Handoff {
+        Handoff { epoch: 0, phase: Phase::Done, snapshot: None, rebuild: false }
+    }
+
+    /// Whether the loaded data already holds the change of transaction `tx_id`.
+    pub fn loaded(&self, tx_id: Option<u64>) -> bool {
+        match (&self.snapshot, tx_id) {
+            (Some(s), Some(tx)) => s.holds(tx),
+            _ => false,
+        }
+    }
+
+    fn from_bson(d: &Document) -> Result<Handoff> {
+        Ok(Handoff {
+            epoch: d.get_i64("epoch")?,
+            phase: Phase::parse(d.get_str("phase")?)?,
+            snapshot: match d.get("snapshot") {
+                Some(Bson::Document(s)) => Some(Snapshot::from_bson(s)?),
+                _ => None,
+            },
+            rebuild: d.get_bool("rebuild").unwrap_or(false),
+        })
+    }
+}
+
+/// What a job's batch may do under the current handoff state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Apply, skipping what the snapshot holds.
+    Open(Handoff),
+    /// A load or swap is under way: write nothing, try again later.
+    Closed(Phase),
+    /// A newer epoch: the job's checkpoints may have moved back; re-read them.
+    Reset,
+}
+
+/// The handoff state (in `session`'s transaction when given).
+pub async fn read(db: &Database, session: Option<&mut ClientSession>) -> Result<Handoff> {
+    let handoffs = db.collection::<Document>(COLLECTION);
+    let find = handoffs.find_one(doc! { "_id": ID });
+    let found = match session {
+        Some(s) => find.session(s).await,
+        None => find.await,
+    }
+    .map_err(anyhow::Error::new)?;
+    found.map_or(Ok(Handoff::none()), |d| Handoff::from_bson(&d).context("reading the first_load handoff state"))
+}
+
+/// The gate for a batch of a job that knows `epoch`, read inside the batch's transaction.
+pub async fn gate(db: &Database, session: &mut ClientSession, epoch: i64) -> Result<Gate> {
+    let handoff = read(db, Some(session)).await?;
+    Ok(if handoff.epoch != epoch {
+        Gate::Reset
+    } else if handoff.phase != Phase::Done {
+        Gate::Closed(handoff.phase)
+    } else {
+        Gate::Open(handoff)
+    })
+}
+
+/// Starts a new epoch in `phase`. With `rewind`, every job checkpoint moves, in the same transaction, to
+/// the offset `rewind` gives for its `_id` (0 if none). Every job batch that has not committed yet
+/// conflicts with this transaction (see the module doc). Returns the new epoch.
+pub async fn begin(
+    db: &Database,
+    session: &mut ClientSession,
+    phase: Phase,
+    snapshot: Option<&Snapshot>,
+    rebuild: bool,
+    rewind: Option<&HashMap<String, i64>>,
+) -> Result<i64> {
+    loop {
+        session.start_transaction().await?;
+        let attempt = async {
+            let current = read(db, Some(&mut *session)).await?;
+            let epoch = current.epoch + 1;
+            let mut state = doc! {
+                "epoch": epoch,
+                "phase": phase.name(),
+                "rebuild": rebuild,
+                "started_at": bson::DateTime::now(),
+            };
+            state.insert("snapshot", snapshot.map_or(Bson::Null, |s| Bson::Document(s.to_bson())));
+            let handoffs = db.collection::<Document>(COLLECTION);
+            handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
+            let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
+            for table in TABLES {
+                marks
+                    .update_one(doc! { "_id": table }, doc! { "$inc": { "handoffs": 1_i64 } })
+                    .upsert(true)
+                    .session(&mut *session)
+                    .await?;
+            }
+            if let Some(rewind) = rewind {
+                let checkpoints = db.collection::<Document>(crate::sink::CHECKPOINTS);
+                let mut ids = Vec::new();
+                let mut cursor = checkpoints.find(doc! {}).projection(doc! { "_id": 1 }).session(&mut *session).await?;
+                while let Some(d) = cursor.next(&mut *session).await {
+                    if let Ok(id) = d?.get_str("_id") {
+                        ids.push(id.to_owned());
+                    }
+                }
+                for id in ids {
+                    let offset = rewind.get(&id).copied().unwrap_or(0);
+                    checkpoints
+                        .update_one(doc! { "_id": &id }, doc! { "$set": { "next_offset": offset } })
+                        .session(&mut *session)
+                        .await?;
+                }
+            }
+            Ok::<_, anyhow::Error>(epoch)
+        }
+        .await;
+        let transient = |e: &anyhow::Error| {
+            e.downcast_ref::<mongodb::error::Error>()
+                .is_some_and(|e| e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR))
+        };
+        match attempt {
+            Ok(epoch) => match session.commit_transaction().await {
+                Ok(()) => return Ok(epoch),
+                Err(e) if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) => continue,
+                Err(e) => return Err(e).context("recording the handoff state"),
+            },
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                if transient(&e) {
+                    continue;
+                }
+                return Err(e).context("recording the handoff state");
+            }
+        }
+    }
+}
+
+/// Records the snapshot of the load of `epoch`.
+/// Every job checkpoint now: `_id` -> next offset (what `--rebuild` rewinds to at its swap).
+pub async fn checkpoints(db: &Database) -> Result<HashMap<String, i64>> {
+    let mut cursor = db
+        .collection::<Document>(crate::sink::CHECKPOINTS)
+        .find(doc! {})
+        .await
+        .context("reading the jobs' checkpoints")?;
+    let mut out = HashMap::new();
+    while cursor.advance().await? {
+        let d = cursor.deserialize_current()?;
+        out.insert(d.get_str("_id")?.to_owned(), d.get_i64("next_offset")?);
+    }
+    Ok(out)
+}
+
+pub async fn set_snapshot(db: &Database, epoch: i64, snapshot: &Snapshot) -> Result<()> {
+    db.collection::<Document>(COLLECTION)
+        .update_one(doc! { "_id": ID, "epoch": epoch }, doc! { "$set": { "snapshot": snapshot.to_bson() } })
+        .await
+        .context("recording the load's snapshot")?;
+    Ok(())
+}
+
+/// Ends the load of `epoch`: jobs go on, skipping what its snapshot holds. `summary` is kept for people.
+pub async fn finish(db: &Database, epoch: i64, summary: Document) -> Result<()> {
+    let done = db
+        .collection::<Document>(COLLECTION)
+        .update_one(
+            doc! { "_id": ID, "epoch": epoch },
+            doc! { "$set": { "phase": Phase::Done.name(), "finished_at": bson::DateTime::now(), "summary": summary } },
+        )
+        .await
+        .context("recording the end of the load")?;
+    if done.matched_count == 0 {
+        bail!("another first_load started while this one ran (the handoff epoch moved on); run only one at a time");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_decides_visibility() {
+        let s = Snapshot::parse("100:110:104,102").unwrap();
+        assert_eq!(s.xip, vec![102, 104]);
+        assert_eq!(s.to_string(), "100:110:102,104");
+        assert!(s.holds(99) && s.holds(101) && s.holds(103) && s.holds(105));
+        assert!(!s.holds(102) && !s.holds(104) && !s.holds(110) && !s.holds(111));
+        let empty = Snapshot::parse("7:7:").unwrap();
+        assert!(empty.holds(6) && !empty.holds(7));
+    }
+
+    #[test]
+    fn widens_32_bit_ids_around_the_snapshot() {
+        let epoch1 = 1_u64 << 32;
+        let s = Snapshot { xmin: epoch1 + 5, xmax: epoch1 + 10, xip: vec![] };
+        assert!(s.holds(4) && !s.holds(10)); // 32-bit ids in the snapshot's epoch
+        let near_wrap = Snapshot { xmin: epoch1 + 2, xmax: epoch1 + 3, xip: vec![] };
+        assert!(near_wrap.holds(u64::from(u32::MAX) - 1)); // just before the wrap: older
+        let before_wrap = Snapshot { xmin: epoch1 - 10, xmax: epoch1 - 5, xip: vec![] };
+        assert!(!before_wrap.holds(3)); // just after the wrap: newer
+        assert!(before_wrap.holds(u64::from(u32::MAX) - 20));
+    }
+
+    #[test]
+    fn no_snapshot_holds_nothing() {
+        assert!(!Handoff::none().loaded(Some(1)));
+    }
+}
