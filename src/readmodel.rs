@@ -85,6 +85,11 @@ pub fn line_total(unit_price: Decimal, quantity: i32, discount: Decimal) -> Deci
 
 /// An order line as embedded in `orders.lines`; `product` is `{name, price}` (or null if not known yet).
 pub fn order_line(row: &OrderDetail, product: Option<(&str, Decimal)>) -> Document {
+    order_line_with_total(row, product, line_total(row.unit_price, row.quantity, row.discount))
+}
+
+/// [`order_line`] with its [`line_total`] computed elsewhere (first_load computes it in bulk).
+pub fn order_line_with_total(row: &OrderDetail, product: Option<(&str, Decimal)>, line_total: Decimal) -> Document {
     doc! {
         "order_detail_id": row.order_detail_id,
         "product_id": row.product_id,
@@ -92,7 +97,7 @@ pub fn order_line(row: &OrderDetail, product: Option<(&str, Decimal)>) -> Docume
         "unit_price": money(row.unit_price),
         "quantity": row.quantity,
         "discount": rate(row.discount),
-        "line_total": money(line_total(row.unit_price, row.quantity, row.discount)),
+        "line_total": money(line_total),
     }
 }
 
@@ -102,9 +107,14 @@ pub fn order_totals(lines: &[(Decimal, i32, Decimal)]) -> Document {
     // Prices have two decimals and line totals are rounded to them, so every sum is exact in cents.
     let subtotal: Decimal = lines.iter().map(|(p, q, _)| *p * Decimal::from(*q)).sum();
     let total: Decimal = lines.iter().map(|(p, q, d)| line_total(*p, *q, *d)).sum();
+    totals(lines.len() as i32, lines.iter().map(|(_, q, _)| q).sum::<i32>(), subtotal, total)
+}
+
+/// `totals` from its sums: lines, quantity, sum of price x quantity, sum of line totals.
+pub fn totals(items: i32, quantity: i32, subtotal: Decimal, total: Decimal) -> Document {
     doc! {
-        "items": lines.len() as i32,
-        "quantity": lines.iter().map(|(_, q, _)| q).sum::<i32>(),
+        "items": items,
+        "quantity": quantity,
         "subtotal": money(subtotal),
         "discount": money(subtotal - total),
         "total": money(total),

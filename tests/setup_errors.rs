@@ -149,7 +149,18 @@ fn a_wrong_flag_is_one_line_naming_the_fix() {
 
 #[test]
 fn every_binary_answers_help() {
-    for bin in ["setup_pg_db", "insert_sample_data", "register_connector", "stream_products", "verify"] {
+    let bins = [
+        "setup_pg_db",
+        "insert_sample_data",
+        "register_connector",
+        "stream_products",
+        "stream_orders",
+        "stream_order_details",
+        "verify",
+        "first_load",
+        "bench",
+    ];
+    for bin in bins {
         let out = Command::new(common::bin_path(bin)).arg("--help").output().unwrap();
         assert!(out.status.success(), "{bin} --help: {}", stderr(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{bin} --help prints its usage");

@@ -70,6 +70,17 @@ pub fn bin_path(bin: &str) -> String {
         "stream_orders" => env!("CARGO_BIN_EXE_stream_orders").to_owned(),
         "stream_order_details" => env!("CARGO_BIN_EXE_stream_order_details").to_owned(),
         "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
+        "bench" => env!("CARGO_BIN_EXE_bench").to_owned(),
+        // Another package of the workspace: `cargo test` builds it beside this one's binaries.
+        "first_load" => {
+            let path = std::path::Path::new(env!("CARGO_BIN_EXE_verify")).with_file_name("first_load");
+            assert!(
+                path.exists(),
+                "{} is missing: run the tests with `cargo test` at the workspace root",
+                path.display()
+            );
+            path.to_string_lossy().into_owned()
+        }
         other => panic!("no binary {other}"),
     }
 }
@@ -284,10 +295,21 @@ pub struct Capture {
 impl Capture {
     /// Sets up the write model and starts capturing it (before any row exists: the stream holds them all).
     pub async fn start(what: &str) -> Capture {
+        Capture::start_after(what, &[]).await
+    }
+
+    /// Sets up the write model, writes the workload `prefill` (when not empty) and only then starts
+    /// capturing: the stream holds none of those rows, only first_load can bring them.
+    pub async fn start_after(what: &str, prefill: &[&str]) -> Capture {
         let stack = Stack::from_env();
         let name = unique(what);
         sweep_stale(&stack).await;
         success("setup_pg_db", &stack.run("setup_pg_db", &["--database", &name]));
+        if !prefill.is_empty() {
+            let mut args = vec!["--database", &name, "--quiet"];
+            args.extend_from_slice(prefill);
+            success("insert_sample_data", &stack.run("insert_sample_data", &args));
+        }
         let args = ["--name", &name, "--database", &name, "--topic-prefix", &name, "--slot", &name, "--timeout", "180"];
         success("register_connector", &stack.run("register_connector", &args));
         let pg_args = PgArgs { url: stack.pg_url.clone(), database: name.clone() };
@@ -318,6 +340,21 @@ impl Capture {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("insert_sample_data")
+    }
+
+    /// A `first_load` command for this capture (its database, slot and MongoDB database), with `flags`.
+    pub fn first_load(&self, flags: &[&str]) -> Command {
+        let mut cmd = self.stack.command("first_load");
+        cmd.env("CDC_MONGO_DATABASE", &self.name)
+            .env("CDC_SLOT_NAME", &self.name)
+            .args(["--database", &self.name, "--quiet"])
+            .args(flags);
+        cmd
+    }
+
+    /// Runs `first_load` with `flags` and returns its output.
+    pub fn run_first_load(&self, flags: &[&str]) -> Output {
+        self.first_load(flags).output().expect("first_load")
     }
 
     /// Starts a stream job on this capture (its own consumer group unless `group` says otherwise).

@@ -1,0 +1,334 @@
+//! `first_load`: bulk-copies the write model into the MongoDB read models from one PostgreSQL snapshot,
+//! and hands over to the stream jobs at exactly that snapshot (see `cdc_cqrs::handoff`).
+//!
+//! Flow: one exported snapshot -> key ranges read by `--parallelism` connections (source) -> documents
+//! built with polars (frames) -> unordered bulk inserts (target). A first load pauses the jobs while it
+//! writes the live collections; `--rebuild` writes shadow collections while the jobs go on, then swaps
+//! them in and rewinds the jobs to where they stood before the snapshot. A crashed run is simply run
+//! again: a half-done load is dropped and redone from a fresh snapshot, a half-done swap is finished.
+
+mod frames;
+mod source;
+mod target;
+
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bson::doc;
+use cdc_cqrs::cli;
+use cdc_cqrs::config::{MongoArgs, PgArgs};
+use cdc_cqrs::handoff::{self, Phase};
+use cdc_cqrs::projection::Collection;
+use cdc_cqrs::sink::MongoSink;
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::Mutex;
+
+use source::{Reader, SnapshotSource};
+
+// Millions of small documents are built and freed across threads: glibc's per-thread arenas made the
+// peak RSS several times the live data, and malloc/free a third of the CPU time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use target::Target;
+
+/// Copy products, orders and order_details from one consistent PostgreSQL snapshot into the MongoDB read
+/// models (orders embed their lines with product data and totals; order_details carry the product name
+/// and order status), then let the stream jobs go on from exactly that snapshot: no change lost, none
+/// applied twice, even while writes go on. Run it with the Debezium connector registered (its slot must
+/// exist). Into empty collections by default (the stream jobs wait meanwhile); with --rebuild, beside
+/// the live ones, swapped in when complete. Safe to run again after a crash.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    pg: PgArgs,
+
+    #[command(flatten)]
+    mongo: MongoArgs,
+
+    /// Replication slot of the Debezium connector (it must exist before the snapshot is taken).
+    #[arg(long, env = "CDC_SLOT_NAME", default_value = "cdc_cqrs_ecommerce")]
+    slot: String,
+
+    /// Load into shadow collections and swap them in when done (the read models are not empty).
+    #[arg(long)]
+    rebuild: bool,
+
+    /// Keys per range: one range of orders (with their lines) or products is read, built and written at
+    /// a time per connection.
+    #[arg(long, env = "CDC_LOAD_CHUNK", default_value_t = 2_000)]
+    chunk: i64,
+
+    /// Ranges in flight, each with its own PostgreSQL connection.
+    #[arg(long, env = "CDC_LOAD_PARALLELISM", default_value_t = 4)]
+    parallelism: usize,
+
+    /// No progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::run(async move {
+        if cli.chunk < 1 || cli.parallelism < 1 {
+            bail!("--chunk and --parallelism must be at least 1");
+        }
+        let summary = load(&cli).await?;
+        print!("{summary}");
+        Ok(())
+    })
+}
+
+async fn load(cli: &Cli) -> Result<Summary> {
+    let started = Instant::now();
+    let sink = MongoSink::connect(&cli.mongo).await?;
+    let db = sink.database().clone();
+    let previous = handoff::read(&db, None).await?;
+    if previous.phase == Phase::Swapping {
+        Target::swap_in(&db).await?;
+        handoff::finish(&db, previous.epoch, doc! { "note": "swap finished by a later run" }).await?;
+        return Ok(Summary::resumed_swap(previous.epoch));
+    }
+    // An earlier first load that did not finish left partial collections: redo it.
+    let interrupted = previous.phase == Phase::Loading;
+    let rebuild = cli.rebuild && !interrupted;
+    if !rebuild && !interrupted {
+        Target::check_empty(&db).await?;
+    }
+    SnapshotSource::check(&cli.pg, &cli.slot).await?;
+
+    let mut session = db.client().start_session().await?;
+    // A first load stops the jobs before its snapshot: whatever they applied is older than it, so the
+    // collections can be dropped and loaded from the snapshot. A rebuild notes where the jobs stand
+    // before its snapshot: every change the snapshot lacks is past those checkpoints.
+    let (epoch, rewind) = if rebuild {
+        (None, Some(handoff::checkpoints(&db).await?))
+    } else {
+        (Some(handoff::begin(&db, &mut session, Phase::Loading, None, false, None).await?), None)
+    };
+    let source = SnapshotSource::open(&cli.pg).await?;
+    if let Some(epoch) = epoch {
+        handoff::set_snapshot(&db, epoch, &source.snapshot).await?;
+    }
+    tracing::info!(snapshot = %source.snapshot, rebuild, "snapshot taken");
+    let target = Target::new(db.clone(), rebuild);
+    target.reset().await?;
+
+    let tables = copy(cli, &source, &target).await?;
+    target.create_indexes().await?;
+    let snapshot = source.snapshot.clone();
+    drop(source);
+
+    let summary_doc = doc! {
+        "products": tables[0].documents as i64,
+        "orders": tables[1].documents as i64,
+        "order_details": tables[2].documents as i64,
+        "seconds": started.elapsed().as_secs_f64(),
+    };
+    let epoch = match epoch {
+        Some(epoch) => epoch,
+        None => {
+            let epoch =
+                handoff::begin(&db, &mut session, Phase::Swapping, Some(&snapshot), true, rewind.as_ref()).await?;
+            Target::swap_in(&db).await?;
+            epoch
+        }
+    };
+    handoff::finish(&db, epoch, summary_doc).await?;
+    Ok(Summary { epoch, rebuild, snapshot: Some(snapshot.to_string()), tables, elapsed: started.elapsed() })
+}
+
+/// One unit of work: a key range of one table.
+#[derive(Clone, Copy)]
+enum Range {
+    Products(i64, i64),
+    Orders(i64, i64),
+}
+
+/// Per-table counts.
+#[derive(Default, Clone)]
+struct TableCount {
+    name: &'static str,
+    rows: u64,
+    documents: u64,
+}
+
+async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<Vec<TableCount>> {
+    let mut first = source.reader().await?;
+    let mut work: Vec<Range> = source::key_ranges(&mut first, "products", cli.chunk)
+        .await?
+        .into_iter()
+        .map(|(lo, hi)| Range::Products(lo, hi))
+        .collect();
+    work.extend(
+        source::key_ranges(&mut first, "orders", cli.chunk).await?.into_iter().map(|(lo, hi)| Range::Orders(lo, hi)),
+    );
+    let bars = Bars::new(cli.quiet);
+    for (i, table) in source::TABLES.iter().enumerate() {
+        bars.bars[i].set_length(source::count(&mut first, table).await?);
+    }
+    let work = Arc::new(Mutex::new(work.into_iter()));
+    let mut readers = vec![first];
+    for _ in 1..cli.parallelism {
+        readers.push(source.reader().await?);
+    }
+    let workers = readers.into_iter().map(|reader| worker(reader, work.clone(), target, &bars));
+    let per_worker = futures::future::try_join_all(workers).await?;
+    bars.finish();
+    let mut tables: Vec<TableCount> =
+        source::TABLES.iter().map(|&name| TableCount { name, ..Default::default() }).collect();
+    for counts in per_worker {
+        for (t, c) in tables.iter_mut().zip(counts) {
+            t.rows += c.rows;
+            t.documents += c.documents;
+        }
+    }
+    Ok(tables)
+}
+
+/// Takes ranges until none is left: read, build (on the blocking pool: polars and BSON are CPU work),
+/// write.
+async fn worker(
+    mut reader: Reader,
+    work: Arc<Mutex<std::vec::IntoIter<Range>>>,
+    target: &Target,
+    bars: &Bars,
+) -> Result<Vec<TableCount>> {
+    let mut counts = vec![TableCount::default(); 3];
+    loop {
+        let Some(range) = work.lock().await.next() else { break };
+        match range {
+            Range::Products(lo, hi) => {
+                let rows = reader.products((lo, hi)).await?;
+                let n = rows.product_id.len() as u64;
+                bars.read(0, n);
+                let docs = tokio::task::spawn_blocking(move || frames::product_documents(rows)).await?;
+                let written = target.insert(Collection::Products, &docs).await?;
+                bars.written(0, written);
+                counts[0].rows += n;
+                counts[0].documents += written;
+            }
+            Range::Orders(lo, hi) => {
+                let started = Instant::now();
+                let range = reader.orders((lo, hi)).await?;
+                let read = started.elapsed();
+                let (orders, lines) = (range.orders.order_id.len() as u64, range.lines.order_detail_id.len() as u64);
+                bars.read(1, orders);
+                bars.read(2, lines);
+                let docs = tokio::task::spawn_blocking(move || frames::order_documents(range)).await??;
+                let built = started.elapsed();
+                let (o, d) = tokio::try_join!(
+                    target.insert(Collection::Orders, &docs.orders),
+                    target.insert(Collection::OrderDetails, &docs.order_details)
+                )?;
+                tracing::debug!(
+                    lo,
+                    read_ms = read.as_millis() as u64,
+                    build_ms = (built - read).as_millis() as u64,
+                    write_ms = (started.elapsed() - built).as_millis() as u64,
+                    "orders range"
+                );
+                bars.written(1, o);
+                bars.written(2, d);
+                counts[1].rows += orders;
+                counts[1].documents += o;
+                counts[2].rows += lines;
+                counts[2].documents += d;
+            }
+        }
+    }
+    reader.close().await.context("ending a snapshot reader")?;
+    Ok(counts)
+}
+
+/// One progress bar per table: documents written of rows in the snapshot, rows read, rate, ETA.
+struct Bars {
+    bars: [ProgressBar; 3],
+    read: [AtomicU64; 3],
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Bars {
+        let multi = MultiProgress::new();
+        if quiet {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        let style =
+            ProgressStyle::with_template("{prefix:>13} [{bar:30}] {pos}/{len} written, {msg}, {per_sec}, ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> ");
+        let bars = source::TABLES.map(|t| {
+            let bar = multi.add(ProgressBar::new(0).with_style(style.clone()).with_prefix(t));
+            bar.set_message("0 read");
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Bars { bars, read: Default::default() }
+    }
+
+    fn read(&self, table: usize, n: u64) {
+        let total = self.read[table].fetch_add(n, Ordering::Relaxed) + n;
+        self.bars[table].set_message(format!("{total} read"));
+    }
+
+    fn written(&self, table: usize, n: u64) {
+        self.bars[table].inc(n);
+    }
+
+    fn finish(&self) {
+        for bar in &self.bars {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// What a run did, printed at the end.
+struct Summary {
+    epoch: i64,
+    rebuild: bool,
+    snapshot: Option<String>,
+    tables: Vec<TableCount>,
+    elapsed: Duration,
+}
+
+impl Summary {
+    fn resumed_swap(epoch: i64) -> Summary {
+        Summary { epoch, rebuild: true, snapshot: None, tables: Vec::new(), elapsed: Duration::ZERO }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tables.is_empty() {
+            return writeln!(
+                f,
+                "first_load: finished the swap of rebuild epoch {} that an earlier run left half done",
+                self.epoch
+            );
+        }
+        let how = if self.rebuild { "rebuilt and swapped in" } else { "loaded" };
+        writeln!(f, "first_load: {how} in {:.1}s (handoff epoch {})", self.elapsed.as_secs_f64(), self.epoch)?;
+        if let Some(s) = &self.snapshot {
+            writeln!(f, "  snapshot {s} (the stream applies what it does not hold)")?;
+        }
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        for t in &self.tables {
+            writeln!(
+                f,
+                "  {:<14} {:>10} rows {:>10} documents {:>10.0} rows/s",
+                t.name,
+                t.rows,
+                t.documents,
+                t.rows as f64 / secs
+            )?;
+        }
+        let rows: u64 = self.tables.iter().map(|t| t.rows).sum();
+        writeln!(f, "  {:<14} {:>10} rows {:>21} {:>10.0} rows/s", "all", rows, "", rows as f64 / secs)
+    }
+}

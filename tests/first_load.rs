@@ -1,0 +1,206 @@
+//! `first_load` against the real services: a seeded load equals PostgreSQL's projection; the handoff to
+//! the stream loses and doubles nothing while writes go on (a first load and a `--rebuild` with the jobs
+//! running); a load killed half way is simply run again; and the errors a user can meet name their fix.
+//!
+//! The captures here start after rows exist (`Capture::start_after`): the stream never saw them, so only
+//! first_load can bring them, and a change the handoff dropped would stay missing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bson::{Document, doc};
+use common::{Capture, JobProcess, success};
+
+const ALL: [&str; 3] = ["products", "orders", "order_details"];
+const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
+const CONVERGE: Duration = Duration::from_secs(240);
+
+async fn mongo(cap: &Capture) -> mongodb::Client {
+    mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap()
+}
+
+/// The handoff state document first_load keeps.
+async fn handoff(client: &mongodb::Client, cap: &Capture) -> Option<Document> {
+    client.database(&cap.name).collection::<Document>("_handoff").find_one(doc! { "_id": "first_load" }).await.unwrap()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seeded_load_equals_the_source_and_refuses_to_overwrite() {
+    let cap = Capture::start_after(
+        "fl_seeded",
+        &["--products", "150", "--orders", "2500", "--changes", "1500", "--seed", "31"],
+    )
+    .await;
+    let out = success("first_load", &cap.run_first_load(&["--chunk", "700"]));
+    assert!(out.contains("loaded in"), "summary: {out}");
+    assert!(out.contains("orders") && out.contains("rows/s"), "summary has per-table rates: {out}");
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+
+    // Documents carry version 0, so that any change the stream applies later is newer.
+    let client = mongo(&cap).await;
+    let order = client.database(&cap.name).collection::<Document>("orders").find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(order.get_i64("_v").unwrap(), 0);
+    let state = handoff(&client, &cap).await.expect("handoff state recorded");
+    assert_eq!(state.get_str("phase").unwrap(), "done");
+    assert!(state.get_document("snapshot").unwrap().get_i64("xmax").unwrap() > 0);
+
+    // A second load would overwrite: refused, naming --rebuild; nothing changes.
+    let again = cap.run_first_load(&[]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("not empty") && stderr(&again).contains("--rebuild"), "{}", stderr(&again));
+
+    // The rebuild loads beside and swaps in; still equal, indexes in place.
+    cap.workload(&["--products", "0", "--orders", "0", "--changes", "300", "--seed", "32"]);
+    let out = success("first_load", &cap.run_first_load(&["--rebuild"]));
+    assert!(out.contains("rebuilt and swapped in"), "{out}");
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+    let names = client.database(&cap.name).list_collection_names().await.unwrap();
+    assert!(!names.iter().any(|n| n.ends_with("_rebuild")), "no shadow left: {names:?}");
+    let indexes = client.database(&cap.name).collection::<Document>("orders").list_index_names().await.unwrap();
+    assert!(indexes.iter().any(|i| i.contains("lines.product_id")), "{indexes:?}");
+    client.shutdown().await;
+    cap.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clear_errors_for_a_missing_slot_and_missing_tables() {
+    let cap = Capture::start_after("fl_errors", &["--products", "5", "--orders", "5"]).await;
+    let out = cap.run_first_load(&["--slot", "no_such_slot"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("no replication slot no_such_slot") && err.contains("register_connector"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let mut pg = cap.connect().await;
+    sqlx::query("ALTER TABLE order_details RENAME TO order_lines").execute(&mut pg).await.unwrap();
+    let err = stderr(&cap.run_first_load(&[]));
+    assert!(err.contains("order_details missing") && err.contains("setup_pg_db"), "{err}");
+    sqlx::query("ALTER TABLE order_lines RENAME TO order_details").execute(&mut pg).await.unwrap();
+    drop(pg);
+    cap.teardown().await;
+}
+
+/// Writes go on through a first load (the jobs, started during it, wait for it) and then through a
+/// rebuild with the jobs running: every change lands exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_handoff_loses_and_doubles_nothing_while_writes_go_on() {
+    let cap = Capture::start_after(
+        "fl_handoff",
+        &["--products", "200", "--orders", "6000", "--orders-per-tx", "50", "--seed", "41"],
+    )
+    .await;
+    let client = mongo(&cap).await;
+    let writes = [
+        "--products",
+        "0",
+        "--orders",
+        "0",
+        "--duration",
+        "25s",
+        "--rate",
+        "300",
+        "--connections",
+        "6",
+        "--seed",
+        "42",
+    ];
+    let mut writer = cap.workload_in_background(&writes);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut load = cap.first_load(&["--chunk", "500", "--parallelism", "2"]).spawn().expect("first_load");
+    // Jobs started while the load runs must wait for it, then take over at its snapshot.
+    wait_for("the load to start", Duration::from_secs(60), async || {
+        handoff(&client, &cap).await.is_some_and(|h| h.get_str("phase").ok() == Some("loading"))
+    })
+    .await;
+    let jobs: Vec<JobProcess> = JOBS.iter().map(|j| cap.spawn_job(j, j)).collect();
+    assert!(load.wait().unwrap().success(), "first_load failed");
+    let state = handoff(&client, &cap).await.unwrap();
+    let xip = state.get_document("snapshot").unwrap().get_array("xip").unwrap().len();
+    assert!(writer.wait().unwrap().success(), "the workload failed");
+    cap.converge(&ALL, CONVERGE).await;
+    eprintln!("first load: {xip} transactions were in flight at its snapshot");
+
+    // A rebuild with the jobs running and writes going on: swapped in, jobs rewound, still exact.
+    let mut writer = cap.workload_in_background(&[
+        "--products",
+        "0",
+        "--orders",
+        "0",
+        "--duration",
+        "15s",
+        "--rate",
+        "300",
+        "--connections",
+        "6",
+        "--seed",
+        "43",
+    ]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = success("first_load", &cap.run_first_load(&["--rebuild", "--chunk", "500", "--parallelism", "2"]));
+    assert!(out.contains("rebuilt and swapped in"), "{out}");
+    assert!(writer.wait().unwrap().success(), "the workload failed");
+    cap.converge(&ALL, CONVERGE).await;
+    let state = handoff(&client, &cap).await.unwrap();
+    assert_eq!(state.get_i64("epoch").unwrap(), 2);
+    for job in jobs {
+        job.stop();
+    }
+    client.shutdown().await;
+    cap.teardown().await;
+}
+
+/// A load killed half way leaves the jobs waiting; running it again finishes the job. A rebuild killed
+/// half way leaves the live read models untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_killed_half_way_is_run_again() {
+    let cap = Capture::start_after(
+        "fl_killed",
+        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "51"],
+    )
+    .await;
+    let client = mongo(&cap).await;
+    let orders = client.database(&cap.name).collection::<Document>("orders");
+    let mut load = cap.first_load(&["--chunk", "200", "--parallelism", "1"]).spawn().expect("first_load");
+    wait_for("documents to be written", Duration::from_secs(60), async || {
+        orders.estimated_document_count().await.unwrap_or(0) > 0
+    })
+    .await;
+    load.kill().unwrap();
+    load.wait().unwrap();
+    let written = orders.count_documents(doc! {}).await.unwrap();
+    assert!(written > 0 && written < 8000, "killed half way ({written} orders written)");
+    assert_eq!(handoff(&client, &cap).await.unwrap().get_str("phase").unwrap(), "loading");
+
+    success("first_load", &cap.run_first_load(&[]));
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+
+    // A rebuild killed half way: the live read models stay whole and equal; a rerun swaps in.
+    let mut rebuild = cap.first_load(&["--rebuild", "--chunk", "200", "--parallelism", "1"]).spawn().unwrap();
+    let shadow = client.database(&cap.name).collection::<Document>("orders_rebuild");
+    wait_for("shadow documents", Duration::from_secs(60), async || {
+        shadow.estimated_document_count().await.unwrap_or(0) > 0
+    })
+    .await;
+    rebuild.kill().unwrap();
+    rebuild.wait().unwrap();
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+    cap.workload(&["--products", "0", "--orders", "0", "--changes", "200", "--seed", "52"]);
+    success("first_load", &cap.run_first_load(&["--rebuild"]));
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+    client.shutdown().await;
+    cap.teardown().await;
+}
