@@ -247,19 +247,15 @@ pub async fn begin(
             Ok::<_, anyhow::Error>(epoch)
         }
         .await;
-        let transient = |e: &anyhow::Error| {
-            e.downcast_ref::<mongodb::error::Error>()
-                .is_some_and(|e| e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR))
-        };
         match attempt {
-            Ok(epoch) => match session.commit_transaction().await {
+            Ok(epoch) => match crate::sink::commit(session).await {
                 Ok(()) => return Ok(epoch),
                 Err(e) if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) => continue,
                 Err(e) => return Err(e).context("recording the handoff state"),
             },
             Err(e) => {
                 let _ = session.abort_transaction().await;
-                if transient(&e) {
+                if crate::sink::is_transient(&e) {
                     continue;
                 }
                 return Err(e).context("recording the handoff state");

@@ -153,11 +153,11 @@ impl MongoSink {
                 }
                 Err(e) => {
                     let _ = session.abort_transaction().await;
-                    match e.downcast_ref::<mongodb::error::Error>() {
-                        // A write conflict with another job's transaction on the same document: redo it.
-                        Some(me) if me.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
-                        _ => return Err(e),
+                    // A write conflict with another job's transaction on the same document: redo it.
+                    if is_transient(&e) {
+                        continue;
                     }
+                    return Err(e);
                 }
             }
         }
@@ -249,7 +249,13 @@ pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -
     Ok(())
 }
 
-async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
+/// Whether a transaction failed in a way MongoDB says to retry (a write conflict, an election).
+pub(crate) fn is_transient(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<mongodb::error::Error>().is_some_and(|me| me.contains_label(TRANSIENT_TRANSACTION_ERROR))
+}
+
+/// Commits, retrying while the outcome is unknown (commit is idempotent).
+pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
     loop {
         match session.commit_transaction().await {
             Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => continue,
