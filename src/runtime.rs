@@ -313,14 +313,11 @@ impl Positions {
         partitions: &[i32],
         checkpoints: &HashMap<i32, i64>,
     ) {
-        tokio::task::block_in_place(|| {
-            for &p in partitions {
-                let next = checkpoints.get(&p).copied().unwrap_or(0);
-                if let Err(e) = consumer.seek(topic, p, Offset::Offset(next), Duration::from_secs(5)) {
-                    tracing::debug!(partition = p, error = %e, "seek after reload failed; the first record will tell");
-                }
+        for &p in partitions {
+            if let Err(e) = seek(consumer, topic, p, resume_offset(checkpoints, p)) {
+                tracing::debug!(partition = p, error = %e, "seek after reload failed; the first record will tell");
             }
-        });
+        }
     }
 
     /// The records of `batch` to process: those of partitions read from their checkpoint. A partition
@@ -338,13 +335,12 @@ impl Positions {
             if self.on_track.contains(&p) || sought_now.contains(&p) {
                 continue;
             }
-            let next = checkpoints.get(&p).copied().unwrap_or(0);
+            let next = resume_offset(checkpoints, p);
             if m.offset() <= next || self.sought.contains(&p) {
                 self.on_track.insert(p);
                 continue;
             }
-            match tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(next), Duration::from_secs(5)))
-            {
+            match seek(consumer, topic, p, next) {
                 Ok(()) => {
                     tracing::info!(partition = p, from = m.offset(), to = next, "moved back to the checkpoint");
                     self.sought.insert(p);
@@ -358,6 +354,16 @@ impl Positions {
         }
         batch.into_iter().filter(|m| !sought_now.contains(&m.partition())).collect()
     }
+}
+
+/// Where partition `p` resumes: its checkpoint, or the start when it has none.
+fn resume_offset(checkpoints: &HashMap<i32, i64>, p: i32) -> i64 {
+    checkpoints.get(&p).copied().unwrap_or(0)
+}
+
+/// Moves the consumer's position in partition `p` (librdkafka waits for the fetcher: off the async threads).
+fn seek(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> rdkafka::error::KafkaResult<()> {
+    tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(5)))
 }
 
 /// The last event of each key in the batch (and those the job must keep); truncates are all kept. Version guards make the order of
