@@ -140,8 +140,8 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
 
     let mut out =
         Documents { orders: Vec::with_capacity(orders.height()), order_details: Vec::with_capacity(lines.height()) };
-    let mut order_lines: Vec<Vec<Bson>> = Vec::new();
-    let mut line_order_ids = Vec::with_capacity(lines.height());
+    // (order, line, embedded line), in the frame's (order, line) order.
+    let mut order_lines: Vec<(i32, i32, Bson)> = Vec::with_capacity(lines.height());
     for i in 0..lines.height() {
         let row = OrderDetail {
             order_detail_id: required(l_id[i])?,
@@ -164,8 +164,7 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
             p.insert("_v", 0_i64);
         }
         line.insert("_v", 0_i64);
-        line_order_ids.push(row.order_id);
-        order_lines.push(vec![Bson::Document(line)]);
+        order_lines.push((row.order_id, row.order_detail_id, Bson::Document(line)));
 
         let mut detail = readmodel::order_detail(&row, product.map(|(n, _)| n), l_status[i].as_deref());
         detail.extend(doc! { "_v": 0_i64, "_deleted": false, "_pv": 0_i64, "_ov": 0_i64 });
@@ -179,13 +178,12 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
     let (o_name, o_address, o_phone, o_status) =
         (strs(orders, "customer_name")?, strs(orders, "address")?, strs(orders, "phone")?, strs(orders, "status")?);
     // Both frames are sorted by order: walk them together.
-    let mut next_line = 0;
+    let mut order_lines = order_lines.into_iter().peekable();
     for i in 0..orders.height() {
         let id = required(o_id[i])?;
         let mut embedded = Vec::new();
-        while next_line < line_order_ids.len() && line_order_ids[next_line] == id {
-            embedded.append(&mut order_lines[next_line]);
-            next_line += 1;
+        while let Some((_, _, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
+            embedded.push(line);
         }
         let mut order = doc! { "_id": id };
         order.extend(readmodel::order_header(
@@ -208,8 +206,8 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         order.extend(doc! { "_v": 0_i64, "_deleted": false });
         out.orders.push(order);
     }
-    if next_line != line_order_ids.len() {
-        bail!("line {} belongs to no order of its range", l_id[next_line].unwrap_or_default());
+    if let Some((_, line, _)) = order_lines.next() {
+        bail!("line {line} belongs to no order of its range");
     }
     Ok(out)
 }

@@ -8,8 +8,10 @@ use cdc_cqrs::projection::Collection;
 use cdc_cqrs::sink;
 use mongodb::Database;
 
-/// The suffix of a rebuild's shadow collections.
-const SHADOW: &str = "_rebuild";
+/// The shadow collection a rebuild loads `collection` into.
+fn shadow(collection: Collection) -> String {
+    format!("{}_rebuild", collection.name())
+}
 
 pub struct Target {
     db: Database,
@@ -23,7 +25,7 @@ impl Target {
 
     /// The MongoDB collection this load writes `collection`'s documents to.
     pub fn name(&self, collection: Collection) -> String {
-        if self.rebuild { format!("{}{SHADOW}", collection.name()) } else { collection.name().to_owned() }
+        if self.rebuild { shadow(collection) } else { collection.name().to_owned() }
     }
 
     /// Fails, naming the fix, if a read collection holds documents (tombstones count: the stream wrote it).
@@ -81,7 +83,7 @@ impl Target {
         let existing = db.list_collection_names().await?;
         let admin = db.client().database("admin");
         for collection in Collection::ALL {
-            let shadow = format!("{}{SHADOW}", collection.name());
+            let shadow = shadow(collection);
             if !existing.contains(&shadow) {
                 continue;
             }
