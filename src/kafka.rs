@@ -23,6 +23,8 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("fetch.wait.max.ms", "100")
+        // Prefetch enough for a few full batches, not librdkafka's 64 MB per partition (a job's RSS).
+        .set("queued.max.messages.kbytes", "16384")
         // A job may start before Debezium has created its topic (it does so with the first change): look
         // for it every few seconds, not every 5 minutes (librdkafka's default).
         .set("topic.metadata.refresh.interval.ms", "5000");

@@ -1,6 +1,7 @@
 //! A job's metrics in the Prometheus text format: records in, written, skipped (below the checkpoint),
-//! dead-lettered, batches and their latency, and lag (records behind the topic ends; milliseconds from the
-//! source commit of the newest applied change to now).
+//! dead-lettered, batches and their latency, lag (records behind the topic ends; milliseconds from the
+//! source commit of the newest applied change to now), and freshness histograms: how long a change took
+//! from its PostgreSQL commit, and from its Kafka record, to its MongoDB commit.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -49,6 +50,57 @@ impl Summary {
     }
 }
 
+/// Upper bounds of the freshness histograms' buckets, in milliseconds (fine where the targets are).
+const BUCKETS_MS: [u64; 24] =
+    [1, 2, 3, 5, 7, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 60000];
+
+/// A Prometheus histogram of millisecond durations (plus the largest seen, which a histogram cannot tell).
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_ms: AtomicU64,
+    max_ms: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_ms: AtomicU64::new(0),
+            max_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records `n` observations of `ms` milliseconds.
+    pub fn observe_ms(&self, ms: i64, n: u64) {
+        let ms = ms.max(0) as u64;
+        if let Some(i) = BUCKETS_MS.iter().position(|&le| ms <= le) {
+            self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        }
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms * n, Ordering::Relaxed);
+        self.max_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, job: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (le, bucket) in BUCKETS_MS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{job=\"{job}\",le=\"{}\"}} {cumulative}", *le as f64 / 1e3);
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{job=\"{job}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{job=\"{job}\"}} {}", self.sum_ms.load(Ordering::Relaxed) as f64 / 1e3);
+        let _ = writeln!(out, "{name}_count{{job=\"{job}\"}} {count}");
+        let _ = writeln!(out, "# HELP {name}_max Largest observation.\n# TYPE {name}_max gauge");
+        let _ = writeln!(out, "{name}_max{{job=\"{job}\"}} {}", self.max_ms.load(Ordering::Relaxed) as f64 / 1e3);
+    }
+}
+
 pub struct Metrics {
     job: &'static str,
     pub records_in: Counter,
@@ -59,6 +111,11 @@ pub struct Metrics {
     pub batch_seconds: Summary,
     pub lag_records: Gauge,
     pub lag_ms: Gauge,
+    pub assigned_partitions: Gauge,
+    /// PostgreSQL commit (Debezium's `source.ts_ms`) to the MongoDB commit of the batch, per change.
+    pub freshness: Histogram,
+    /// Kafka record timestamp to the MongoDB commit: the part of freshness spent in the job.
+    pub in_job: Histogram,
 }
 
 impl Metrics {
@@ -73,6 +130,9 @@ impl Metrics {
             batch_seconds: Summary::default(),
             lag_records: Gauge::default(),
             lag_ms: Gauge::default(),
+            assigned_partitions: Gauge::default(),
+            freshness: Histogram::default(),
+            in_job: Histogram::default(),
         }
     }
 
@@ -121,6 +181,24 @@ impl Metrics {
             "gauge",
             "Source commit of the newest applied change to its MongoDB commit.",
             self.lag_ms.get().to_string(),
+        );
+        line(
+            "cdc_assigned_partitions",
+            "gauge",
+            "Partitions of the topic this process holds in its consumer group.",
+            self.assigned_partitions.get().to_string(),
+        );
+        self.freshness.render(
+            &mut out,
+            "cdc_freshness_seconds",
+            "PostgreSQL commit of a change to the MongoDB commit that applied it.",
+            job,
+        );
+        self.in_job.render(
+            &mut out,
+            "cdc_in_job_seconds",
+            "Kafka record timestamp of a change to the MongoDB commit that applied it.",
+            job,
         );
         out
     }

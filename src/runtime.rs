@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -77,12 +78,14 @@ pub struct JobArgs {
     #[command(flatten)]
     pub mongo: MongoArgs,
 
-    /// Most records in one batch.
+    /// Most records in one batch. Batches are otherwise as large as what has arrived: one change alone is
+    /// written at once, and under load the records that come while a batch is written make the next one.
     #[arg(long, env = "CDC_BATCH_SIZE", default_value_t = 5_000)]
     pub batch_size: usize,
 
-    /// Longest wait to fill a batch, in milliseconds.
-    #[arg(long, env = "CDC_BATCH_MS", default_value_t = 200)]
+    /// Milliseconds to linger for more records once a batch has its first one (0: take what has arrived;
+    /// more trades freshness for fewer, larger transactions).
+    #[arg(long, env = "CDC_BATCH_MS", default_value_t = 0)]
     pub batch_ms: u64,
 
     /// Topic for records that cannot be decoded or projected. Default: <prefix>.dead_letter.
@@ -164,6 +167,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             .await?;
             tracing::info!(job = J::TABLE, partitions = ?now_assigned, epoch, "checkpoints (re)loaded");
             assigned = now_assigned;
+            metrics.assigned_partitions.set(assigned.len() as i64);
             reload = false;
             positions = Positions::default();
             positions.seek_all(&consumer, &topic, &assigned, &checkpoints);
@@ -176,6 +180,8 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut newest_source_ms = None;
+        // Per change: (source commit, Kafka record timestamp), for the freshness histograms.
+        let mut times: Vec<(i64, Option<i64>)> = Vec::with_capacity(batch.len());
         for m in &batch {
             let end = next.entry(m.partition()).or_default();
             *end = (*end).max(m.offset() + 1);
@@ -187,6 +193,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
                 Ok(event) => {
                     if let Some(source) = event.source() {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
+                        times.push((source.ts_ms, m.timestamp().to_millis()));
                     }
                     events.push(event);
                 }
@@ -247,8 +254,15 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
         }
         metrics.batches.inc(1);
         metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        let committed_ms = now_ms();
         if let Some(ts) = newest_source_ms {
-            metrics.lag_ms.set((now_ms() - ts).max(0));
+            metrics.lag_ms.set((committed_ms - ts).max(0));
+        }
+        for (source_ms, record_ms) in times {
+            metrics.freshness.observe_ms(committed_ms - source_ms, 1);
+            if let Some(record_ms) = record_ms {
+                metrics.in_job.observe_ms(committed_ms - record_ms, 1);
+            }
         }
         if last_lag_check.elapsed() > Duration::from_secs(5) {
             last_lag_check = Instant::now();
@@ -259,20 +273,50 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     Ok(())
 }
 
-/// Up to `size` records, waiting at most `wait` after the first one arrives (or the shutdown).
+/// How long an idle job waits for a record before looking at the handoff state again.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// The next batch: waits up to [`IDLE_WAIT`] for a first record, then takes what the consumer has already
+/// fetched, up to `size`, lingering up to `linger` for more. Batches adapt to the load by themselves: a
+/// lone change is written at once, and under load the records that arrive while a batch is written make the
+/// next one (up to `size`).
 async fn poll_batch(
     consumer: &StreamConsumer,
     size: usize,
-    wait: Duration,
+    linger: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<OwnedMessage> {
     let mut shutdown = shutdown.clone();
     let mut batch = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
+    let first_by = tokio::time::Instant::now() + IDLE_WAIT;
+    let Some(first) = next_record(consumer, first_by, &mut shutdown).await else { return batch };
+    batch.push(first);
+    let linger_until = tokio::time::Instant::now() + linger;
     while batch.len() < size {
+        let m = match consumer.recv().now_or_never() {
+            Some(Ok(m)) => m.detach(),
+            // Nothing ready (an error is reported by the next wait).
+            _ if linger.is_zero() => break,
+            _ => match next_record(consumer, linger_until, &mut shutdown).await {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        batch.push(m);
+    }
+    batch
+}
+
+/// The next record, or `None` at `deadline` or shutdown; poll errors are logged and waited out.
+async fn next_record(
+    consumer: &StreamConsumer,
+    deadline: tokio::time::Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<OwnedMessage> {
+    loop {
         tokio::select! {
             received = consumer.recv() => match received {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => return Some(m.detach()),
                 Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => {
                     tracing::info!("waiting for the topic to be created (Debezium creates it with the first change)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -282,11 +326,10 @@ async fn poll_batch(
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => break,
-            _ = shutdown.changed() => break,
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = shutdown.changed() => return None,
         }
     }
-    batch
 }
 
 /// Which partitions are known to be read from their MongoDB checkpoint.
