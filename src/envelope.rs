@@ -77,6 +77,14 @@ pub enum Event<R> {
 }
 
 impl<R> Event<R> {
+    /// The row a change is about: the new image of an upsert, the old one of a delete.
+    pub fn row(&self) -> Option<&R> {
+        match self {
+            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => Some(row),
+            Event::Truncate { .. } | Event::Tombstone => None,
+        }
+    }
+
     /// The change's origin (none for a tombstone).
     pub fn source(&self) -> Option<&Source> {
         match self {

@@ -127,16 +127,23 @@ impl MongoSink {
                     Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
                     Gate::Reset => return Ok(Applied::Reset),
                 };
+                let started = std::time::Instant::now();
                 let events = self.admissible::<J>(&mut session, events, &handoff).await?;
                 let writes = job.project(&events, &mut Reads { db: &self.db, session: &mut session }).await?;
+                let projected_ms = started.elapsed().as_millis() as u64;
                 let count = writes.len();
                 let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
                 for w in writes {
                     by_collection.entry(w.collection).or_default().push(w.statement);
                 }
+                // (collection, statements, milliseconds): what a slow batch spent its time on.
+                let mut timings = Vec::new();
                 for (collection, statements) in &by_collection {
+                    let t = std::time::Instant::now();
                     update(&self.db, &mut session, collection.name(), statements).await?;
+                    timings.push((collection.name(), statements.len(), t.elapsed().as_millis() as u64));
                 }
+                tracing::debug!(job = J::TABLE, events = events.len(), projected_ms, ?timings, "batch written");
                 update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
                 Ok::<_, anyhow::Error>(Applied::Written(count))
             }
@@ -155,6 +162,7 @@ impl MongoSink {
                     let _ = session.abort_transaction().await;
                     // A write conflict with another job's transaction on the same document: redo it.
                     if is_transient(&e) {
+                        tracing::debug!(job = J::TABLE, "write conflict with another job; redoing the batch");
                         continue;
                     }
                     return Err(e);
@@ -215,6 +223,21 @@ pub struct Reads<'a> {
 impl Reads<'_> {
     /// The documents of `collection` with these `_id`s (tombstones included).
     pub async fn by_ids(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, Document>> {
+        self.find(collection, ids, None).await
+    }
+
+    /// The version (`_v`) of the documents of `collection` with these `_id`s that have one.
+    pub async fn versions(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, i64>> {
+        let found = self.find(collection, ids, Some(doc! { "_v": 1 })).await?;
+        Ok(found.into_iter().filter_map(|(id, d)| d.get_i64("_v").ok().map(|v| (id, v))).collect())
+    }
+
+    async fn find(
+        &mut self,
+        collection: Collection,
+        ids: &[i32],
+        projection: Option<Document>,
+    ) -> Result<HashMap<i32, Document>> {
         let mut out = HashMap::new();
         if ids.is_empty() {
             return Ok(out);
@@ -223,6 +246,7 @@ impl Reads<'_> {
             .db
             .collection::<Document>(collection.name())
             .find(doc! { "_id": { "$in": ids } })
+            .projection(projection.unwrap_or_default())
             .session(&mut *self.session)
             .await
             .map_err(anyhow::Error::new)?;

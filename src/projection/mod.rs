@@ -71,6 +71,14 @@ pub fn guarded_replace(id: i32, position: i64, replacement: Document) -> Documen
     }
 }
 
+/// Replaces (or inserts) the document with `document`'s `_id`: for a projection that read the stored
+/// document in the batch's transaction and found `document` newer (a write to it since would abort the
+/// transaction as a write conflict).
+pub fn replace(document: Document) -> Document {
+    let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+    doc! { "q": { "_id": id }, "u": document, "upsert": true }
+}
+
 /// A tombstone: the row is gone as of `position`.
 pub fn tombstone(id: i32, position: i64) -> Document {
     doc! { "_id": id, "_deleted": true, "_v": position }
@@ -98,6 +106,23 @@ pub fn decimal(d: rust_decimal::Decimal) -> Bson {
     Bson::Decimal128(bson::Decimal128::from_bytes((sign | exponent | coefficient).to_le_bytes()))
 }
 
+/// The exact value of a Decimal128 this project wrote (the inverse of [`decimal`]); `None` for anything else
+/// (not a Decimal128, infinities, NaN, or beyond rust_decimal's 28 digits of scale and 96-bit mantissa).
+pub fn decimal_of(b: &Bson) -> Option<rust_decimal::Decimal> {
+    let Bson::Decimal128(d) = b else { return None };
+    let bits = u128::from_le_bytes(d.bytes());
+    if (bits >> 125) & 0b11 == 0b11 {
+        return None; // the large-coefficient form, infinity or NaN: never written by `decimal`
+    }
+    let exponent = ((bits >> 113) & 0x3FFF) as i64 - 6176;
+    let coefficient = bits & ((1_u128 << 113) - 1);
+    if !(-28..=0).contains(&exponent) || coefficient >= 1 << 96 {
+        return None;
+    }
+    let signed = if bits >> 127 == 1 { -(coefficient as i128) } else { coefficient as i128 };
+    Some(rust_decimal::Decimal::from_i128_with_scale(signed, (-exponent) as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +136,10 @@ mod tests {
             let parsed: bson::Decimal128 = text.parse().unwrap();
             assert_eq!(decimal(d), Bson::Decimal128(parsed), "{text}");
             assert_eq!(decimal(d).to_string(), text);
+            let back = decimal_of(&decimal(d)).unwrap();
+            assert_eq!((back, back.scale()), (d, d.scale()), "{text}");
         }
+        assert_eq!(decimal_of(&Bson::Decimal128("1E+3".parse().unwrap())), None);
+        assert_eq!(decimal_of(&Bson::Int32(3)), None);
     }
 }

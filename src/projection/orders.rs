@@ -1,69 +1,68 @@
 //! orders -> the header fields of `orders` documents (never their `lines`, which the order_details job
 //! owns), and the order's status into its `order_details` documents.
 
-use bson::{Document, doc};
+use bson::doc;
 
-use super::{Collection, Write, literal, newer};
+use super::{Collection, Write};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
 use crate::runtime::Job;
 use crate::sink::Reads;
 
-/// The writes for one order change.
-pub fn project(event: &Event<Order>) -> Vec<Write> {
+/// The writes for one order change, given the version of its document the transaction sees (`-1` for
+/// none): a change no newer than it writes nothing to `orders` (the fan-out to `order_details` has its own
+/// guard). Plain `$set`s, not pipelines: the version was read in the batch's transaction, and a write to the
+/// document since would abort it as a write conflict.
+pub fn project(event: &Event<Order>, stored_version: i64) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
+    let newer = |pos: i64| pos > stored_version;
     match event {
         Event::Upsert { row, source, .. } => {
             let pos = source.lsn as i64;
-            let plain = readmodel::order_header(
-                &row.customer_name,
-                &row.address,
-                &row.phone,
-                row.order_date,
-                row.status.as_deref(),
-            );
-            let mut header: Document = plain.into_iter().map(|(k, v)| (k, literal(v))).collect();
-            header.insert("_v", literal(pos));
-            header.insert("_deleted", false);
-            // A new document starts with no lines; lines the order_details job wrote first are kept.
-            let empty =
-                doc! { "lines": literal(Vec::<bson::Bson>::new()), "totals": literal(readmodel::order_totals(&[])) };
-            vec![
-                write(
+            let mut writes = Vec::with_capacity(2);
+            if newer(pos) {
+                let mut header = readmodel::order_header(
+                    &row.customer_name,
+                    &row.address,
+                    &row.phone,
+                    row.order_date,
+                    row.status.as_deref(),
+                );
+                header.insert("_v", pos);
+                header.insert("_deleted", false);
+                // A new document starts with no lines; lines the order_details job wrote first are kept.
+                let empty = doc! { "lines": [], "totals": readmodel::order_totals(&[]) };
+                writes.push(write(
                     Collection::Orders,
                     doc! {
                         "q": { "_id": row.order_id },
-                        "u": [ { "$replaceWith": { "$cond": [
-                            newer(pos, "$_v"),
-                            { "$mergeObjects": [ empty, "$$ROOT", header ] },
-                            "$$ROOT",
-                        ] } } ],
+                        "u": { "$set": header, "$setOnInsert": empty },
                         "upsert": true,
                     },
-                ),
-                write(
-                    Collection::OrderDetails,
-                    doc! {
-                        "q": { "order_id": row.order_id, "_ov": { "$not": { "$gte": pos } } },
-                        "u": { "$set": { "order_status": row.status.as_deref(), "_ov": pos } },
-                        "multi": true,
-                    },
-                ),
-            ]
+                ));
+            }
+            writes.push(write(
+                Collection::OrderDetails,
+                doc! {
+                    "q": { "order_id": row.order_id, "_ov": { "$not": { "$gte": pos } } },
+                    "u": { "$set": { "order_status": row.status.as_deref(), "_ov": pos } },
+                    "multi": true,
+                },
+            ));
+            writes
         }
         Event::Delete { before, source } => {
             let pos = source.lsn as i64;
+            if !newer(pos) {
+                return Vec::new();
+            }
             // Lines stay until their own deletes (the cascade) arrive.
             vec![write(
                 Collection::Orders,
                 doc! {
                     "q": { "_id": before.order_id },
-                    "u": [ { "$replaceWith": { "$cond": [
-                        newer(pos, "$_v"),
-                        { "$mergeObjects": [ "$$ROOT", { "_deleted": true, "_v": pos } ] },
-                        "$$ROOT",
-                    ] } } ],
+                    "u": { "$set": { "_deleted": true, "_v": pos } },
                     "upsert": true,
                 },
             )]
@@ -95,7 +94,21 @@ impl Job for OrdersJob {
         row.order_id
     }
 
-    async fn project(&self, events: &[Event<Order>], _: &mut Reads<'_>) -> anyhow::Result<Vec<Write>> {
-        Ok(events.iter().flat_map(project).collect())
+    async fn project(&self, events: &[Event<Order>], reads: &mut Reads<'_>) -> anyhow::Result<Vec<Write>> {
+        let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_id)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let versions = reads.versions(Collection::Orders, &ids).await?;
+        // A TRUNCATE in the batch makes every document at least that new for the events after it.
+        let mut truncated = -1;
+        let mut writes = Vec::with_capacity(events.len() * 2);
+        for event in events {
+            if let Event::Truncate { source } = event {
+                truncated = truncated.max(source.lsn as i64);
+            }
+            let stored = event.row().and_then(|r| versions.get(&r.order_id)).copied().unwrap_or(-1);
+            writes.extend(project(event, stored.max(truncated)));
+        }
+        Ok(writes)
     }
 }
