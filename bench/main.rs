@@ -1,9 +1,10 @@
 //! `bench`: the project's measured numbers, each printed beside the raw limit of the same machine
 //! measured in the same run. Build in release first: `cargo build --release`, then
-//! `scripts/stack exec cargo run --release --bin bench -- first-load`.
+//! `scripts/stack exec cargo run --release --bin bench -- first-load` (or `-- stream`).
 
 mod first_load;
 mod measure;
+mod stream;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,10 @@ enum What {
     /// first_load on generated data (default 1,000,000 orders, ~3 lines each, 10,000 products) against
     /// PostgreSQL COPY and MongoDB insert_many of the same data.
     FirstLoad(first_load::Args),
+    /// The stream jobs: catch-up throughput (each job, and all three) over Debezium's events of the sample
+    /// workload (default 1,000,000), beside the raw Kafka read and MongoDB upsert rates; freshness at a
+    /// steady write rate; CPU and peak RSS per job.
+    Stream(stream::Args),
 }
 
 /// Where the services are.
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
     cdc_cqrs::cli::run(async move {
         match cli.what {
             What::FirstLoad(args) => first_load::run(args).await,
+            What::Stream(args) => stream::run(args).await,
         }
     })
 }

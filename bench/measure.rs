@@ -1,5 +1,5 @@
-//! Measuring what the benchmarks report: rates, a child process's wall time and peak memory, and the
-//! machine they ran on.
+//! Measuring what the benchmarks report: rates, a child process's wall time, CPU and peak memory, latency
+//! quantiles from a job's Prometheus histogram, and the machine they ran on.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,4 +78,169 @@ pub fn machine() -> String {
         .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024 / 1024);
     format!("{cores} cores ({model}), {mem_gb} GB")
+}
+
+/// CPU time and peak memory of a running process, from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessStats {
+    pub cpu_secs: f64,
+    pub peak_rss_kb: u64,
+}
+
+impl ProcessStats {
+    pub fn of(pid: u32) -> Result<ProcessStats> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
+        // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<f64>().ok()).sum();
+        // SAFETY: sysconf has no preconditions.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let peak_rss_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        Ok(ProcessStats { cpu_secs: ticks / per_sec, peak_rss_kb })
+    }
+}
+
+/// The value of an unlabelled-or-single-series gauge in a Prometheus text exposition.
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split(['{', ' ']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A Prometheus histogram read back: cumulative counts per upper bound (milliseconds), and the max.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    buckets: Vec<(f64, u64)>,
+    max_ms: f64,
+}
+
+impl Histogram {
+    /// `<name>_bucket{..,le="0.005"} 12` lines (seconds) and `<name>_max`.
+    pub fn parse(text: &str, name: &str) -> Result<Histogram> {
+        let prefix = format!("{name}_bucket{{");
+        let mut buckets = Vec::new();
+        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+            let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).context("a bucket without le")?;
+            let count: u64 = line.rsplit(' ').next().and_then(|c| c.parse().ok()).context("a bucket without count")?;
+            let le_ms = if le == "+Inf" { f64::INFINITY } else { le.parse::<f64>()? * 1e3 };
+            buckets.push((le_ms, count));
+        }
+        if buckets.is_empty() {
+            bail!("no histogram {name} in the metrics");
+        }
+        let max_ms = gauge(text, &format!("{name}_max")).unwrap_or(0.0) * 1e3;
+        Ok(Histogram { buckets, max_ms })
+    }
+
+    /// Adds another process's histogram of the same buckets.
+    pub fn add(&mut self, other: &Histogram) {
+        if self.buckets.is_empty() {
+            self.buckets = other.buckets.clone();
+        } else {
+            for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+                mine.1 += theirs.1;
+            }
+        }
+        self.max_ms = self.max_ms.max(other.max_ms);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.last().map_or(0, |b| b.1)
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.max_ms
+    }
+
+    /// The `q` quantile, linearly interpolated inside its bucket (as Prometheus' histogram_quantile), and
+    /// never above the max.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let rank = q * self.count() as f64;
+        let (mut lower, mut below) = (0.0, 0_u64);
+        for &(le, cumulative) in &self.buckets {
+            if cumulative as f64 >= rank && cumulative > below {
+                let upper = if le.is_finite() { le } else { self.max_ms };
+                let within = (rank - below as f64) / (cumulative - below) as f64;
+                return (lower + (upper - lower) * within).min(self.max_ms);
+            }
+            (lower, below) = (le, cumulative);
+        }
+        self.max_ms
+    }
+}
+
+/// Processes stopped with SIGSTOP until this is dropped (SIGCONT).
+pub struct Paused(Vec<i32>);
+
+impl Paused {
+    /// Stops every process whose command line contains `pattern`.
+    pub fn processes_named(pattern: &str) -> Paused {
+        let own = std::process::id() as i32;
+        let pids: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|&pid| pid != own)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(pattern))
+            })
+            .collect();
+        for &pid in &pids {
+            // SAFETY: kill only sends a signal.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Paused(pids)
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn pids(&self) -> &[i32] {
+        &self.0
+    }
+
+    pub fn resume(pids: &[i32]) {
+        for &pid in pids {
+            // SAFETY: kill only sends a signal.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        Paused::resume(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_in_the_bucket_and_stop_at_the_max() {
+        let text = "x_bucket{job=\"a\",le=\"0.01\"} 50\nx_bucket{job=\"a\",le=\"0.02\"} 90\n\
+                    x_bucket{job=\"a\",le=\"+Inf\"} 100\nx_max{job=\"a\"} 0.03\n";
+        let h = Histogram::parse(text, "x").unwrap();
+        assert_eq!(h.count(), 100);
+        assert!((h.quantile_ms(0.5) - 10.0).abs() < 1e-9);
+        assert!((h.quantile_ms(0.7) - 15.0).abs() < 1e-9);
+        assert!((h.quantile_ms(0.95) - 25.0).abs() < 1e-9);
+        assert_eq!(h.quantile_ms(1.0), 30.0);
+        let mut sum = h.clone();
+        sum.add(&h);
+        assert_eq!(sum.count(), 200);
+        assert!((sum.quantile_ms(0.5) - 10.0).abs() < 1e-9);
+    }
 }

@@ -1,0 +1,679 @@
+//! `bench stream`: the streaming path measured end to end on the local stack, in one run.
+//!
+//! 1. Events: the sample workload writes PostgreSQL until Debezium has put `--events` change records in
+//!    Kafka (kept between runs: topics, connector and database are all named `cdc_bench_stream`).
+//! 2. Catch-up: each job alone, then the three together, from the first offset into an empty MongoDB
+//!    database, timed until their MongoDB checkpoints reach the topic ends; CPU and peak RSS per job.
+//! 3. The limits beside it: one consumer reading the three topics raw, and as many bulk upserts by `_id`
+//!    as there are events, straight into MongoDB.
+//! 4. Freshness: the jobs caught up, the workload at `--rate` transactions per second; the jobs' own
+//!    histograms say how long each change took from its PostgreSQL commit, and from its Kafka record, to
+//!    the MongoDB commit that made it visible.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bson::{Document, doc};
+use cdc_cqrs::bootstrap::connector::{self, ConnectClient, Deployment};
+use cdc_cqrs::bootstrap::{setup, workload};
+use cdc_cqrs::config::{KafkaArgs, PgArgs};
+use cdc_cqrs::{kafka, postgres};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::ProgressBar;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::measure::{self, Histogram, ProcessStats, Rate};
+
+/// The PostgreSQL database, connector, slot, topic prefix and MongoDB database the benchmark owns.
+const NAME: &str = "cdc_bench_stream";
+const RAW_DATABASE: &str = "cdc_bench_raw";
+const TABLES: [&str; 3] = ["products", "orders", "order_details"];
+const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
+/// Records per change transaction of the default mix, about (an order with its lines, a delete with its
+/// tombstone and cascade...): sizes the change phase.
+const RECORDS_PER_CHANGE: f64 = 2.3;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Change records to have in Kafka over the three topics (tombstones count: the jobs read them too).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+
+    /// Write new events even if the topics already hold enough.
+    #[arg(long)]
+    fresh: bool,
+
+    /// Transactions per second of the freshness run.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+
+    /// Seconds of the freshness run (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    freshness_secs: u64,
+
+    /// Only the three jobs together (no single-job catch-up runs).
+    #[arg(long)]
+    together_only: bool,
+
+    /// Flags passed on to every job (e.g. "--batch-size 10000").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    job_flags: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "CDC_KAFKA_BROKERS", default_value = "127.0.0.1:59092")]
+    brokers: String,
+
+    /// Kafka Connect REST URL.
+    #[arg(long, env = "CDC_CONNECT_URL", default_value = "http://127.0.0.1:58083")]
+    connect_url: String,
+
+    #[command(flatten)]
+    endpoints: crate::Endpoints,
+}
+
+/// Partition -> end offset, per topic.
+type Ends = HashMap<String, HashMap<i32, i64>>;
+
+pub async fn run(args: Args) -> Result<()> {
+    let pg = PgArgs { url: args.endpoints.pg_url.clone(), database: NAME.into() };
+    let kafka_args = KafkaArgs { brokers: args.brokers.clone(), topic_prefix: NAME.into() };
+    let topics: Vec<String> = TABLES.iter().map(|t| kafka_args.table_topic(t)).collect();
+    let mut ends = topic_ends(&args.brokers, &topics)?;
+    if args.fresh || records(&ends) < args.events {
+        write_events(&args, &pg, &topics).await?;
+        ends = topic_ends(&args.brokers, &topics)?;
+    } else {
+        eprintln!(
+            "bench: reusing the {} records already in the {NAME}.* topics (--fresh writes new ones)",
+            records(&ends)
+        );
+    }
+    let per_topic: Vec<u64> =
+        topics.iter().map(|t| ends.get(t).map_or(0, |e| e.values().sum::<i64>() as u64)).collect();
+    let total = records(&ends);
+    let mongo = mongodb::Client::with_uri_str(&args.endpoints.mongo_uri).await?;
+    let jobs = Jobs { args: &args, mongo: &mongo };
+
+    // Kafka Connect is not part of a catch-up, and idle it polls this broker for about a core: paused
+    // (SIGSTOP) until the freshness run, which needs it.
+    let paused = measure::Paused::processes_named("org.apache.kafka.connect.cli.ConnectDistributed");
+    let pids = paused.pids().to_vec();
+    tokio::spawn(async move {
+        // Interrupted: never leave Connect stopped.
+        let _ = tokio::signal::ctrl_c().await;
+        measure::Paused::resume(&pids);
+        std::process::exit(130);
+    });
+    let mut catch_up = Vec::new();
+    if !args.together_only {
+        for (i, job) in JOBS.iter().enumerate() {
+            eprintln!("bench: catch-up, {job} alone ({} records)", per_topic[i]);
+            catch_up.push((job.to_string(), per_topic[i], jobs.catch_up(&[i], &ends, "alone").await?));
+        }
+    }
+    eprintln!("bench: catch-up, the three jobs together ({total} records)");
+    let together = jobs.catch_up(&[0, 1, 2], &ends, "together").await?;
+    catch_up.push(("all three together".into(), total, together.clone()));
+
+    eprintln!("bench: limit, one consumer reading the three topics");
+    let (kafka_limit, kafka_bytes) = read_raw(&args.brokers, &topics, &ends)?;
+    eprintln!("bench: limit, {total} bulk upserts by _id into MongoDB");
+    let mongo_limit = upsert_raw(&mongo, total).await?;
+
+    let connect_paused = paused.count();
+    drop(paused);
+    let freshness = if args.freshness_secs > 0 {
+        eprintln!("bench: freshness, {} tx/s for {} s with the jobs caught up", args.rate, args.freshness_secs);
+        Some(jobs.freshness(&pg, &topics, &together.group).await?)
+    } else {
+        None
+    };
+    mongo.shutdown().await;
+
+    let limit = kafka_limit.per_sec().min(mongo_limit.per_sec());
+    let broker = std::env::var("CDC_BROKER").unwrap_or_else(|_| "the stack's broker".into());
+    println!();
+    println!(
+        "bench stream: {total} change records (products {}, orders {}, order_details {}), Debezium 3.1 -> {broker}; {}",
+        per_topic[0],
+        per_topic[1],
+        per_topic[2],
+        measure::machine()
+    );
+    println!("  catch-up (from the first offset into empty collections; steady = after the first batch):");
+    println!(
+        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8}",
+        "", "records", "s", "records/s", "steady/s", "CPU s", "CPU %", "peak RSS", "of limit"
+    );
+    for (name, records, run) in &catch_up {
+        let rate = Rate::new(*records, run.elapsed);
+        println!(
+            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}%",
+            name,
+            records,
+            rate.secs(),
+            rate.per_sec(),
+            run.steady_rate(*records),
+            run.cpu_secs(),
+            100.0 * run.cpu_secs() / rate.secs(),
+            run.peak_rss_mb(),
+            100.0 * rate.per_sec() / limit,
+        );
+    }
+    println!(
+        "  limit: Kafka read        {:>7.1} s {:>10.0} records/s  (one consumer, the three topics, {} MB)",
+        kafka_limit.secs(),
+        kafka_limit.per_sec(),
+        kafka_bytes / 1_000_000
+    );
+    println!(
+        "  limit: MongoDB upserts   {:>7.1} s {:>10.0} upserts/s  (by _id, 10,000 per update command, 4 in flight)",
+        mongo_limit.secs(),
+        mongo_limit.per_sec()
+    );
+    println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0}");
+    if connect_paused > 0 {
+        println!("  (Kafka Connect paused during catch-up and limits: idle, it polls the broker for about a core)");
+    }
+    if let Some(f) = freshness {
+        println!(
+            "  freshness: {} changes applied while insert_sample_data ran {:.0} tx/s for {} s (the three jobs):",
+            f.source.count(),
+            f.tx_per_sec,
+            args.freshness_secs
+        );
+        println!("    {:<40} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max");
+        for (name, h) in [
+            ("PostgreSQL commit -> visible in MongoDB", &f.source),
+            ("  of which in the jobs (Kafka record ->)", &f.in_job),
+        ] {
+            println!(
+                "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
+                name,
+                h.quantile_ms(0.50),
+                h.quantile_ms(0.95),
+                h.quantile_ms(0.99),
+                h.max_ms()
+            );
+        }
+        for (job, stats) in JOBS.iter().zip(&f.stats) {
+            println!(
+                "    {job:<22} CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB",
+                stats.cpu_secs,
+                100.0 * stats.cpu_secs / args.freshness_secs as f64,
+                stats.peak_rss_kb / 1024
+            );
+        }
+        println!("    (quantiles interpolated in the jobs' histogram buckets; max exact)");
+    }
+    Ok(())
+}
+
+fn records(ends: &Ends) -> u64 {
+    ends.values().flat_map(|e| e.values()).map(|&n| n.max(0) as u64).sum()
+}
+
+/// End offsets of every partition of `topics` (a missing topic has none).
+fn topic_ends(brokers: &str, topics: &[String]) -> Result<Ends> {
+    let consumer: BaseConsumer = raw_consumer(brokers)?;
+    let mut ends = Ends::new();
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+        let mut by_partition = HashMap::new();
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            by_partition.insert(p, high);
+        }
+        ends.insert(topic.clone(), by_partition);
+    }
+    Ok(ends)
+}
+
+fn raw_consumer(brokers: &str) -> Result<BaseConsumer> {
+    let args = KafkaArgs { brokers: brokers.into(), topic_prefix: NAME.into() };
+    let group = format!("{NAME}-raw-{}", std::process::id());
+    Ok(kafka::consumer_config(&args, &group).create()?)
+}
+
+/// Starts over: a new database captured by a new connector, then the sample workload (a catalogue, orders
+/// with their lines, then the default mix of changes) until Debezium has written `args.events` records.
+async fn write_events(args: &Args, pg: &PgArgs, topics: &[String]) -> Result<()> {
+    let password = std::env::var("DEBEZIUM_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .context("set DEBEZIUM_PASSWORD (scripts/stack exec sets it): the benchmark captures its own database")?;
+    eprintln!("bench: writing {} change events (database, connector, slot and topics {NAME})", args.events);
+    let connect = ConnectClient::new(&args.connect_url)?;
+    let _ = connect.delete(NAME).await;
+    delete_topics(&args.brokers, topics).await;
+    let server = PgArgs { url: pg.url.clone(), database: "postgres".into() };
+    let mut admin = postgres::connect(&server, "postgres").await?;
+    // The slot goes once Connect has let go of it.
+    for _ in 0..60 {
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+        )
+        .bind(NAME)
+        .execute(&mut admin)
+        .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)")
+                .bind(NAME)
+                .fetch_one(&mut admin)
+                .await?;
+        if !exists {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await?;
+    setup::setup(pg, &password).await?;
+
+    let server_opts = postgres::options(pg, NAME)?;
+    let deployment = Deployment {
+        pg_host: server_opts.get_host().to_owned(),
+        pg_port: server_opts.get_port(),
+        database: NAME.into(),
+        user: setup::CAPTURE_ROLE.into(),
+        password,
+        topic_prefix: NAME.into(),
+        slot: NAME.into(),
+        snapshot_mode: "no_data".into(),
+    };
+    connect.put_config(NAME, &connector::render(connector::CONFIG_TEMPLATE, &deployment)?).await?;
+    connect.wait_running(NAME, Duration::from_secs(180)).await?;
+    for _ in 0..240 {
+        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(NAME)
+            .fetch_optional(&mut admin)
+            .await?;
+        if active == Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let pool = postgres::pool(pg, NAME, 9).await?;
+    let orders = args.events * 2 / 5 / 4; // ~40% of the records from the orders phase (an order and ~3 lines)
+    let mut plan = workload::Workload {
+        products: 10_000.min(args.events / 20).max(10),
+        orders,
+        orders_per_tx: 10,
+        changes: Some(0),
+        duration: None,
+        rate: None,
+        seed: 7,
+        mix: workload::Mix::default(),
+        connections: 8,
+    };
+    let mut seed = plan.seed;
+    loop {
+        let bar = ProgressBar::new(plan.orders + plan.changes.unwrap_or(0));
+        workload::run(&pool, &plan, &bar).await?;
+        bar.finish_and_clear();
+        let written = wait_drained(&args.brokers, topics).await?;
+        eprintln!("bench: {written} records in Kafka");
+        if written >= args.events {
+            return Ok(());
+        }
+        seed += 1;
+        plan = workload::Workload {
+            products: 0,
+            orders: 0,
+            changes: Some(((args.events - written) as f64 / RECORDS_PER_CHANGE) as u64 + 100),
+            seed,
+            ..plan
+        };
+    }
+}
+
+/// Waits until Debezium has caught up with the workload: the topics' ends stay put for 5 s. Returns the
+/// records they hold.
+async fn wait_drained(brokers: &str, topics: &[String]) -> Result<u64> {
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = records(&topic_ends(brokers, topics)?);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(5) {
+            return Ok(now);
+        }
+    }
+}
+
+async fn delete_topics(brokers: &str, topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let Ok(admin) =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+}
+
+/// A run of some jobs: how long until they were done, and what they used.
+#[derive(Clone)]
+struct JobRun {
+    elapsed: Duration,
+    /// When the first batch of every job had committed.
+    first_batch: Option<(Duration, u64)>,
+    stats: Vec<ProcessStats>,
+    group: String,
+}
+
+impl JobRun {
+    /// Records per second after the first batch (startup, group join and connection setup left out).
+    fn steady_rate(&self, records: u64) -> f64 {
+        match self.first_batch {
+            Some((at, done)) if self.elapsed > at => (records - done) as f64 / (self.elapsed - at).as_secs_f64(),
+            _ => Rate::new(records, self.elapsed).per_sec(),
+        }
+    }
+    fn cpu_secs(&self) -> f64 {
+        self.stats.iter().map(|s| s.cpu_secs).sum()
+    }
+    fn peak_rss_mb(&self) -> u64 {
+        self.stats.iter().map(|s| s.peak_rss_kb).max().unwrap_or(0) / 1024
+    }
+}
+
+/// The freshness run's results.
+struct Freshness {
+    source: Histogram,
+    in_job: Histogram,
+    tx_per_sec: f64,
+    stats: Vec<ProcessStats>,
+}
+
+/// Running the project's job binaries against the benchmark's topics.
+struct Jobs<'a> {
+    args: &'a Args,
+    mongo: &'a mongodb::Client,
+}
+
+/// Job processes, stopped with SIGTERM when dropped.
+struct Running {
+    children: Vec<Child>,
+    metrics_ports: Vec<u16>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        for child in &mut self.children {
+            // SAFETY: kill only sends a signal to a process id we own.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Jobs<'_> {
+    /// Starts the jobs `which` (indexes into [`JOBS`]) in consumer group `group`.
+    fn start(&self, which: &[usize], group: &str) -> Result<Running> {
+        let mut running = Running { children: Vec::new(), metrics_ports: Vec::new() };
+        for &i in which {
+            let port = free_port()?;
+            let group = format!("{group}-{}", TABLES[i]);
+            let child = Command::new(measure::sibling_binary(JOBS[i])?)
+                .env("CDC_KAFKA_BROKERS", &self.args.brokers)
+                .env("CDC_TOPIC_PREFIX", NAME)
+                .env("CDC_MONGO_URI", &self.args.endpoints.mongo_uri)
+                .env("CDC_MONGO_DATABASE", NAME)
+                .env("CDC_GROUP_ID", &group)
+                .env("CDC_INSTANCE_ID", &group)
+                .env("CDC_METRICS_ADDR", format!("127.0.0.1:{port}"))
+                .env("RUST_LOG", "warn")
+                .args(self.args.job_flags.split_whitespace())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", JOBS[i]))?;
+            running.children.push(child);
+            running.metrics_ports.push(port);
+        }
+        Ok(running)
+    }
+
+    /// Runs the jobs `which` from the first offset into an empty database until their checkpoints reach
+    /// `ends`, then stops them (their consumer group is in the result).
+    async fn catch_up(&self, which: &[usize], ends: &Ends, label: &str) -> Result<JobRun> {
+        let db = self.mongo.database(NAME);
+        db.drop().await?;
+        let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
+        let started = Instant::now();
+        let mut running = self.start(which, &group)?;
+        let topics: Vec<String> = which.iter().map(|&i| format!("{NAME}.public.{}", TABLES[i])).collect();
+        let mut first_batch = None;
+        let timeout = Duration::from_secs(3600);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let progress = checkpoints(&db, &group).await?;
+            let applied: u64 = progress.values().flat_map(|p| p.values()).map(|&n| n as u64).sum();
+            let started_all = topics.iter().all(|t| progress.contains_key(t));
+            if first_batch.is_none() && started_all {
+                first_batch = Some((started.elapsed(), applied));
+            }
+            let done = topics.iter().all(|t| {
+                ends[t].iter().all(|(p, &end)| progress.get(t).and_then(|c| c.get(p)).is_some_and(|&at| at >= end))
+            });
+            if done {
+                break;
+            }
+            if started.elapsed() > timeout {
+                bail!("the jobs did not catch up within {timeout:?} ({applied} records applied)");
+            }
+            for child in &mut running.children {
+                if let Some(status) = child.try_wait()? {
+                    bail!("a job exited early ({status})");
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
+        running.stop();
+        Ok(JobRun { elapsed, first_batch, stats, group })
+    }
+
+    /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
+    /// runs the workload at the configured rate and reads the jobs' freshness histograms once they have
+    /// applied all of it.
+    async fn freshness(&self, pg: &PgArgs, topics: &[String], group: &str) -> Result<Freshness> {
+        let db = self.mongo.database(NAME);
+        let mut running = self.start(&[0, 1, 2], group)?;
+        let http = reqwest::Client::new();
+        for &port in &running.metrics_ports {
+            // Every job holds its partition, so no change waits for a group join.
+            loop {
+                let text = scrape(&http, port).await.unwrap_or_default();
+                if measure::gauge(&text, "cdc_assigned_partitions").is_some_and(|n| n > 0.0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before: Vec<ProcessStats> =
+            running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
+        let pool = postgres::pool(pg, NAME, 5).await?;
+        let plan = workload::Workload {
+            products: 0,
+            orders: 0,
+            orders_per_tx: 1,
+            changes: None,
+            duration: Some(Duration::from_secs(self.args.freshness_secs)),
+            rate: Some(self.args.rate),
+            seed: now_nanos() as u64,
+            mix: workload::Mix::default(),
+            connections: 4,
+        };
+        let summary = workload::run(&pool, &plan, &ProgressBar::hidden()).await?;
+        let ends = {
+            wait_drained(&self.args.brokers, topics).await?;
+            topic_ends(&self.args.brokers, topics)?
+        };
+        wait_applied(&db, group, &ends, &mut running).await?;
+        let mut source = Histogram::default();
+        let mut in_job = Histogram::default();
+        for &port in &running.metrics_ports {
+            let text = scrape(&http, port).await?;
+            source.add(&Histogram::parse(&text, "cdc_freshness_seconds")?);
+            in_job.add(&Histogram::parse(&text, "cdc_in_job_seconds")?);
+        }
+        let after: Vec<ProcessStats> =
+            running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
+        let stats = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| ProcessStats { cpu_secs: a.cpu_secs - b.cpu_secs, peak_rss_kb: a.peak_rss_kb })
+            .collect();
+        running.stop();
+        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats })
+    }
+}
+
+/// Waits until the group's checkpoints reach `ends` (the jobs must still run).
+async fn wait_applied(db: &mongodb::Database, group: &str, ends: &Ends, running: &mut Running) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let progress = checkpoints(db, group).await?;
+        let done = ends.iter().all(|(t, parts)| {
+            parts
+                .iter()
+                .all(|(p, &end)| end == 0 || progress.get(t).and_then(|c| c.get(p)).is_some_and(|&at| at >= end))
+        });
+        if done {
+            return Ok(());
+        }
+        for child in &mut running.children {
+            if let Some(status) = child.try_wait()? {
+                bail!("a job exited early ({status})");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("the jobs did not catch up within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The checkpoints of every job whose group starts with `group`: topic -> partition -> next offset.
+async fn checkpoints(db: &mongodb::Database, group: &str) -> Result<HashMap<String, HashMap<i32, i64>>> {
+    let filter = doc! { "group": { "$regex": format!("^{}", regex_escape(group)) } };
+    let docs: Vec<Document> = db.collection::<Document>("_checkpoints").find(filter).await?.try_collect().await?;
+    let mut out: HashMap<String, HashMap<i32, i64>> = HashMap::new();
+    for d in docs {
+        out.entry(d.get_str("topic")?.to_owned())
+            .or_default()
+            .insert(d.get_i32("partition")?, d.get_i64("next_offset")?);
+    }
+    Ok(out)
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_ascii_alphanumeric() || c == '_' { vec![c] } else { vec!['\\', c] }).collect()
+}
+
+async fn scrape(http: &reqwest::Client, port: u16) -> Result<String> {
+    Ok(http.get(format!("http://127.0.0.1:{port}/metrics")).send().await?.error_for_status()?.text().await?)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// Reads every record of `topics` up to `ends` with one consumer (the jobs' client settings, partitions
+/// assigned, nothing decoded); also returns the bytes of the values read.
+fn read_raw(brokers: &str, topics: &[String], ends: &Ends) -> Result<(Rate, u64)> {
+    let consumer = raw_consumer(brokers)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    for topic in topics {
+        for (&p, &end) in &ends[topic] {
+            if end > 0 {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+                remaining += 1;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let (mut read, mut bytes) = (0_u64, 0_u64);
+    while remaining > 0 {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                read += 1;
+                bytes += m.payload().map_or(0, |p| p.len() as u64);
+                if m.offset() + 1 == ends[m.topic()][&m.partition()] {
+                    remaining -= 1;
+                }
+            }
+            Some(Err(e)) => bail!("reading the topics: {e}"),
+            None => bail!("no record for 10 s with {remaining} partitions not read to their end"),
+        }
+    }
+    Ok((Rate::new(read, started.elapsed()), bytes))
+}
+
+/// `count` upserts by `_id` of documents the size of an order line's (an `update` statement per event,
+/// like the jobs write, but no transaction, no guard, unordered, 10,000 per command, 4 commands in flight).
+/// Keys repeat, so some are inserts and most replace an existing document, as in a change stream.
+async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<Rate> {
+    const PER_COMMAND: u64 = 10_000;
+    let db = mongo.database(RAW_DATABASE);
+    db.drop().await?;
+    let keys = (count / 3).max(1);
+    let started = Instant::now();
+    futures::stream::iter((0..count).step_by(PER_COMMAND as usize))
+        .map(|start| {
+            let updates: Vec<Document> = (start..(start + PER_COMMAND).min(count))
+                .map(|i| {
+                    let id = (i * 7_919) % keys;
+                    doc! {
+                        "q": { "_id": id as i64 },
+                        "u": { "$set": {
+                            "order_id": (id / 3) as i64, "product_id": (i % 10_000) as i64,
+                            "product_name": "Ergonomic Steel Chair", "unit_price": "498.80", "quantity": 3,
+                            "discount": "0.050", "order_status": "pending", "_v": i as i64,
+                        } },
+                        "upsert": true,
+                    }
+                })
+                .collect();
+            let db = db.clone();
+            async move {
+                let reply = db.run_command(doc! { "update": "upserts", "updates": updates, "ordered": false }).await?;
+                if reply.get_array("writeErrors").is_ok_and(|e| !e.is_empty()) {
+                    bail!("the raw upserts failed: {reply}");
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(4)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let rate = Rate::new(count, started.elapsed());
+    db.drop().await?;
+    Ok(rate)
+}
