@@ -25,6 +25,9 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("fetch.wait.max.ms", "100")
         // Prefetch enough for a few full batches, not librdkafka's 64 MB per partition (a job's RSS).
         .set("queued.max.messages.kbytes", "16384")
+        // noida-db ignores fetch.max.bytes: a fetch from far behind answers with everything up to the
+        // partition end (169 MB for 260,000 records). A broker that honours it never sends more than it.
+        .set("receive.message.max.bytes", "1073741824")
         // A job may start before Debezium has created its topic (it does so with the first change): look
         // for it every few seconds, not every 5 minutes (librdkafka's default).
         .set("topic.metadata.refresh.interval.ms", "5000");

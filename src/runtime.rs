@@ -140,6 +140,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let mut last_lag_check = Instant::now() - Duration::from_secs(60);
     let mut last_pause_note: Option<Instant> = None;
     let mut last_epoch_check = Instant::now();
+    let mut chunk = args.batch_size;
     loop {
         if *shutdown.borrow() {
             break;
@@ -177,6 +178,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             continue;
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        // (partition, offset, event), in the batch's order.
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut newest_source_ms = None;
@@ -195,7 +197,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
                         times.push((source.ts_ms, m.timestamp().to_millis()));
                     }
-                    events.push(event);
+                    events.push((m.partition(), m.offset(), event));
                 }
                 Err(reason) => dead.push((m, reason.to_string())),
             }
@@ -210,18 +212,50 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             .await?;
             metrics.dead_lettered.inc(1);
         }
-        let reduced = reduce::<J>(events);
-        let batch_checkpoints: Vec<Checkpoint> = next
-            .iter()
-            .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
-            .collect();
-        let applied = retry("writing the batch to MongoDB", &shutdown, || {
-            sink.apply(&job, &reduced, &group, &batch_checkpoints, epoch)
-        })
-        .await?;
-        let written = match applied {
-            Applied::Written(n) => n,
-            Applied::Paused(phase) => {
+        let (positions, reduced): (Vec<(i32, i64)>, Vec<Event<J::Row>>) =
+            reduce::<J>(events).into_iter().map(|(p, o, e)| ((p, o), e)).unzip();
+        // Written in transactions of up to `chunk` events (all of them, unless MongoDB found a transaction
+        // too large or too long: then halves), each with the checkpoints of what it covers.
+        let (mut start, mut written, mut stopped) = (0, 0, None);
+        loop {
+            let end = (start + chunk).min(reduced.len());
+            let covered = if end == reduced.len() { next.clone() } else { prefix_checkpoints(&positions[..end]) };
+            let batch_checkpoints: Vec<Checkpoint> = covered
+                .iter()
+                .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
+                .collect();
+            let attempt = Instant::now();
+            let applied = retry("writing the batch to MongoDB", &shutdown, || {
+                sink.apply(&job, &reduced[start..end], &group, &batch_checkpoints, epoch)
+            })
+            .await?;
+            match applied {
+                Applied::Written(n) => written += n,
+                Applied::TooLarge => {
+                    chunk = ((end - start) / 2).max(1);
+                    tracing::warn!(job = J::TABLE, events = chunk, "writing the batch in smaller transactions");
+                    if end - start == 1 {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    continue;
+                }
+                other => {
+                    stopped = Some(other);
+                    break;
+                }
+            }
+            // Grow back slowly after a split, and never towards transactions of seconds.
+            if attempt.elapsed() < Duration::from_secs(2) {
+                chunk = (chunk + chunk / 4 + 1).min(args.batch_size);
+            }
+            if end == reduced.len() {
+                break;
+            }
+            start = end;
+        }
+        match stopped {
+            None => {}
+            Some(Applied::Paused(phase)) => {
                 if last_pause_note.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(
                         job = J::TABLE,
@@ -235,12 +269,12 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            Applied::Reset => {
+            Some(_) => {
                 tracing::info!(job = J::TABLE, "first_load started a new epoch; re-reading checkpoints");
                 reload = true;
                 continue;
             }
-        };
+        }
         last_pause_note = None;
         metrics.written.inc(written as u64);
 
@@ -409,22 +443,20 @@ fn seek(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> rdkafka:
     tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(5)))
 }
 
-/// The last event of each key in the batch (and those the job must keep); truncates are all kept. Version guards make the order of
-/// writes across keys irrelevant; within a key the last image is the row's state.
-fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
+/// The last event of each key in the batch (and those the job must keep), with their positions;
+/// truncates are all kept. Version guards make the order of writes across keys irrelevant; within a key
+/// the last image is the row's state.
+fn reduce<J: Job>(events: Vec<(i32, i64, Event<J::Row>)>) -> Vec<(i32, i64, Event<J::Row>)> {
     let mut last: HashMap<i32, usize> = HashMap::new();
-    for (i, e) in events.iter().enumerate() {
-        match e {
-            Event::Upsert { row, .. } | Event::Delete { before: row, .. } => {
-                last.insert(J::key(row), i);
-            }
-            Event::Truncate { .. } | Event::Tombstone => {}
+    for (i, (_, _, e)) in events.iter().enumerate() {
+        if let Some(row) = e.row() {
+            last.insert(J::key(row), i);
         }
     }
     events
         .into_iter()
         .enumerate()
-        .filter(|(i, e)| match e {
+        .filter(|(i, (_, _, e))| match e {
             Event::Upsert { row, .. } | Event::Delete { before: row, .. } => {
                 last[&J::key(row)] == *i || J::must_keep(e)
             }
@@ -433,6 +465,17 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
         })
         .map(|(_, e)| e)
         .collect()
+}
+
+/// The checkpoints that the first events of a batch cover: per partition, past the last of them.
+/// (Events the reduction dropped in that stretch are superseded by later ones of the same key.)
+fn prefix_checkpoints(positions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+    let mut covered = BTreeMap::new();
+    for &(partition, offset) in positions {
+        let end = covered.entry(partition).or_insert(0);
+        *end = (*end).max(offset + 1);
+    }
+    covered
 }
 
 async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, reason: &str) -> Result<()> {

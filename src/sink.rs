@@ -34,6 +34,9 @@ pub enum Applied {
     Paused(Phase),
     /// Nothing written: a new first_load epoch; checkpoints must be re-read.
     Reset,
+    /// Nothing written: the transaction outgrew MongoDB's limits (its lifetime, 60 s by default, or its
+    /// size); the same events in smaller batches will go through.
+    TooLarge,
 }
 
 /// How far a job has applied one partition: the next offset to read.
@@ -120,6 +123,7 @@ impl MongoSink {
             .collect();
         let mut session = self.client.start_session().await.context("starting a MongoDB session")?;
         loop {
+            let attempt = std::time::Instant::now();
             session.start_transaction().await?;
             let result = async {
                 let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
@@ -160,6 +164,12 @@ impl MongoSink {
                 }
                 Err(e) => {
                     let _ = session.abort_transaction().await;
+                    // The server killed a transaction that ran too long (it then reports the transaction as
+                    // gone, a transient error) or grew too large: smaller batches, not the same again.
+                    if is_too_large(&e) || (is_transient(&e) && attempt.elapsed() > TOO_LONG) {
+                        tracing::warn!(job = J::TABLE, events = events.len(), error = %format!("{e:#}"), "batch too large for one transaction");
+                        return Ok(Applied::TooLarge);
+                    }
                     // A write conflict with another job's transaction on the same document: redo it.
                     if is_transient(&e) {
                         tracing::debug!(job = J::TABLE, "write conflict with another job; redoing the batch");
@@ -226,6 +236,16 @@ impl Reads<'_> {
         self.find(collection, ids, None).await
     }
 
+    /// [`Reads::by_ids`], only the fields of `projection` (e.g. `{name: 1}`).
+    pub async fn fields(
+        &mut self,
+        collection: Collection,
+        ids: &[i32],
+        projection: Document,
+    ) -> Result<HashMap<i32, Document>> {
+        self.find(collection, ids, Some(projection)).await
+    }
+
     /// The version (`_v`) of the documents of `collection` with these `_id`s that have one.
     pub async fn versions(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, i64>> {
         let found = self.find(collection, ids, Some(doc! { "_v": 1 })).await?;
@@ -271,6 +291,18 @@ pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -
             .with_context(|| format!("creating the indexes of {name}"))?;
     }
     Ok(())
+}
+
+/// A transaction that failed after this long is split rather than retried (MongoDB's default lifetime
+/// limit is 60 s).
+const TOO_LONG: Duration = Duration::from_secs(30);
+
+/// Whether MongoDB refused a transaction for its length or size (TransactionTooLarge,
+/// TransactionExceededLifetimeLimitSeconds, BSONObjectTooLarge).
+fn is_too_large(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
+        .any(|me| matches!(&*me.kind, mongodb::error::ErrorKind::Command(c) if [257, 290, 10334].contains(&c.code)))
 }
 
 /// Whether a transaction failed in a way MongoDB says to retry (a write conflict, an election).

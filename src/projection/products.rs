@@ -3,18 +3,28 @@
 
 use bson::{Document, doc};
 
-use super::{Collection, Write, decimal, guarded_replace, literal, tombstone, truncate_all};
+use super::{Collection, Write, decimal, decimal_of, guarded_replace, literal, tombstone, truncate_all};
 use crate::envelope::{Event, Toasted};
 use crate::readmodel;
 use crate::rows::Product;
 
-/// The writes for one product change (`event` already reduced: the last of its key in the batch).
-pub fn project(event: &Event<Product>) -> Vec<Write> {
+/// The writes for one product change (`event` already reduced: the last of its key in the batch), given
+/// the product's document as the transaction sees it (its name and price): the copies embedded in orders
+/// and order_details are only updated when the name or the price differ from it (a stock change, most
+/// product changes, touches no order).
+pub fn project(event: &Event<Product>, stored: Option<&Document>) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
     match event {
         Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
             let mut writes = vec![write(Collection::Products, guarded_replace(id, pos, document(row, pos)))];
+            let embedded_as_stored = stored.is_some_and(|d| {
+                d.get_str("name").is_ok_and(|name| name == row.name)
+                    && d.get("price").and_then(decimal_of) == Some(row.price)
+            });
+            if embedded_as_stored {
+                return writes;
+            }
             let product_ref = doc! { "name": &row.name, "price": decimal(row.price), "_v": pos };
             writes.push(write(
                 Collection::Orders,
@@ -76,7 +86,25 @@ impl crate::runtime::Job for ProductsJob {
         row.product_id
     }
 
-    async fn project(&self, events: &[Event<Product>], _: &mut crate::sink::Reads<'_>) -> anyhow::Result<Vec<Write>> {
-        Ok(events.iter().flat_map(project).collect())
+    async fn project(
+        &self,
+        events: &[Event<Product>],
+        reads: &mut crate::sink::Reads<'_>,
+    ) -> anyhow::Result<Vec<Write>> {
+        let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let stored = reads.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1 }).await?;
+        // Within the batch, what an earlier event of the same product (a kept one) leaves behind.
+        let mut stored = stored;
+        let mut writes = Vec::with_capacity(events.len() * 3);
+        for event in events {
+            let id = event.row().map(|r| r.product_id);
+            writes.extend(project(event, id.and_then(|id| stored.get(&id))));
+            if let (Some(id), Event::Upsert { row, .. }) = (id, event) {
+                stored.insert(id, doc! { "name": &row.name, "price": decimal(row.price) });
+            }
+        }
+        Ok(writes)
     }
 }
