@@ -202,10 +202,6 @@ impl Paused {
         Paused(pids)
     }
 
-    pub fn count(&self) -> usize {
-        self.0.len()
-    }
-
     pub fn pids(&self) -> &[i32] {
         &self.0
     }

@@ -108,6 +108,7 @@ pub struct Metrics {
     pub written: Counter,
     pub dead_lettered: Counter,
     pub batches: Counter,
+    pub conflicts: Counter,
     pub batch_seconds: Summary,
     pub lag_records: Gauge,
     pub lag_ms: Gauge,
@@ -127,6 +128,7 @@ impl Metrics {
             written: Counter::default(),
             dead_lettered: Counter::default(),
             batches: Counter::default(),
+            conflicts: Counter::default(),
             batch_seconds: Summary::default(),
             lag_records: Gauge::default(),
             lag_ms: Gauge::default(),
@@ -158,6 +160,12 @@ impl Metrics {
             self.dead_lettered.get().to_string(),
         );
         line("cdc_batches_total", "counter", "Batches committed.", self.batches.get().to_string());
+        line(
+            "cdc_conflicts_total",
+            "counter",
+            "Transactions aborted by a write conflict with another job (redone smaller).",
+            self.conflicts.get().to_string(),
+        );
         line(
             "cdc_batch_seconds_sum",
             "counter",

@@ -214,8 +214,9 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
         }
         let (positions, reduced): (Vec<(i32, i64)>, Vec<Event<J::Row>>) =
             reduce::<J>(events).into_iter().map(|(p, o, e)| ((p, o), e)).unzip();
-        // Written in transactions of up to `chunk` events (all of them, unless MongoDB found a transaction
-        // too large or too long: then halves), each with the checkpoints of what it covers.
+        // Written in transactions of up to `chunk` events, each with the checkpoints of what it covers: all
+        // of them at once, unless a transaction conflicted with another job's or MongoDB found it too large
+        // or too long; then halves, growing back after quick successes.
         let (mut start, mut written, mut stopped) = (0, 0, None);
         loop {
             let end = (start + chunk).min(reduced.len());
@@ -231,6 +232,11 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             .await?;
             match applied {
                 Applied::Written(n) => written += n,
+                Applied::Conflict => {
+                    metrics.conflicts.inc(1);
+                    chunk = ((end - start) / 2).max(1);
+                    continue;
+                }
                 Applied::TooLarge => {
                     chunk = ((end - start) / 2).max(1);
                     tracing::warn!(job = J::TABLE, events = chunk, "writing the batch in smaller transactions");

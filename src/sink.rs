@@ -37,6 +37,9 @@ pub enum Applied {
     /// Nothing written: the transaction outgrew MongoDB's limits (its lifetime, 60 s by default, or its
     /// size); the same events in smaller batches will go through.
     TooLarge,
+    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime in smaller
+    /// transactions, which conflict less (a single event is retried here until it goes through).
+    Conflict,
 }
 
 /// How far a job has applied one partition: the next offset to read.
@@ -172,7 +175,10 @@ impl MongoSink {
                     }
                     // A write conflict with another job's transaction on the same document: redo it.
                     if is_transient(&e) {
-                        tracing::debug!(job = J::TABLE, "write conflict with another job; redoing the batch");
+                        tracing::debug!(job = J::TABLE, events = events.len(), "write conflict with another job");
+                        if events.len() > 1 {
+                            return Ok(Applied::Conflict);
+                        }
                         continue;
                     }
                     return Err(e);
