@@ -212,7 +212,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
             .await?;
             metrics.dead_lettered.inc(1);
         }
-        let (positions, reduced): (Vec<(i32, i64)>, Vec<Event<J::Row>>) =
+        let (positions, reduced): (Vec<Position>, Vec<_>) =
             reduce::<J>(events).into_iter().map(|(p, o, e)| ((p, o), e)).unzip();
         // Written in transactions of up to `chunk` events, each with the checkpoints of what it covers: all
         // of them at once, unless a transaction conflicted with another job's or MongoDB found it too large
@@ -312,6 +312,9 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     tracing::info!(job = J::TABLE, "stopped");
     Ok(())
 }
+
+/// Where a record is: (partition, offset).
+type Position = (i32, i64);
 
 /// How long an idle job waits for a record before looking at the handoff state again.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
@@ -475,7 +478,7 @@ fn reduce<J: Job>(events: Vec<(i32, i64, Event<J::Row>)>) -> Vec<(i32, i64, Even
 
 /// The checkpoints that the first events of a batch cover: per partition, past the last of them.
 /// (Events the reduction dropped in that stretch are superseded by later ones of the same key.)
-fn prefix_checkpoints(positions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+fn prefix_checkpoints(positions: &[Position]) -> BTreeMap<i32, i64> {
     let mut covered = BTreeMap::new();
     for &(partition, offset) in positions {
         let end = covered.entry(partition).or_insert(0);
