@@ -34,9 +34,21 @@ pub async fn setup(args: &PgArgs, capture_password: &str) -> Result<SetupReport>
 
     let mut conn = postgres::connect(args, &args.database).await?;
     let before = present_objects(&mut conn).await?;
-    let mut tx = sqlx::Connection::begin(&mut conn).await?;
-    sqlx::raw_sql(SCHEMA_SQL).execute(&mut *tx).await.context("applying schema/ecommerce.sql")?;
-    tx.commit().await.context("committing the schema")?;
+    // The capture role is cluster-wide: a setup of another database running at the same moment may create
+    // it between our check and our CREATE (unique violation); the schema is then applied again, and finds it.
+    for attempt in 1.. {
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        match sqlx::raw_sql(SCHEMA_SQL).execute(&mut *tx).await {
+            Ok(_) => {
+                tx.commit().await.context("committing the schema")?;
+                break;
+            }
+            Err(e) if attempt < 5 && e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
+                tx.rollback().await?;
+            }
+            Err(e) => return Err(e).context("applying schema/ecommerce.sql"),
+        }
+    }
     let after = present_objects(&mut conn).await?;
     report.changed.extend(after.into_iter().filter(|o| !before.contains(o)).map(|o| format!("created {o}")));
 
