@@ -407,6 +407,16 @@ struct Running {
 }
 
 impl Running {
+    /// An error if a job has exited (it should run until stopped).
+    fn check_alive(&mut self) -> Result<()> {
+        for child in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                bail!("a job exited early ({status})");
+            }
+        }
+        Ok(())
+    }
+
     fn stop(&mut self) {
         for child in &mut self.children {
             // SAFETY: kill only sends a signal to a process id we own.
@@ -459,31 +469,30 @@ impl Jobs<'_> {
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
-        let topics: Vec<String> = which.iter().map(|&i| format!("{NAME}.public.{}", TABLES[i])).collect();
+        let ends: Ends = which
+            .iter()
+            .map(|&i| {
+                let topic = format!("{NAME}.public.{}", TABLES[i]);
+                let parts = ends.get(&topic).cloned().unwrap_or_default();
+                (topic, parts)
+            })
+            .collect();
         let mut first_batch = None;
         let timeout = Duration::from_secs(3600);
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let progress = checkpoints(&db, &group).await?;
             let applied: u64 = progress.values().flat_map(|p| p.values()).map(|&n| n as u64).sum();
-            let started_all = topics.iter().all(|t| progress.contains_key(t));
-            if first_batch.is_none() && started_all {
+            if first_batch.is_none() && ends.keys().all(|t| progress.contains_key(t)) {
                 first_batch = Some((started.elapsed(), applied));
             }
-            let done = topics.iter().all(|t| {
-                ends[t].iter().all(|(p, &end)| progress.get(t).and_then(|c| c.get(p)).is_some_and(|&at| at >= end))
-            });
-            if done {
+            if behind(&progress, &ends) == 0 {
                 break;
             }
             if started.elapsed() > timeout {
                 bail!("the jobs did not catch up within {timeout:?} ({applied} records applied)");
             }
-            for child in &mut running.children {
-                if let Some(status) = child.try_wait()? {
-                    bail!("a job exited early ({status})");
-                }
-            }
+            running.check_alive()?;
         }
         let elapsed = started.elapsed();
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
@@ -559,27 +568,25 @@ async fn wait_applied(
 ) -> Result<u64> {
     let started = Instant::now();
     loop {
-        let progress = checkpoints(db, group).await?;
-        let behind: u64 = ends
-            .iter()
-            .flat_map(|(t, parts)| {
-                let progress = &progress;
-                parts.iter().map(move |(p, &end)| {
-                    let at = progress.get(t).and_then(|c| c.get(p)).copied().unwrap_or(0);
-                    (end - at).max(0) as u64
-                })
-            })
-            .sum();
+        let behind = behind(&checkpoints(db, group).await?, ends);
         if behind == 0 || started.elapsed() > within {
             return Ok(behind);
         }
-        for child in &mut running.children {
-            if let Some(status) = child.try_wait()? {
-                bail!("a job exited early ({status})");
-            }
-        }
+        running.check_alive()?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Records between the checkpoints (topic -> partition -> next offset) and `ends`.
+fn behind(progress: &HashMap<String, HashMap<i32, i64>>, ends: &Ends) -> u64 {
+    ends.iter()
+        .flat_map(|(t, parts)| {
+            parts.iter().map(move |(p, &end)| {
+                let at = progress.get(t).and_then(|c| c.get(p)).copied().unwrap_or(0);
+                (end - at).max(0) as u64
+            })
+        })
+        .sum()
 }
 
 /// The checkpoints of every job whose group starts with `group`: topic -> partition -> next offset.
