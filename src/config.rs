@@ -54,3 +54,77 @@ pub struct MongoArgs {
     #[arg(id = "mongo_database", long = "mongo-database", env = "CDC_MONGO_DATABASE", default_value = "ecommerce")]
     pub database: String,
 }
+
+/// The read stores a stream job keeps up to date, or the query service reads from: MongoDB deployments
+/// (each a replica set) holding the same read models, each with its own checkpoints.
+#[derive(Debug, Clone, Args)]
+pub struct StoresArgs {
+    /// MongoDB read stores, space separated (a URI may itself hold commas). A job keeps each one up to
+    /// date on its own: a slow or unreachable store holds back only itself.
+    #[arg(
+        id = "mongo_uri",
+        long = "mongo-uri",
+        env = "CDC_MONGO_URI",
+        value_delimiter = ' ',
+        num_args = 1..,
+        default_value = "mongodb://127.0.0.1:57017/?directConnection=true"
+    )]
+    pub uris: Vec<String>,
+
+    /// MongoDB database of the read models (the same in every store).
+    #[arg(id = "mongo_database", long = "mongo-database", env = "CDC_MONGO_DATABASE", default_value = "ecommerce")]
+    pub database: String,
+}
+
+/// One read store: a name for logs, metrics and responses (never the URI, which may hold a password).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub index: usize,
+    pub name: String,
+    pub mongo: MongoArgs,
+}
+
+impl StoresArgs {
+    pub fn stores(&self) -> Vec<Store> {
+        self.uris
+            .iter()
+            .filter(|u| !u.trim().is_empty())
+            .enumerate()
+            .map(|(index, uri)| Store {
+                index,
+                name: format!("store{index} ({})", hosts_of(uri)),
+                mongo: MongoArgs { uri: uri.trim().to_owned(), database: self.database.clone() },
+            })
+            .collect()
+    }
+}
+
+/// The host list of a MongoDB URI, without scheme, credentials, path or options.
+pub fn hosts_of(uri: &str) -> &str {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
+    hosts.rsplit_once('@').map_or(hosts, |(_, h)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        stores: StoresArgs,
+    }
+
+    #[test]
+    fn stores_are_named_by_host_never_by_credentials() {
+        let cli = Cli::parse_from([
+            "x",
+            "--mongo-uri",
+            "mongodb://u:secret@a:1,b:2/?replicaSet=rs mongodb+srv://c.example.net/db",
+        ]);
+        let names: Vec<_> = cli.stores.stores().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["store0 (a:1,b:2)", "store1 (c.example.net)"]);
+    }
+}

@@ -16,6 +16,7 @@ pub mod projection;
 pub mod readmodel;
 pub mod rows;
 pub mod runtime;
+pub mod service;
 pub mod sink;
 pub mod telemetry;
 pub mod verify;

@@ -85,24 +85,23 @@ impl Histogram {
         self.max_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str, job: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    /// The series of one labelled histogram (`labels` as `k="v",...`); HELP and TYPE are the caller's.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (le, bucket) in BUCKETS_MS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{job=\"{job}\",le=\"{}\"}} {cumulative}", *le as f64 / 1e3);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", *le as f64 / 1e3);
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{job=\"{job}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{job=\"{job}\"}} {}", self.sum_ms.load(Ordering::Relaxed) as f64 / 1e3);
-        let _ = writeln!(out, "{name}_count{{job=\"{job}\"}} {count}");
-        let _ = writeln!(out, "# HELP {name}_max Largest observation.\n# TYPE {name}_max gauge");
-        let _ = writeln!(out, "{name}_max{{job=\"{job}\"}} {}", self.max_ms.load(Ordering::Relaxed) as f64 / 1e3);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ms.load(Ordering::Relaxed) as f64 / 1e3);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
 
 pub struct Metrics {
-    job: &'static str,
+    /// `job="<table>",store="store<i>"`: one Metrics per job and read store.
+    labels: String,
     pub records_in: Counter,
     pub skipped: Counter,
     pub written: Counter,
@@ -119,10 +118,54 @@ pub struct Metrics {
     pub in_job: Histogram,
 }
 
+/// One plain series: name, type, help, and how to read it.
+type Series = (&'static str, &'static str, &'static str, fn(&Metrics) -> String);
+
+const SERIES: [Series; 11] = [
+    ("cdc_records_in_total", "counter", "Kafka records polled.", |m| m.records_in.get().to_string()),
+    ("cdc_records_skipped_total", "counter", "Records below the checkpoint (already applied).", |m| {
+        m.skipped.get().to_string()
+    }),
+    ("cdc_writes_total", "counter", "MongoDB write statements committed.", |m| m.written.get().to_string()),
+    ("cdc_dead_lettered_total", "counter", "Records sent to the dead-letter topic.", |m| {
+        m.dead_lettered.get().to_string()
+    }),
+    ("cdc_batches_total", "counter", "Batches committed.", |m| m.batches.get().to_string()),
+    (
+        "cdc_conflicts_total",
+        "counter",
+        "Transactions aborted by a write conflict with another job (redone smaller).",
+        |m| m.conflicts.get().to_string(),
+    ),
+    ("cdc_batch_seconds_sum", "counter", "Time spent on committed batches.", |m| {
+        format!("{:.6}", m.batch_seconds.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
+    }),
+    ("cdc_batch_seconds_count", "counter", "Batches timed.", |m| {
+        m.batch_seconds.count.load(Ordering::Relaxed).to_string()
+    }),
+    ("cdc_lag_records", "gauge", "Records between the checkpoints and the topic ends.", |m| {
+        m.lag_records.get().to_string()
+    }),
+    ("cdc_lag_ms", "gauge", "Source commit of the newest applied change to its MongoDB commit.", |m| {
+        m.lag_ms.get().to_string()
+    }),
+    ("cdc_assigned_partitions", "gauge", "Partitions of the topic this process holds in its consumer group.", |m| {
+        m.assigned_partitions.get().to_string()
+    }),
+];
+
+/// The histograms: name, help, and which one.
+type HistogramSeries = (&'static str, &'static str, fn(&Metrics) -> &Histogram);
+
+const HISTOGRAMS: [HistogramSeries; 2] = [
+    ("cdc_freshness_seconds", "PostgreSQL commit of a change to the MongoDB commit that applied it.", |m| &m.freshness),
+    ("cdc_in_job_seconds", "Kafka record timestamp of a change to the MongoDB commit that applied it.", |m| &m.in_job),
+];
+
 impl Metrics {
-    pub fn new(job: &'static str) -> Metrics {
+    pub fn new(job: &str, store: &str) -> Metrics {
         Metrics {
-            job,
+            labels: format!("job=\"{job}\",store=\"{store}\""),
             records_in: Counter::default(),
             skipped: Counter::default(),
             written: Counter::default(),
@@ -137,84 +180,38 @@ impl Metrics {
             in_job: Histogram::default(),
         }
     }
+}
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let job = self.job;
-        let mut line = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {value}");
-        };
-        line("cdc_records_in_total", "counter", "Kafka records polled.", self.records_in.get().to_string());
-        line(
-            "cdc_records_skipped_total",
-            "counter",
-            "Records below the checkpoint (already applied).",
-            self.skipped.get().to_string(),
-        );
-        line("cdc_writes_total", "counter", "MongoDB write statements committed.", self.written.get().to_string());
-        line(
-            "cdc_dead_lettered_total",
-            "counter",
-            "Records sent to the dead-letter topic.",
-            self.dead_lettered.get().to_string(),
-        );
-        line("cdc_batches_total", "counter", "Batches committed.", self.batches.get().to_string());
-        line(
-            "cdc_conflicts_total",
-            "counter",
-            "Transactions aborted by a write conflict with another job (redone smaller).",
-            self.conflicts.get().to_string(),
-        );
-        line(
-            "cdc_batch_seconds_sum",
-            "counter",
-            "Time spent on committed batches.",
-            format!("{:.6}", self.batch_seconds.sum_us.load(Ordering::Relaxed) as f64 / 1e6),
-        );
-        line(
-            "cdc_batch_seconds_count",
-            "counter",
-            "Batches timed.",
-            self.batch_seconds.count.load(Ordering::Relaxed).to_string(),
-        );
-        line(
-            "cdc_lag_records",
-            "gauge",
-            "Records between the checkpoints and the topic ends.",
-            self.lag_records.get().to_string(),
-        );
-        line(
-            "cdc_lag_ms",
-            "gauge",
-            "Source commit of the newest applied change to its MongoDB commit.",
-            self.lag_ms.get().to_string(),
-        );
-        line(
-            "cdc_assigned_partitions",
-            "gauge",
-            "Partitions of the topic this process holds in its consumer group.",
-            self.assigned_partitions.get().to_string(),
-        );
-        self.freshness.render(
-            &mut out,
-            "cdc_freshness_seconds",
-            "PostgreSQL commit of a change to the MongoDB commit that applied it.",
-            job,
-        );
-        self.in_job.render(
-            &mut out,
-            "cdc_in_job_seconds",
-            "Kafka record timestamp of a change to the MongoDB commit that applied it.",
-            job,
-        );
-        out
+/// The Prometheus text exposition of several label sets (a job's read stores): each family once.
+pub fn render(all: &[Arc<Metrics>]) -> String {
+    let mut out = String::new();
+    for (name, kind, help, value) in SERIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in all {
+            let _ = writeln!(out, "{name}{{{}}} {}", m.labels, value(m));
+        }
     }
+    for (name, help, histogram) in HISTOGRAMS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for m in all {
+            histogram(m).render(&mut out, name, &m.labels);
+        }
+        let _ = writeln!(out, "# HELP {name}_max Largest observation.\n# TYPE {name}_max gauge");
+        for m in all {
+            let _ = writeln!(
+                out,
+                "{name}_max{{{}}} {}",
+                m.labels,
+                histogram(m).max_ms.load(Ordering::Relaxed) as f64 / 1e3
+            );
+        }
+    }
+    out
 }
 
 /// Serves `GET /metrics` on `addr` in the background.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let app = Router::new().route("/metrics", get(move || std::future::ready(metrics.render())));
+pub async fn serve(addr: SocketAddr, metrics: Vec<Arc<Metrics>>) -> anyhow::Result<()> {
+    let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics))));
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?;
     tokio::spawn(async move {

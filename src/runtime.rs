@@ -25,8 +25,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tracing::Instrument;
 
-use crate::config::{KafkaArgs, MongoArgs};
+use crate::config::{KafkaArgs, Store, StoresArgs};
 use crate::envelope::{self, Event};
 use crate::handoff;
 use crate::kafka;
@@ -76,7 +77,7 @@ pub struct JobArgs {
     pub instance_id: Option<String>,
 
     #[command(flatten)]
-    pub mongo: MongoArgs,
+    pub stores: StoresArgs,
 
     /// Most records in one batch. Batches are otherwise as large as what has arrived: one change alone is
     /// written at once, and under load the records that come while a batch is written make the next one.
@@ -107,30 +108,56 @@ pub fn main<J: Job>(job: J, about: &'static str) -> std::process::ExitCode {
     crate::cli::run(run(job, args))
 }
 
-/// Runs `job` until SIGTERM / Ctrl-C.
+/// Runs `job` until SIGTERM / Ctrl-C: one pipeline per read store, each with its own consumer and
+/// checkpoints, so that a slow or unreachable store holds back only itself.
 pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
-    let topic = args.kafka.table_topic(J::TABLE);
-    let group = args.group.clone().unwrap_or_else(|| format!("cdc-cqrs-{}", J::TABLE));
-    let dead_letter_topic =
-        args.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", args.kafka.topic_prefix));
-    let metrics = Arc::new(Metrics::new(J::TABLE));
+    let stores = args.stores.stores();
+    anyhow::ensure!(!stores.is_empty(), "no read store: give --mongo-uri (or CDC_MONGO_URI) at least one URI");
+    let metrics: Vec<Arc<Metrics>> =
+        stores.iter().map(|s| Arc::new(Metrics::new(J::TABLE, &format!("store{}", s.index)))).collect();
     if let Some(addr) = args.metrics_addr {
         serve(addr, metrics.clone()).await?;
     }
     let shutdown = shutdown_signal();
+    let (job, args) = (Arc::new(job), Arc::new(args));
+    let mut pipelines = tokio::task::JoinSet::new();
+    for (store, metrics) in stores.into_iter().zip(metrics) {
+        let span = tracing::info_span!("store", store = %store.name);
+        pipelines.spawn(run_store(job.clone(), args.clone(), store, metrics, shutdown.clone()).instrument(span));
+    }
+    while let Some(done) = pipelines.join_next().await {
+        done.context("a store's pipeline panicked")??;
+    }
+    Ok(())
+}
 
-    let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&args.mongo))
+/// One store's pipeline. Every store keeps the same checkpoint group name (`group`) in its own database;
+/// in Kafka, the pipelines of stores after the first use `<group>@store<i>`, to each read every partition.
+async fn run_store<J: Job>(
+    job: Arc<J>,
+    args: Arc<JobArgs>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let topic = args.kafka.table_topic(J::TABLE);
+    let group = args.group.clone().unwrap_or_else(|| format!("cdc-cqrs-{}", J::TABLE));
+    let suffix = if store.index == 0 { String::new() } else { format!("@store{}", store.index) };
+    let dead_letter_topic =
+        args.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", args.kafka.topic_prefix));
+
+    let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&store.mongo))
         .await
-        .context("stopped before MongoDB answered")?;
+        .with_context(|| format!("stopped before {} answered", store.name))?;
     retry("creating the read models' indexes", &shutdown, || sink.create_indexes()).await?;
-    let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN));
-    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &group)
+    let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN)) + &suffix;
+    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &format!("{group}{suffix}"))
         .set("group.instance.id", &instance_id)
         .create()
         .context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
-    tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %args.mongo.database, "started");
+    tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %store.mongo.database, "started");
 
     let mut checkpoints = HashMap::new();
     let mut epoch = 0;
@@ -227,7 +254,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
                 .collect();
             let attempt = Instant::now();
             let applied = retry("writing the batch to MongoDB", &shutdown, || {
-                sink.apply(&job, &reduced[start..end], &group, &batch_checkpoints, epoch)
+                sink.apply(job.as_ref(), &reduced[start..end], &group, &batch_checkpoints, epoch)
             })
             .await?;
             match applied {

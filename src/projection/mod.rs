@@ -26,11 +26,16 @@ pub enum Collection {
 impl Collection {
     pub const ALL: [Collection; 3] = [Collection::Products, Collection::Orders, Collection::OrderDetails];
 
-    /// The keys of the secondary indexes the projections' fan-out updates query by.
+    /// The keys of the secondary indexes: what the projections' fan-out updates query by, and the order
+    /// listings of the query service (by customer, by status, paged in `_id` order).
     pub fn indexes(self) -> Vec<Document> {
         match self {
             Collection::Products => Vec::new(),
-            Collection::Orders => vec![doc! { "lines.product_id": 1 }],
+            Collection::Orders => vec![
+                doc! { "lines.product_id": 1 },
+                doc! { "customer_name": 1, "_id": 1 },
+                doc! { "status": 1, "_id": 1 },
+            ],
             Collection::OrderDetails => vec![doc! { "order_id": 1 }, doc! { "product_id": 1 }],
         }
     }

@@ -25,6 +25,8 @@ pub struct Stack {
     pub connect_url: String,
     pub debezium_password: String,
     pub mongo_uri: String,
+    /// Every read store of the stack (`CDC_MONGO_URIS`, space separated); the first is `mongo_uri`.
+    pub mongo_uris: Vec<String>,
 }
 
 impl Stack {
@@ -40,6 +42,13 @@ impl Stack {
             connect_url: var("CDC_CONNECT_URL", "http://127.0.0.1:58083"),
             debezium_password: std::env::var("DEBEZIUM_PASSWORD").expect("DEBEZIUM_PASSWORD (from scripts/stack exec)"),
             mongo_uri: var("CDC_MONGO_URI", "mongodb://127.0.0.1:57017/?directConnection=true"),
+            mongo_uris: var(
+                "CDC_MONGO_URIS",
+                &var("CDC_MONGO_URI", "mongodb://127.0.0.1:57017/?directConnection=true"),
+            )
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
         }
     }
 
@@ -71,6 +80,7 @@ pub fn bin_path(bin: &str) -> String {
         "stream_order_details" => env!("CARGO_BIN_EXE_stream_order_details").to_owned(),
         "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
         "bench" => env!("CARGO_BIN_EXE_bench").to_owned(),
+        "cqrs_api" => env!("CARGO_BIN_EXE_cqrs_api").to_owned(),
         // Another package of the workspace: `cargo test` builds it beside this one's binaries.
         "first_load" => {
             let path = std::path::Path::new(env!("CARGO_BIN_EXE_verify")).with_file_name("first_load");
@@ -217,10 +227,12 @@ pub async fn wait_for_streaming_slot(conn: &mut PgConnection, slot: &str) {
 /// Removes the connector, its topics, its slot and its PostgreSQL and MongoDB databases (best effort: a
 /// failure here is not the test's).
 pub async fn teardown(stack: &Stack, name: &str) {
-    if let Ok(mongo) = mongodb::Client::with_uri_str(&stack.mongo_uri).await {
-        let _ = mongo.database(name).drop().await;
-        // Shut down before the test's runtime does, or the driver's pool task panics as it goes.
-        mongo.shutdown().await;
+    for uri in &stack.mongo_uris {
+        if let Ok(mongo) = mongodb::Client::with_uri_str(uri).await {
+            let _ = mongo.database(name).drop().await;
+            // Shut down before the test's runtime does, or the driver's pool task panics as it goes.
+            mongo.shutdown().await;
+        }
     }
     let connect = ConnectClient::new(&stack.connect_url).unwrap();
     let _ = connect.delete(name).await;
@@ -272,10 +284,12 @@ pub async fn sweep_stale(stack: &Stack) {
     .unwrap();
     let connect = ConnectClient::new(&stack.connect_url).unwrap();
     names.extend(connect.list().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
-    if let Ok(mongo) = mongodb::Client::with_uri_str(&stack.mongo_uri).await {
-        names
-            .extend(mongo.list_database_names().await.unwrap_or_default().into_iter().filter(|n| n.starts_with("it_")));
-        mongo.shutdown().await;
+    for uri in &stack.mongo_uris {
+        if let Ok(mongo) = mongodb::Client::with_uri_str(uri).await {
+            let dbs = mongo.list_database_names().await.unwrap_or_default();
+            names.extend(dbs.into_iter().filter(|n| n.starts_with("it_")));
+            mongo.shutdown().await;
+        }
     }
     names.sort();
     names.dedup();

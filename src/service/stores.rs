@@ -1,0 +1,349 @@
+//! The read stores as the query side sees them: which are up, how far each is behind the source, which
+//! one serves the next query (round-robin over the healthy ones), and which have caught up to a source
+//! position (read-your-writes).
+//!
+//! A background watch refreshes, every [`REFRESH`]: Debezium's confirmed position in the replication
+//! slot, then the ends of the three change topics, then each store's checkpoints. Reading the slot before
+//! the ends is what makes read-your-writes exact: once the slot has confirmed a position, every change
+//! committed up to it is in Kafka (Debezium confirms only what Kafka acknowledged), so the ends read after
+//! it cover that position, and a store whose checkpoints reach those ends holds every such change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use bson::{Document, doc};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::RwLock;
+
+use crate::config::{KafkaArgs, Store};
+use crate::kafka;
+use crate::projection::Collection;
+use crate::sink::CHECKPOINTS;
+
+/// How often the stores' state is refreshed.
+const REFRESH: Duration = Duration::from_millis(200);
+/// How long a store may take to answer before it counts as down.
+pub const STORE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A WAL position (`pg_lsn`), comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Lsn(pub u64);
+
+impl std::str::FromStr for Lsn {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Lsn> {
+        let (hi, lo) = s.split_once('/').ok_or_else(|| anyhow!("a source position looks like 0/16B3748, not {s:?}"))?;
+        let part =
+            |p: &str| u64::from_str_radix(p, 16).map_err(|_| anyhow!("{s:?} is not a source position (hex/hex)"));
+        Ok(Lsn((part(hi)? << 32) | part(lo)?))
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Kafka ends (or a store's checkpoints): (topic, partition) -> next offset.
+type Offsets = HashMap<(String, i32), i64>;
+
+/// One read store and what the watch last saw of it.
+pub struct ReadStore {
+    pub name: String,
+    pub db: Database,
+    state: RwLock<StoreState>,
+    served: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct StoreState {
+    up: bool,
+    error: Option<String>,
+    applied: Offsets,
+    /// Records in the topics this store has not applied yet.
+    behind: u64,
+    /// When the store last had nothing left to apply.
+    caught_up_at: Option<Instant>,
+}
+
+/// What `GET /api/stores` says of a store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStatus {
+    pub name: String,
+    pub up: bool,
+    pub healthy: bool,
+    pub error: Option<String>,
+    pub behind_records: u64,
+    /// Milliseconds since the store last had nothing left to apply (0 when caught up).
+    pub behind_ms: u64,
+    pub served: u64,
+}
+
+/// The source side of read-your-writes: a confirmed slot position and the topic ends read after it.
+#[derive(Debug, Clone, Default)]
+struct Watermark {
+    confirmed: Lsn,
+    ends: Offsets,
+}
+
+/// Why no store could serve a query.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no read store is up")]
+    NoStore,
+    #[error("no read store caught up to source position {0} within {1:?}")]
+    NotCaughtUp(Lsn, Duration),
+}
+
+pub struct ReadStores {
+    stores: Vec<Arc<ReadStore>>,
+    next: AtomicUsize,
+    max_lag: Duration,
+    /// (topic, the jobs' checkpoint group) for the three tables.
+    feeds: Vec<(String, String)>,
+    watermark: RwLock<Watermark>,
+}
+
+impl ReadStores {
+    /// Clients for `stores` (nothing is contacted yet: a store that is down is simply not healthy).
+    pub async fn new(stores: &[Store], kafka: &KafkaArgs, group_prefix: &str, max_lag: Duration) -> Result<Self> {
+        let mut out = Vec::new();
+        for store in stores {
+            let mut opts = ClientOptions::parse(&store.mongo.uri)
+                .await
+                .map_err(|e| anyhow!("--mongo-uri / CDC_MONGO_URI: {} is not a MongoDB URI ({e})", store.name))?;
+            opts.app_name = Some("cdc-cqrs-api".into());
+            opts.server_selection_timeout = Some(STORE_TIMEOUT);
+            opts.connect_timeout = Some(STORE_TIMEOUT);
+            let db = Client::with_options(opts)?.database(&store.mongo.database);
+            out.push(Arc::new(ReadStore {
+                name: store.name.clone(),
+                db,
+                state: RwLock::new(StoreState::default()),
+                served: AtomicU64::new(0),
+            }));
+        }
+        let feeds = Collection::ALL
+            .iter()
+            .map(|c| (kafka.table_topic(c.name()), format!("{group_prefix}-{}", c.name())))
+            .collect();
+        Ok(ReadStores { stores: out, next: AtomicUsize::new(0), max_lag, feeds, watermark: RwLock::default() })
+    }
+
+    /// Keeps the state fresh in the background, for as long as the service runs.
+    pub fn watch(self: &Arc<Self>, pg: PgPool, kafka: KafkaArgs, slot: String) -> Result<()> {
+        let consumer: BaseConsumer =
+            kafka::consumer_config(&kafka, "cdc-cqrs-api-watch").create().context("Kafka client for topic ends")?;
+        let consumer = Arc::new(consumer);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last_warning: Option<Instant> = None;
+            loop {
+                if let Err(e) = this.refresh(&pg, &consumer, &slot).await
+                    && last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "refreshing the source position");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(REFRESH).await;
+            }
+        });
+        Ok(())
+    }
+
+    async fn refresh(&self, pg: &PgPool, consumer: &Arc<BaseConsumer>, slot: &str) -> Result<()> {
+        // The slot first, then the ends (see the module comment).
+        let confirmed: Option<String> =
+            sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(pg)
+                .await
+                .context("reading the replication slot")?
+                .flatten();
+        let topics: Vec<String> = self.feeds.iter().map(|(t, _)| t.clone()).collect();
+        let consumer = consumer.clone();
+        let ends = tokio::task::spawn_blocking(move || topic_ends(&consumer, &topics)).await??;
+        let stores = self.stores.iter().map(|s| self.refresh_store(s, &ends));
+        futures::future::join_all(stores).await;
+        let confirmed = match confirmed {
+            Some(lsn) => lsn.parse()?,
+            None => {
+                anyhow::bail!("no replication slot {slot:?}: is the connector registered (--slot / CDC_SLOT_NAME)?")
+            }
+        };
+        *self.watermark.write().await = Watermark { confirmed, ends };
+        Ok(())
+    }
+
+    async fn refresh_store(&self, store: &ReadStore, ends: &Offsets) {
+        let read = tokio::time::timeout(STORE_TIMEOUT, self.applied(&store.db)).await;
+        let mut state = store.state.write().await;
+        match read {
+            Ok(Ok(applied)) => {
+                state.behind =
+                    ends.iter().map(|(tp, &end)| (end - applied.get(tp).copied().unwrap_or(0)).max(0) as u64).sum();
+                if state.behind == 0 {
+                    state.caught_up_at = Some(Instant::now());
+                }
+                state.applied = applied;
+                state.up = true;
+                state.error = None;
+            }
+            Ok(Err(e)) => (state.up, state.error) = (false, Some(format!("{e:#}"))),
+            Err(_) => (state.up, state.error) = (false, Some(format!("no answer in {STORE_TIMEOUT:?}"))),
+        }
+    }
+
+    /// A store's checkpoints for the three topics, in the jobs' groups.
+    async fn applied(&self, db: &Database) -> Result<Offsets> {
+        let mut applied = Offsets::new();
+        for (topic, group) in &self.feeds {
+            let mut cursor =
+                db.collection::<Document>(CHECKPOINTS).find(doc! { "group": group, "topic": topic }).await?;
+            while cursor.advance().await? {
+                let d = cursor.deserialize_current()?;
+                applied.insert((topic.clone(), d.get_i32("partition")?), d.get_i64("next_offset")?);
+            }
+        }
+        Ok(applied)
+    }
+
+    pub async fn status(&self) -> Vec<StoreStatus> {
+        let mut out = Vec::with_capacity(self.stores.len());
+        for store in &self.stores {
+            let state = store.state.read().await;
+            out.push(StoreStatus {
+                name: store.name.clone(),
+                up: state.up,
+                healthy: self.is_healthy(&state),
+                error: state.error.clone(),
+                behind_records: state.behind,
+                behind_ms: behind_ms(&state),
+                served: store.served.load(Ordering::Relaxed),
+            });
+        }
+        out
+    }
+
+    pub fn all(&self) -> &[Arc<ReadStore>] {
+        &self.stores
+    }
+
+    fn is_healthy(&self, state: &StoreState) -> bool {
+        state.up && Duration::from_millis(behind_ms(state)) <= self.max_lag
+    }
+
+    /// The store for the next query: round-robin over the healthy ones; when none is, the up store least
+    /// behind. `exclude` are stores that just failed this query.
+    pub async fn pick(&self, exclude: &[usize]) -> Result<(usize, StoreStatus), Unavailable> {
+        let status = self.status().await;
+        let candidates: Vec<usize> = (0..status.len()).filter(|i| !exclude.contains(i)).collect();
+        let healthy: Vec<usize> = candidates.iter().copied().filter(|&i| status[i].healthy).collect();
+        let chosen = if healthy.is_empty() {
+            candidates.into_iter().filter(|&i| status[i].up).min_by_key(|&i| status[i].behind_ms)
+        } else {
+            Some(healthy[self.next.fetch_add(1, Ordering::Relaxed) % healthy.len()])
+        };
+        let i = chosen.ok_or(Unavailable::NoStore)?;
+        Ok((i, status[i].clone()))
+    }
+
+    /// Like [`pick`](Self::pick), among the stores that hold every change committed up to `position`;
+    /// waits up to `timeout` for one to.
+    pub async fn pick_caught_up(
+        &self,
+        position: Lsn,
+        timeout: Duration,
+        exclude: &[usize],
+    ) -> Result<(usize, StoreStatus), Unavailable> {
+        let deadline = Instant::now() + timeout;
+        let mut required: Option<Offsets> = None;
+        loop {
+            if required.is_none() {
+                let watermark = self.watermark.read().await;
+                if watermark.confirmed >= position {
+                    required = Some(watermark.ends.clone());
+                }
+            }
+            if let Some(ends) = &required {
+                let mut ready = Vec::new();
+                for (i, store) in self.stores.iter().enumerate() {
+                    let state = store.state.read().await;
+                    let holds = ends.iter().all(|(tp, &end)| state.applied.get(tp).copied().unwrap_or(0) >= end);
+                    if state.up && holds && !exclude.contains(&i) {
+                        ready.push(i);
+                    }
+                }
+                if !ready.is_empty() {
+                    let i = ready[self.next.fetch_add(1, Ordering::Relaxed) % ready.len()];
+                    let status = self.status().await.swap_remove(i);
+                    return Ok((i, status));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Unavailable::NotCaughtUp(position, timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn store(&self, i: usize) -> &ReadStore {
+        &self.stores[i]
+    }
+
+    /// A query on store `i` failed: count it down until the watch sees it answer again.
+    pub async fn failed(&self, i: usize, error: &str) {
+        let mut state = self.stores[i].state.write().await;
+        state.up = false;
+        state.error = Some(error.to_owned());
+    }
+
+    pub fn served(&self, i: usize) {
+        self.stores[i].served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn behind_ms(state: &StoreState) -> u64 {
+    match (state.behind, state.caught_up_at) {
+        (0, _) => 0,
+        (_, Some(t)) => t.elapsed().as_millis() as u64,
+        (_, None) => u64::MAX,
+    }
+}
+
+/// The end offsets of every partition of `topics` (a topic not created yet has none).
+fn topic_ends(consumer: &BaseConsumer, topics: &[String]) -> Result<Offsets> {
+    let mut ends = Offsets::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).context("topic metadata")?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).context("topic ends")?;
+            ends.insert((topic.clone(), p), high);
+        }
+    }
+    Ok(ends)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_parses_orders_and_prints_back() {
+        let a: Lsn = "0/16B3748".parse().unwrap();
+        let b: Lsn = "1/0".parse().unwrap();
+        assert!(a < b);
+        assert_eq!(a.to_string(), "0/16B3748");
+        assert_eq!(b.0, 1 << 32);
+        assert!("16B3748".parse::<Lsn>().is_err());
+    }
+}
