@@ -51,6 +51,11 @@ pub struct Args {
     #[arg(long, default_value_t = 500.0)]
     rate: f64,
 
+    /// The freshness run's mix of transactions (insert_sample_data's --mix). Price changes fan out to every
+    /// order holding the product, the heaviest write of the model.
+    #[arg(long, default_value = workload::Mix::DEFAULT)]
+    mix: workload::Mix,
+
     /// Seconds of the freshness run (0 skips it).
     #[arg(long, default_value_t = 30)]
     freshness_secs: u64,
@@ -196,9 +201,9 @@ pub async fn run(args: Args) -> Result<()> {
                 h.max_ms()
             );
         }
-        for (job, stats) in JOBS.iter().zip(&f.stats) {
+        for ((job, stats), (batches, conflicts)) in JOBS.iter().zip(&f.stats).zip(&f.batches) {
             println!(
-                "    {job:<22} CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB",
+                "    {job:<22} CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
                 stats.cpu_secs,
                 100.0 * stats.cpu_secs / args.freshness_secs as f64,
                 stats.peak_rss_kb / 1024
@@ -390,6 +395,8 @@ struct Freshness {
     in_job: Histogram,
     tx_per_sec: f64,
     stats: Vec<ProcessStats>,
+    /// Per job: batches committed and transactions aborted by a write conflict with another job.
+    batches: Vec<(u64, u64)>,
     /// Records the jobs had not applied two minutes after the workload ended.
     behind: u64,
 }
@@ -529,7 +536,7 @@ impl Jobs<'_> {
             duration: Some(Duration::from_secs(self.args.freshness_secs)),
             rate: Some(self.args.rate),
             seed: now_nanos() as u64,
-            mix: workload::Mix::default(),
+            mix: self.args.mix.clone(),
             connections: 4,
         };
         let summary = workload::run(&pool, &plan, &ProgressBar::hidden()).await?;
@@ -540,10 +547,13 @@ impl Jobs<'_> {
         let behind = wait_applied(&db, group, &ends, &mut running, Duration::from_secs(120)).await?;
         let mut source = Histogram::default();
         let mut in_job = Histogram::default();
+        let mut batches = Vec::new();
         for &port in &running.metrics_ports {
             let text = scrape(&http, port).await?;
             source.add(&Histogram::parse(&text, "cdc_freshness_seconds")?);
             in_job.add(&Histogram::parse(&text, "cdc_in_job_seconds")?);
+            let counter = |name| measure::gauge(&text, name).unwrap_or(0.0) as u64;
+            batches.push((counter("cdc_batches_total"), counter("cdc_conflicts_total")));
         }
         let after: Vec<ProcessStats> =
             running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
@@ -553,7 +563,7 @@ impl Jobs<'_> {
             .map(|(a, b)| ProcessStats { cpu_secs: a.cpu_secs - b.cpu_secs, peak_rss_kb: a.peak_rss_kb })
             .collect();
         running.stop();
-        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats, behind })
+        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats, batches, behind })
     }
 }
 

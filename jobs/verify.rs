@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::bail;
-use cdc_cqrs::config::{MongoArgs, PgArgs};
+use cdc_cqrs::config::{PgArgs, StoresArgs};
 use cdc_cqrs::projection::Collection;
 use cdc_cqrs::sink::MongoSink;
 use cdc_cqrs::{cli, postgres, verify};
@@ -19,8 +19,9 @@ struct Cli {
     #[command(flatten)]
     pg: PgArgs,
 
+    /// Every read store given is compared.
     #[command(flatten)]
-    mongo: MongoArgs,
+    stores: StoresArgs,
 
     /// Collections to compare (repeat the flag); default: all.
     #[arg(long = "collection", value_enum)]
@@ -40,13 +41,19 @@ fn main() -> ExitCode {
             cli.collections
         };
         let mut pg = postgres::connect(&cli.pg, &cli.pg.database).await?;
-        let sink = MongoSink::connect(&cli.mongo).await?;
+        let stores = cli.stores.stores();
         let mut different = Vec::new();
-        for collection in collections {
-            let report = verify::compare(&mut pg, sink.database(), collection, cli.examples).await?;
-            print!("{report}");
-            if !report.is_equal() {
-                different.push(report.name);
+        for store in &stores {
+            if stores.len() > 1 {
+                println!("{}:", store.name);
+            }
+            let sink = MongoSink::connect(&store.mongo).await?;
+            for &collection in &collections {
+                let report = verify::compare(&mut pg, sink.database(), collection, cli.examples).await?;
+                print!("{report}");
+                if !report.is_equal() {
+                    different.push(format!("{} in {}", report.name, store.name));
+                }
             }
         }
         if !different.is_empty() {

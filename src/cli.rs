@@ -25,3 +25,12 @@ where
         }
     }
 }
+
+/// Resolves at SIGTERM or Ctrl-C: when an orchestrator, or the user, asks the process to stop.
+pub async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

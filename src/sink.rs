@@ -58,6 +58,12 @@ pub struct MongoSink {
 impl MongoSink {
     /// Connects and checks the server answers (a one-line error naming the fix otherwise).
     pub async fn connect(args: &MongoArgs) -> Result<MongoSink> {
+        if args.uri.split_whitespace().nth(1).is_some() {
+            bail!(
+                "--mongo-uri / CDC_MONGO_URI lists several read stores; this command works on one: give it one URI \
+                 (and run it once per store)"
+            );
+        }
         let mut opts = ClientOptions::parse(&args.uri)
             .await
             .map_err(|e| anyhow!("--mongo-uri / CDC_MONGO_URI is not a MongoDB URI ({e})"))?;

@@ -44,6 +44,14 @@ fn services_and_ports_match_the_local_stack() {
             assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port} beyond loopback");
         }
     }
+    // Read stores 1 and 2 where the stack puts them (CDC_MONGO_PORT + i).
+    let mongo_port: u16 = stack_default("CDC_MONGO_PORT").parse().unwrap();
+    for i in 1..3u16 {
+        let ports = strings(&service(&doc, &format!("mongo{i}"))["ports"]);
+        assert_eq!(ports, vec![format!("127.0.0.1:{}:27017", mongo_port + i)], "mongo{i} ports");
+    }
+    let stores = service(&doc, "stream_orders")["environment"]["CDC_MONGO_URI"].as_str().unwrap();
+    assert_eq!(stores.split_whitespace().count(), 3, "the jobs keep three read stores: {stores}");
     let advertised = service(&doc, "kafka")["environment"]["KAFKA_ADVERTISED_LISTENERS"].as_str().unwrap();
     assert!(advertised.contains(&format!("127.0.0.1:{}", stack_default("CDC_KAFKA_PORT"))), "{advertised}");
 }
@@ -80,7 +88,7 @@ fn setup_and_jobs_run_this_projects_binaries() {
         assert!(manifest.contains(&format!("name = \"{bin}\"")), "{bin} is not a binary of Cargo.toml");
     }
     assert_eq!(service(&doc, "setup")["environment"]["CDC_CONNECT_PG_HOST"], "postgres");
-    for job in ["stream_products", "stream_orders", "stream_order_details"] {
+    for job in ["stream_products", "stream_orders", "stream_order_details", "cqrs_api"] {
         let svc = service(&doc, job);
         assert_eq!(strings(&svc["command"]), vec![job.to_owned()]);
         assert_eq!(svc["image"], service(&doc, "setup")["image"], "{job} runs the project image");

@@ -148,6 +148,17 @@ fn a_wrong_flag_is_one_line_naming_the_fix() {
 }
 
 #[test]
+fn cqrs_api_on_a_taken_port_or_a_bad_store_names_the_fix() {
+    let stack = Stack::from_env();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = stack.command("cqrs_api").env("CDC_API_ADDR", &addr).output().unwrap();
+    assert_fails_with(&out, &[&format!("binding {addr}"), "--listen / CDC_API_ADDR"]);
+    let out = stack.command("cqrs_api").env("CDC_MONGO_URI", "mongodb://127.0.0.1:1/ http://nope").output().unwrap();
+    assert_fails_with(&out, &["store1 (nope)", "is not a MongoDB URI"]);
+}
+
+#[test]
 fn every_binary_answers_help() {
     let bins = [
         "setup_pg_db",
@@ -159,6 +170,7 @@ fn every_binary_answers_help() {
         "verify",
         "first_load",
         "bench",
+        "cqrs_api",
     ];
     for bin in bins {
         let out = Command::new(common::bin_path(bin)).arg("--help").output().unwrap();

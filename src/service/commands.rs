@@ -110,9 +110,7 @@ pub async fn change_product(State(app): State<Arc<App>>, Path(id): Path<i32>, Bo
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    if found == 0 {
-        return Err(ApiError::not_found(format!("no product {id}")));
-    }
+    or_not_found(found, || format!("no product {id}"))?;
     done(&app.pg, tx, json!({ "product_id": id })).await
 }
 
@@ -166,18 +164,14 @@ pub async fn change_status(State(app): State<Arc<App>>, Path(id): Path<i32>, Bod
         .bind(status)
         .execute(&mut *tx)
         .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no order {id}")));
-    }
+    or_not_found(found.rows_affected(), || format!("no order {id}"))?;
     done(&app.pg, tx, json!({ "order_id": id, "status": status })).await
 }
 
 pub async fn delete_order(State(app): State<Arc<App>>, Path(id): Path<i32>) -> Answer {
     let mut tx = app.begin().await?;
     let found = sqlx::query("DELETE FROM orders WHERE order_id = $1").bind(id).execute(&mut *tx).await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no order {id}")));
-    }
+    or_not_found(found.rows_affected(), || format!("no order {id}"))?;
     done(&app.pg, tx, json!({ "order_id": id, "deleted": true })).await
 }
 
@@ -209,19 +203,20 @@ pub async fn change_line(State(app): State<Arc<App>>, Path(id): Path<i32>, Body(
     .bind(discount)
     .execute(&mut *tx)
     .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no order line {id}")));
-    }
+    or_not_found(found.rows_affected(), || format!("no order line {id}"))?;
     done(&app.pg, tx, json!({ "order_detail_id": id })).await
 }
 
 pub async fn remove_line(State(app): State<Arc<App>>, Path(id): Path<i32>) -> Answer {
     let mut tx = app.begin().await?;
     let found = sqlx::query("DELETE FROM order_details WHERE order_detail_id = $1").bind(id).execute(&mut *tx).await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no order line {id}")));
-    }
+    or_not_found(found.rows_affected(), || format!("no order line {id}"))?;
     done(&app.pg, tx, json!({ "order_detail_id": id, "deleted": true })).await
+}
+
+/// A 404 saying `missing` when the statement touched no row.
+fn or_not_found(rows: u64, missing: impl FnOnce() -> String) -> Result<(), ApiError> {
+    if rows == 0 { Err(ApiError::not_found(missing())) } else { Ok(()) }
 }
 
 /// A line at the product's current price.
