@@ -457,7 +457,7 @@ impl Jobs<'_> {
                 .env("CDC_GROUP_ID", &group)
                 .env("CDC_INSTANCE_ID", &group)
                 .env("CDC_METRICS_ADDR", format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", std::env::var("CDC_BENCH_JOB_LOG").unwrap_or_else(|_| "warn".into()))
                 .args(self.args.job_flags.split_whitespace())
                 .stdout(Stdio::null())
                 .spawn()

@@ -242,11 +242,14 @@ async fn run_store<J: Job>(
         let (positions, reduced): (Vec<Position>, Vec<_>) =
             reduce::<J>(events).into_iter().map(|(p, o, e)| ((p, o), e)).unzip();
         // Written in transactions of up to `chunk` events, each with the checkpoints of what it covers: all
-        // of them at once, unless a transaction conflicted with another job's or MongoDB found it too large
-        // or too long; then halves, growing back after quick successes.
+        // of them at once, unless MongoDB found a transaction too large or too long (then `chunk` halves and
+        // grows back slowly: a property of the data) or it conflicted with another job's transaction (then
+        // this batch's next attempt takes half, after a short random pause so the two stop colliding, and
+        // successes double it back: contention passes, so it never outlives the batch).
         let (mut start, mut written, mut stopped) = (0, 0, None);
+        let (mut contended, mut conflicts_in_a_row) = (usize::MAX, 0);
         loop {
-            let end = (start + chunk).min(reduced.len());
+            let end = (start + chunk.min(contended)).min(reduced.len());
             let covered = if end == reduced.len() { next.clone() } else { prefix_checkpoints(&positions[..end]) };
             let batch_checkpoints: Vec<Checkpoint> = covered
                 .iter()
@@ -258,10 +261,16 @@ async fn run_store<J: Job>(
             })
             .await?;
             match applied {
-                Applied::Written(n) => written += n,
+                Applied::Written(n) => {
+                    written += n;
+                    contended = contended.saturating_mul(2);
+                    conflicts_in_a_row = 0;
+                }
                 Applied::Conflict => {
                     metrics.conflicts.inc(1);
-                    chunk = ((end - start) / 2).max(1);
+                    contended = ((end - start) / 2).max(1);
+                    conflicts_in_a_row += 1;
+                    tokio::time::sleep(conflict_pause(conflicts_in_a_row)).await;
                     continue;
                 }
                 Applied::TooLarge => {
@@ -338,6 +347,13 @@ async fn run_store<J: Job>(
     }
     tracing::info!(job = J::TABLE, "stopped");
     Ok(())
+}
+
+/// A random pause before retrying a transaction that conflicted `n` times in a row with another job's:
+/// up to 5 ms, doubling with each conflict, at most 200 ms.
+fn conflict_pause(n: u32) -> Duration {
+    let cap = (5u64 << n.min(6)).min(200);
+    Duration::from_millis(rand::random_range(0..=cap))
 }
 
 /// Where a record is: (partition, offset).
