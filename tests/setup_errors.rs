@@ -154,7 +154,12 @@ fn cqrs_api_on_a_taken_port_or_a_bad_store_names_the_fix() {
     let addr = taken.local_addr().unwrap().to_string();
     let out = stack.command("cqrs_api").env("CDC_API_ADDR", &addr).output().unwrap();
     assert_fails_with(&out, &[&format!("binding {addr}"), "--listen / CDC_API_ADDR"]);
-    let out = stack.command("cqrs_api").env("CDC_MONGO_URI", "mongodb://127.0.0.1:1/ http://nope").output().unwrap();
+    let out = stack
+        .command("cqrs_api")
+        .env("CDC_API_ADDR", "127.0.0.1:0")
+        .env("CDC_MONGO_URI", "mongodb://127.0.0.1:1/ http://nope")
+        .output()
+        .unwrap();
     assert_fails_with(&out, &["store1 (nope)", "is not a MongoDB URI"]);
 }
 

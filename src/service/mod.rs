@@ -153,29 +153,25 @@ pub fn router(app: Arc<App>) -> Router {
 pub async fn serve(args: ServiceArgs) -> Result<()> {
     let stores = args.stores.stores();
     anyhow::ensure!(!stores.is_empty(), "no read store: give --mongo-uri (or CDC_MONGO_URI) at least one URI");
-    let pg = crate::postgres::pool(&args.pg, &args.pg.database, 8).await?;
+    // What needs no other service first: a wrong setting fails at once, before any connection.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {} (another service there? --listen / CDC_API_ADDR)", args.listen))?;
     let read_stores = Arc::new(
         ReadStores::new(&stores, &args.kafka, &args.group_prefix, Duration::from_millis(args.max_lag_ms)).await?,
     );
+    let pg = crate::postgres::pool(&args.pg, &args.pg.database, 8).await?;
     read_stores.watch(pg.clone(), args.kafka.clone(), args.slot.clone())?;
     let app = Arc::new(App {
         pg,
         stores: read_stores,
         read_your_writes_timeout: Duration::from_millis(args.read_your_writes_timeout_ms),
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {} (another service there? --listen / CDC_API_ADDR)", args.listen))?;
     let names: Vec<_> = stores.iter().map(|s| s.name.as_str()).collect();
     tracing::info!(listen = %args.listen, stores = ?names, database = %args.pg.database, "cqrs_api serving");
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            crate::cli::terminated().await;
             tracing::info!("shutting down");
         })
         .await
