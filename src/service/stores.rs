@@ -161,25 +161,20 @@ impl ReadStores {
 
     async fn refresh(&self, pg: &PgPool, consumer: &Arc<BaseConsumer>, slot: &str) -> Result<()> {
         // The slot first, then the ends (see the module comment).
-        let confirmed: Option<String> =
-            sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(slot)
-                .fetch_optional(pg)
-                .await
-                .context("reading the replication slot")?
-                .flatten();
+        let confirmed = confirmed_position(pg, slot).await;
         let topics: Vec<String> = self.feeds.iter().map(|(t, _)| t.clone()).collect();
         let consumer = consumer.clone();
-        let ends = tokio::task::spawn_blocking(move || topic_ends(&consumer, &topics)).await??;
-        let stores = self.stores.iter().map(|s| self.refresh_store(s, &ends));
-        futures::future::join_all(stores).await;
-        let confirmed = match confirmed {
-            Some(lsn) => lsn.parse()?,
-            None => {
-                anyhow::bail!("no replication slot {slot:?}: is the connector registered (--slot / CDC_SLOT_NAME)?")
-            }
+        let ends = tokio::task::spawn_blocking(move || topic_ends(&consumer, &topics))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|ends| ends);
+        // The stores are looked at even when PostgreSQL or Kafka is not answering (against the last ends).
+        let lag_ends = match &ends {
+            Ok(ends) => ends.clone(),
+            Err(_) => self.watermark.read().await.ends.clone(),
         };
-        *self.watermark.write().await = Watermark { confirmed, ends };
+        futures::future::join_all(self.stores.iter().map(|s| self.refresh_store(s, &lag_ends))).await;
+        *self.watermark.write().await = Watermark { confirmed: confirmed?, ends: ends? };
         Ok(())
     }
 
@@ -316,6 +311,21 @@ fn behind_ms(state: &StoreState) -> u64 {
         (0, _) => 0,
         (_, Some(t)) => t.elapsed().as_millis() as u64,
         (_, None) => u64::MAX,
+    }
+}
+
+/// Debezium's confirmed position in its replication slot.
+async fn confirmed_position(pg: &PgPool, slot: &str) -> Result<Lsn> {
+    let confirmed: Option<String> =
+        sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(slot)
+            .fetch_optional(pg)
+            .await
+            .context("reading the replication slot")?
+            .flatten();
+    match confirmed {
+        Some(lsn) => lsn.parse(),
+        None => anyhow::bail!("no replication slot {slot:?}: is the connector registered (--slot / CDC_SLOT_NAME)?"),
     }
 }
 
