@@ -38,6 +38,14 @@ impl KafkaArgs {
     }
 }
 
+/// The prefix of the stream jobs' default consumer groups.
+pub const GROUP_PREFIX: &str = "cdc-cqrs";
+
+/// The consumer group of the job following `table`, under `prefix` (the checkpoints in a store carry it).
+pub fn job_group(prefix: &str, table: &str) -> String {
+    format!("{prefix}-{table}")
+}
+
 /// Where the read models live.
 #[derive(Debug, Clone, Args)]
 pub struct MongoArgs {
@@ -100,7 +108,7 @@ impl StoresArgs {
 }
 
 /// The host list of a MongoDB URI, without scheme, credentials, path or options.
-pub fn hosts_of(uri: &str) -> &str {
+fn hosts_of(uri: &str) -> &str {
     let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
     let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
     hosts.rsplit_once('@').map_or(hosts, |(_, h)| h)

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::config::{KafkaArgs, Store, StoresArgs};
+use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
 use crate::envelope::{self, Event};
 use crate::handoff;
 use crate::kafka;
@@ -141,7 +141,7 @@ async fn run_store<J: Job>(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let topic = args.kafka.table_topic(J::TABLE);
-    let group = args.group.clone().unwrap_or_else(|| format!("cdc-cqrs-{}", J::TABLE));
+    let group = args.group.clone().unwrap_or_else(|| job_group(GROUP_PREFIX, J::TABLE));
     let suffix = if store.index == 0 { String::new() } else { format!("@store{}", store.index) };
     let dead_letter_topic =
         args.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", args.kafka.topic_prefix));

@@ -37,8 +37,8 @@ pub enum Applied {
     /// Nothing written: the transaction outgrew MongoDB's limits (its lifetime, 60 s by default, or its
     /// size); the same events in smaller batches will go through.
     TooLarge,
-    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime in smaller
-    /// transactions, which conflict less (a single event is retried here until it goes through).
+    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime, after a
+    /// short random pause, in smaller transactions, which conflict less.
     Conflict,
 }
 
@@ -83,18 +83,7 @@ impl MongoSink {
 
     /// The job's checkpoints for `topic`: partition -> next offset.
     pub async fn checkpoints(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>> {
-        let mut cursor = self
-            .db
-            .collection::<Document>(CHECKPOINTS)
-            .find(doc! { "group": group, "topic": topic })
-            .await
-            .context("reading checkpoints")?;
-        let mut out = HashMap::new();
-        while cursor.advance().await? {
-            let d = cursor.deserialize_current()?;
-            out.insert(d.get_i32("partition")?, d.get_i64("next_offset")?);
-        }
-        Ok(out)
+        checkpoints(&self.db, group, topic).await
     }
 
     /// Creates the indexes the projections' multi-document updates need (idempotent).
@@ -182,10 +171,7 @@ impl MongoSink {
                     // A write conflict with another job's transaction on the same document: redo it.
                     if is_transient(&e) {
                         tracing::debug!(job = J::TABLE, events = events.len(), "write conflict with another job");
-                        if events.len() > 1 {
-                            return Ok(Applied::Conflict);
-                        }
-                        continue;
+                        return Ok(Applied::Conflict);
                     }
                     return Err(e);
                 }
@@ -303,6 +289,21 @@ pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -
             .with_context(|| format!("creating the indexes of {name}"))?;
     }
     Ok(())
+}
+
+/// A job's checkpoints for `topic` in the read store `db`: partition -> next offset.
+pub async fn checkpoints(db: &Database, group: &str, topic: &str) -> Result<HashMap<i32, i64>> {
+    let mut cursor = db
+        .collection::<Document>(CHECKPOINTS)
+        .find(doc! { "group": group, "topic": topic })
+        .await
+        .context("reading checkpoints")?;
+    let mut out = HashMap::new();
+    while cursor.advance().await? {
+        let d = cursor.deserialize_current()?;
+        out.insert(d.get_i32("partition")?, d.get_i64("next_offset")?);
+    }
+    Ok(out)
 }
 
 /// A transaction that failed after this long is split rather than retried (MongoDB's default lifetime

@@ -94,9 +94,8 @@ impl crate::runtime::Job for ProductsJob {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
-        let stored = reads.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1 }).await?;
-        // Within the batch, what an earlier event of the same product (a kept one) leaves behind.
-        let mut stored = stored;
+        // Updated within the batch with what an earlier event of the same product (a kept one) leaves behind.
+        let mut stored = reads.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1 }).await?;
         let mut writes = Vec::with_capacity(events.len() * 3);
         for event in events {
             let id = event.row().map(|r| r.product_id);

@@ -45,7 +45,7 @@ pub struct ServiceArgs {
 
     /// The stream jobs' consumer groups are <prefix>-<table> (their default with `cdc-cqrs`); their
     /// checkpoints in each store tell how far it is.
-    #[arg(long, env = "CDC_GROUP_PREFIX", default_value = "cdc-cqrs")]
+    #[arg(long, env = "CDC_GROUP_PREFIX", default_value = crate::config::GROUP_PREFIX)]
     pub group_prefix: String,
 
     /// Debezium's replication slot: its confirmed position is what read-your-writes waits on.

@@ -70,20 +70,21 @@ where
         match answer.unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())) {
             Ok(data) => {
                 app.stores.served(i);
-                let (code, body) = match data {
-                    Some(data) => (StatusCode::OK, data),
-                    None => (StatusCode::NOT_FOUND, json!({ "error": missing })),
-                };
                 let mut body = json!({
                     "store": status.name,
                     "behind_records": status.behind_records,
                     "behind_ms": status.behind_ms,
-                    "data": body,
                 });
-                if code != StatusCode::OK {
-                    body["error"] = body["data"]["error"].take();
-                    body.as_object_mut().map(|o| o.remove("data"));
-                }
+                let code = match data {
+                    Some(data) => {
+                        body["data"] = data;
+                        StatusCode::OK
+                    }
+                    None => {
+                        body["error"] = json!(missing);
+                        StatusCode::NOT_FOUND
+                    }
+                };
                 let mut response = (code, Json(body)).into_response();
                 if let Ok(name) = HeaderValue::from_str(&status.name) {
                     response.headers_mut().insert("x-read-store", name);

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use bson::{Document, doc};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,10 +21,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
-use crate::config::{KafkaArgs, Store};
+use crate::config::{KafkaArgs, Store, job_group};
 use crate::kafka;
 use crate::projection::Collection;
-use crate::sink::CHECKPOINTS;
+use crate::sink;
 
 /// How often the stores' state is refreshed.
 const REFRESH: Duration = Duration::from_millis(200);
@@ -131,10 +130,8 @@ impl ReadStores {
                 served: AtomicU64::new(0),
             }));
         }
-        let feeds = Collection::ALL
-            .iter()
-            .map(|c| (kafka.table_topic(c.name()), format!("{group_prefix}-{}", c.name())))
-            .collect();
+        let feeds =
+            Collection::ALL.iter().map(|c| (kafka.table_topic(c.name()), job_group(group_prefix, c.name()))).collect();
         Ok(ReadStores { stores: out, next: AtomicUsize::new(0), max_lag, feeds, watermark: RwLock::default() })
     }
 
@@ -201,11 +198,8 @@ impl ReadStores {
     async fn applied(&self, db: &Database) -> Result<Offsets> {
         let mut applied = Offsets::new();
         for (topic, group) in &self.feeds {
-            let mut cursor =
-                db.collection::<Document>(CHECKPOINTS).find(doc! { "group": group, "topic": topic }).await?;
-            while cursor.advance().await? {
-                let d = cursor.deserialize_current()?;
-                applied.insert((topic.clone(), d.get_i32("partition")?), d.get_i64("next_offset")?);
+            for (partition, next) in sink::checkpoints(db, group, topic).await? {
+                applied.insert((topic.clone(), partition), next);
             }
         }
         Ok(applied)
