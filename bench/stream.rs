@@ -61,8 +61,12 @@ pub struct Args {
     freshness_secs: u64,
 
     /// Only the three jobs together (no single-job catch-up runs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "singles_only")]
     together_only: bool,
+
+    /// Only the single-job catch-up runs (no run of the three together, hence no freshness run).
+    #[arg(long)]
+    singles_only: bool,
 
     /// Flags passed on to every job (e.g. "--batch-size 10000").
     #[arg(long, default_value = "", allow_hyphen_values = true)]
@@ -165,6 +169,10 @@ pub async fn run(args: Args) -> Result<()> {
             report(job, per_topic[i], &jobs.catch_up(&[i], &ends, "alone").await?);
         }
     }
+    if args.singles_only {
+        mongo.shutdown().await;
+        return Ok(());
+    }
     eprintln!("bench: catch-up, the three jobs together ({total} records)");
     let together = jobs.catch_up(&[0, 1, 2], &ends, "together").await?;
     report("all three together", total, &together);
@@ -245,10 +253,6 @@ fn raw_consumer(brokers: &str) -> Result<BaseConsumer> {
 /// Starts over: a new database captured by a new connector, then the sample workload (a catalogue, orders
 /// with their lines, then the default mix of changes) until Debezium has written `args.events` records.
 async fn write_events(args: &Args, pg: &PgArgs, topics: &[String]) -> Result<()> {
-    let password = std::env::var("DEBEZIUM_PASSWORD")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .context("set DEBEZIUM_PASSWORD (scripts/stack exec sets it): the benchmark captures its own database")?;
     eprintln!("bench: writing {} change events (database, connector, slot and topics {NAME})", args.events);
     let connect = ConnectClient::new(&args.connect_url)?;
     let _ = connect.delete(NAME).await;
@@ -276,21 +280,8 @@ async fn write_events(args: &Args, pg: &PgArgs, topics: &[String]) -> Result<()>
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")))
         .execute(&mut admin)
         .await?;
-    setup::setup(pg, &password).await?;
-
-    let server_opts = postgres::options(pg, NAME)?;
-    let deployment = Deployment {
-        pg_host: server_opts.get_host().to_owned(),
-        pg_port: server_opts.get_port(),
-        database: NAME.into(),
-        user: setup::CAPTURE_ROLE.into(),
-        password,
-        topic_prefix: NAME.into(),
-        slot: NAME.into(),
-        snapshot_mode: "no_data".into(),
-    };
-    connect.put_config(NAME, &connector::render(connector::CONFIG_TEMPLATE, &deployment)?).await?;
-    connect.wait_running(NAME, Duration::from_secs(180)).await?;
+    setup::setup(pg, &capture_password()?).await?;
+    register_connector(&connect, pg).await?;
     for _ in 0..240 {
         let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
             .bind(NAME)
@@ -334,6 +325,31 @@ async fn write_events(args: &Args, pg: &PgArgs, topics: &[String]) -> Result<()>
             ..plan
         };
     }
+}
+
+fn capture_password() -> Result<String> {
+    std::env::var("DEBEZIUM_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .context("set DEBEZIUM_PASSWORD (scripts/stack exec sets it): the benchmark captures its own database")
+}
+
+/// Puts the project's connector configuration for the benchmark's database (the current one: a run that
+/// reuses the topics still measures today's settings) and waits until it runs.
+async fn register_connector(connect: &ConnectClient, pg: &PgArgs) -> Result<()> {
+    let server_opts = postgres::options(pg, NAME)?;
+    let deployment = Deployment {
+        pg_host: server_opts.get_host().to_owned(),
+        pg_port: server_opts.get_port(),
+        database: NAME.into(),
+        user: setup::CAPTURE_ROLE.into(),
+        password: capture_password()?,
+        topic_prefix: NAME.into(),
+        slot: NAME.into(),
+        snapshot_mode: "no_data".into(),
+    };
+    connect.put_config(NAME, &connector::render(connector::CONFIG_TEMPLATE, &deployment)?).await?;
+    connect.wait_running(NAME, Duration::from_secs(180)).await.map(|_| ())
 }
 
 /// Waits until Debezium has caught up with the workload: the topics' ends stay put for 5 s. Returns the
@@ -449,7 +465,16 @@ impl Jobs<'_> {
         for &i in which {
             let port = free_port()?;
             let group = format!("{group}-{}", TABLES[i]);
-            let child = Command::new(measure::sibling_binary(JOBS[i])?)
+            let mut command = Command::new(measure::sibling_binary(JOBS[i])?);
+            // The jobs stop with the benchmark, even when it is interrupted or killed.
+            // SAFETY: prctl is async-signal-safe and only changes this child's own death signal.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let child = command
                 .env("CDC_KAFKA_BROKERS", &self.args.brokers)
                 .env("CDC_TOPIC_PREFIX", NAME)
                 .env("CDC_MONGO_URI", &self.args.endpoints.mongo_uri)
@@ -512,6 +537,7 @@ impl Jobs<'_> {
     /// applied all of it.
     async fn freshness(&self, pg: &PgArgs, topics: &[String], group: &str) -> Result<Freshness> {
         let db = self.mongo.database(NAME);
+        register_connector(&ConnectClient::new(&self.args.connect_url)?, pg).await?;
         let mut running = self.start(&[0, 1, 2], group)?;
         let http = reqwest::Client::new();
         for &port in &running.metrics_ports {

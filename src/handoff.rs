@@ -8,8 +8,9 @@
 //! The state is one MongoDB document, `_handoff {_id: "first_load"}`: an `epoch` that every load bumps,
 //! a `phase` and the `snapshot`. Jobs read it inside each batch's transaction and write nothing while a
 //! load or a swap is under way. `first_load` changes phase in a transaction that also writes every
-//! table's `_truncations` document, which every batch of every job writes too: a batch that began under
-//! the old state conflicts and is redone under the new one, so none can commit across a phase change.
+//! table's `_truncations` documents (one per lane), one of which every transaction of every job writes
+//! too: a batch that began under the old state conflicts and is redone under the new one, so none can
+//! commit across a phase change.
 //! A batch started under an older epoch is answered [`Gate::Reset`]: `--rebuild` moved the checkpoints
 //! back to where they stood before its snapshot, and the job must re-read them and seek.
 
@@ -221,11 +222,16 @@ pub async fn begin(
             handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
             let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
             for table in TABLES {
-                marks
-                    .update_one(doc! { "_id": table }, doc! { "$inc": { "handoffs": 1_i64 } })
-                    .upsert(true)
-                    .session(&mut *session)
-                    .await?;
+                for lane in 0..crate::sink::LANES {
+                    marks
+                        .update_one(
+                            doc! { "_id": crate::sink::truncation_mark(table, lane) },
+                            doc! { "$inc": { "handoffs": 1_i64 } },
+                        )
+                        .upsert(true)
+                        .session(&mut *session)
+                        .await?;
+                }
             }
             if let Some(rewind) = rewind {
                 let checkpoints = db.collection::<Document>(crate::sink::CHECKPOINTS);

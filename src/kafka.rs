@@ -23,8 +23,10 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("fetch.wait.max.ms", "100")
-        // Prefetch enough for a few full batches, not librdkafka's 64 MB per partition (a job's RSS).
-        .set("queued.max.messages.kbytes", "16384")
+        // Prefetch enough for a couple of full batches, not librdkafka's 64 MB (a job's RSS), in fetches of
+        // at most 4 MB (librdkafka asks for 50 MB at a time by default).
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.max.bytes", "4194304")
         // noida-db ignores fetch.max.bytes: a fetch from far behind answers with everything up to the
         // partition end (169 MB for 260,000 records). A broker that honours it never sends more than it.
         .set("receive.message.max.bytes", "1073741824")

@@ -1,6 +1,7 @@
 //! The micro-batch runtime every stream job runs: poll a batch (by count and time) -> decode -> reduce
-//! per key -> project -> write the batch and its checkpoints in one MongoDB transaction -> commit offsets
-//! to Kafka. The jobs differ only in their [`Job`] (table and projection).
+//! per key -> project -> write the batch and its checkpoints to MongoDB (one transaction, or several at
+//! once for a large batch: [`BatchWriter`]) -> commit offsets to Kafka. The next batch is fetched while one
+//! is written. The jobs differ only in their [`Job`] (table and projection).
 //!
 //! Failure handling: a record that does not decode goes to the dead-letter topic, with the reason in its
 //! headers, before the batch is written (so it is never lost); MongoDB or Kafka being unreachable means
@@ -33,7 +34,7 @@ use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
 use crate::projection::Write;
-use crate::sink::{Applied, Checkpoint, MongoSink, Reads};
+use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Txn};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
@@ -46,6 +47,13 @@ pub trait Job: Send + Sync + 'static {
     /// The primary key of a row.
     fn key(row: &Self::Row) -> i32;
 
+    /// What decides a change's lane when a large batch is written in several transactions at once
+    /// ([`LANES`]): changes that write the same documents should share it (else their transactions
+    /// conflict, and one is redone). The primary key unless the job says otherwise.
+    fn lane_key(row: &Self::Row) -> i32 {
+        Self::key(row)
+    }
+
     /// Events the per-key reduction must keep even when a later event of the same key follows.
     fn must_keep(_event: &Event<Self::Row>) -> bool {
         false
@@ -53,11 +61,8 @@ pub trait Job: Send + Sync + 'static {
 
     /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order). Runs
     /// inside the batch's transaction: `reads` see its snapshot.
-    fn project(
-        &self,
-        events: &[Event<Self::Row>],
-        reads: &mut Reads<'_>,
-    ) -> impl Future<Output = Result<Vec<Write>>> + Send;
+    fn project(&self, events: &[Event<Self::Row>], tx: &mut Txn<'_>)
+    -> impl Future<Output = Result<Vec<Write>>> + Send;
 }
 
 /// What every job is configured with.
@@ -105,6 +110,13 @@ pub fn main<J: Job>(job: J, about: &'static str) -> std::process::ExitCode {
     let command = JobArgs::augment_args(clap::Command::new(J::BIN)).about(about).version(env!("CARGO_PKG_VERSION"));
     let matches = command.get_matches();
     let args = JobArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // glibc gives each thread that allocates its own arena, and batches are allocated on one worker thread
+    // and freed on another: two arenas keep a catch-up's peak RSS about a quarter lower, at no measured cost.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     crate::cli::run(run(job, args))
 }
 
@@ -168,11 +180,14 @@ async fn run_store<J: Job>(
     let mut last_pause_note: Option<Instant> = None;
     let mut last_epoch_check = Instant::now();
     let mut chunk = args.batch_size;
+    let mut prefetched = Vec::new();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let batch = poll_batch(&consumer, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await;
+        let carried = std::mem::take(&mut prefetched);
+        let batch =
+            poll_batch(&consumer, carried, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await;
         let now_assigned = assignment(&consumer);
         if batch.is_empty() && !reload && now_assigned == assigned {
             // Idle: a first_load epoch may still have moved the checkpoints back.
@@ -239,65 +254,27 @@ async fn run_store<J: Job>(
             .await?;
             metrics.dead_lettered.inc(1);
         }
-        let (positions, reduced): (Vec<Position>, Vec<_>) =
-            reduce::<J>(events).into_iter().map(|(p, o, e)| ((p, o), e)).unzip();
-        // Written in transactions of up to `chunk` events, each with the checkpoints of what it covers: all
-        // of them at once, unless MongoDB found a transaction too large or too long (then `chunk` halves and
-        // grows back slowly: a property of the data) or it conflicted with another job's transaction (then
-        // this batch's next attempt takes half, after a short random pause so the two stop colliding, and
-        // successes double it back: contention passes, so it never outlives the batch).
-        let (mut start, mut written, mut stopped) = (0, 0, None);
-        let (mut contended, mut conflicts_in_a_row) = (usize::MAX, 0);
-        loop {
-            let end = (start + chunk.min(contended)).min(reduced.len());
-            let covered = if end == reduced.len() { next.clone() } else { prefix_checkpoints(&positions[..end]) };
-            let batch_checkpoints: Vec<Checkpoint> = covered
-                .iter()
-                .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
-                .collect();
-            let attempt = Instant::now();
-            let applied = retry("writing the batch to MongoDB", &shutdown, || {
-                sink.apply(job.as_ref(), &reduced[start..end], &group, &batch_checkpoints, epoch)
-            })
-            .await?;
-            match applied {
-                Applied::Written(n) => {
-                    written += n;
-                    contended = contended.saturating_mul(2);
-                    conflicts_in_a_row = 0;
-                }
-                Applied::Conflict => {
-                    metrics.conflicts.inc(1);
-                    contended = ((end - start) / 2).max(1);
-                    conflicts_in_a_row += 1;
-                    tokio::time::sleep(conflict_pause(conflicts_in_a_row)).await;
-                    continue;
-                }
-                Applied::TooLarge => {
-                    chunk = ((end - start) / 2).max(1);
-                    tracing::warn!(job = J::TABLE, events = chunk, "writing the batch in smaller transactions");
-                    if end - start == 1 {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
-                    continue;
-                }
-                other => {
-                    stopped = Some(other);
-                    break;
-                }
-            }
-            // Grow back slowly after a split, and never towards transactions of seconds.
-            if attempt.elapsed() < Duration::from_secs(2) {
-                chunk = (chunk + chunk / 4 + 1).min(args.batch_size);
-            }
-            if end == reduced.len() {
-                break;
-            }
-            start = end;
-        }
-        match stopped {
-            None => {}
-            Some(Applied::Paused(phase)) => {
+        let reduced: Vec<Event<J::Row>> = reduce::<J>(events).into_iter().map(|(_, _, e)| e).collect();
+        let batch_checkpoints: Vec<Checkpoint> = next
+            .iter()
+            .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
+            .collect();
+        let writer = BatchWriter {
+            job: job.as_ref(),
+            sink: &sink,
+            group: &group,
+            epoch,
+            metrics: &metrics,
+            shutdown: &shutdown,
+            max_chunk: args.batch_size,
+        };
+        // The next batch's records are fetched while this one is written.
+        let (written, fetched) =
+            while_prefetching(&consumer, args.batch_size, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
+        prefetched = fetched;
+        let written = match written? {
+            Ok(written) => written,
+            Err(Applied::Paused(phase)) => {
                 if last_pause_note.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(
                         job = J::TABLE,
@@ -311,12 +288,12 @@ async fn run_store<J: Job>(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            Some(_) => {
+            Err(_) => {
                 tracing::info!(job = J::TABLE, "first_load started a new epoch; re-reading checkpoints");
                 reload = true;
                 continue;
             }
-        }
+        };
         last_pause_note = None;
         metrics.written.inc(written as u64);
 
@@ -349,6 +326,148 @@ async fn run_store<J: Job>(
     Ok(())
 }
 
+/// Writes a batch's reduced events to one store and moves its checkpoints.
+///
+/// A small batch is one transaction, with its checkpoints. A large one is split by [`Job::lane_key`] into
+/// up to [`LANES`] lanes written at once (MongoDB works on several transactions in parallel, one
+/// transaction's statements one after the other), then the checkpoints move in a transaction of their
+/// own: a crash in between replays the batch, and every write is guarded by its source position, so the
+/// replay changes nothing. A lane's transaction is split in smaller ones when MongoDB finds it too large
+/// or too long (`chunk` halves and grows back slowly: a property of the data), or after a write conflict
+/// with another job's transaction (then only the lane's next attempt takes half, after a short random
+/// pause so the two stop colliding, and successes double it back: contention passes).
+struct BatchWriter<'a, J: Job> {
+    job: &'a J,
+    sink: &'a MongoSink,
+    group: &'a str,
+    epoch: i64,
+    metrics: &'a Metrics,
+    shutdown: &'a watch::Receiver<bool>,
+    max_chunk: usize,
+}
+
+/// A batch's outcome: write statements committed, or why nothing more was (first_load: paused, new epoch).
+type Outcome = std::result::Result<usize, Applied>;
+
+impl<J: Job> BatchWriter<'_, J> {
+    async fn write(
+        &self,
+        events: Vec<Event<J::Row>>,
+        checkpoints: &[Checkpoint],
+        chunk: &mut usize,
+    ) -> Result<Outcome> {
+        let lanes = into_lanes::<J>(events);
+        if lanes.len() == 1 {
+            return self.lane(0, &lanes[0], checkpoints, chunk).await;
+        }
+        let start = *chunk;
+        let results = futures::future::join_all(lanes.iter().enumerate().map(|(lane, events)| async move {
+            let mut chunk = start;
+            (self.lane(lane, events, &[], &mut chunk).await, chunk)
+        }))
+        .await;
+        let mut written = 0;
+        for (outcome, lane_chunk) in results {
+            *chunk = (*chunk).min(lane_chunk);
+            match outcome? {
+                Ok(n) => written += n,
+                stopped => return Ok(stopped),
+            }
+        }
+        Ok(self.lane(0, &[], checkpoints, chunk).await?.map(|_| written))
+    }
+
+    /// Writes one lane's events in transactions of up to `chunk`, the last with `checkpoints`.
+    async fn lane(
+        &self,
+        lane: usize,
+        events: &[Event<J::Row>],
+        checkpoints: &[Checkpoint],
+        chunk: &mut usize,
+    ) -> Result<Outcome> {
+        let (mut start, mut written) = (0, 0);
+        let (mut contended, mut conflicts_in_a_row) = (usize::MAX, 0);
+        loop {
+            let end = (start + (*chunk).min(contended)).min(events.len());
+            let last = end == events.len();
+            let covers = if last { checkpoints } else { &[] };
+            let attempt = Instant::now();
+            let applied = retry("writing the batch to MongoDB", self.shutdown, || {
+                self.sink.apply(self.job, &events[start..end], lane, self.group, covers, self.epoch)
+            })
+            .await?;
+            match applied {
+                Applied::Written(n) => {
+                    written += n;
+                    contended = contended.saturating_mul(2);
+                    conflicts_in_a_row = 0;
+                }
+                Applied::Conflict => {
+                    self.metrics.conflicts.inc(1);
+                    contended = ((end - start) / 2).max(1);
+                    conflicts_in_a_row += 1;
+                    tokio::time::sleep(conflict_pause(conflicts_in_a_row)).await;
+                    continue;
+                }
+                Applied::TooLarge => {
+                    *chunk = ((end - start) / 2).max(1);
+                    tracing::warn!(job = J::TABLE, events = *chunk, "writing the batch in smaller transactions");
+                    if end - start == 1 {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    continue;
+                }
+                stopped => return Ok(Err(stopped)),
+            }
+            // Grow back slowly after a split, and never towards transactions of seconds.
+            if attempt.elapsed() < Duration::from_secs(2) {
+                *chunk = (*chunk + *chunk / 4 + 1).min(self.max_chunk);
+            }
+            if last {
+                return Ok(Ok(written));
+            }
+            start = end;
+        }
+    }
+}
+
+/// Below this many events a batch is one transaction: each lane costs a transaction, and the checkpoints
+/// one more.
+const LANE_MIN_EVENTS: usize = 512;
+
+/// The batch's events by lane (in batch order within a lane, so a key's events stay in order); one lane
+/// for a small batch, or one holding a TRUNCATE (which must see every event before it applied).
+fn into_lanes<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Vec<Event<J::Row>>> {
+    if events.len() < LANE_MIN_EVENTS || events.iter().any(|e| matches!(e, Event::Truncate { .. })) {
+        return vec![events];
+    }
+    let mut lanes: Vec<Vec<Event<J::Row>>> = (0..LANES).map(|_| Vec::with_capacity(events.len() / LANES + 1)).collect();
+    for event in events {
+        let key = event.row().map_or(0, J::lane_key);
+        lanes[key.rem_euclid(LANES as i32) as usize].push(event);
+    }
+    lanes.retain(|lane| !lane.is_empty());
+    lanes
+}
+
+/// Runs `work` (a batch's write) while taking the records that arrive meanwhile, up to `max`: the next
+/// batch is in hand when the write is done.
+async fn while_prefetching<T>(
+    consumer: &StreamConsumer,
+    max: usize,
+    work: impl Future<Output = T>,
+) -> (T, Vec<OwnedMessage>) {
+    tokio::pin!(work);
+    let mut fetched = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return (out, fetched),
+            Ok(m) = consumer.recv(), if fetched.len() < max => fetched.push(m.detach()),
+        }
+    }
+}
+
 /// A random pause before retrying a transaction that conflicted `n` times in a row with another job's:
 /// up to 5 ms, doubling with each conflict, at most 200 ms.
 fn conflict_pause(n: u32) -> Duration {
@@ -356,27 +475,27 @@ fn conflict_pause(n: u32) -> Duration {
     Duration::from_millis(rand::random_range(0..=cap))
 }
 
-/// Where a record is: (partition, offset).
-type Position = (i32, i64);
-
 /// How long an idle job waits for a record before looking at the handoff state again.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 
-/// The next batch: waits up to [`IDLE_WAIT`] for a first record, then takes what the consumer has already
-/// fetched, up to `size`, lingering up to `linger` for more. Batches adapt to the load by themselves: a
-/// lone change is written at once, and under load the records that arrive while a batch is written make the
-/// next one (up to `size`).
+/// The next batch: the records `carried` (taken while the last batch was written), else the first to
+/// arrive within [`IDLE_WAIT`], then what the consumer has already fetched, up to `size`, lingering up to
+/// `linger` for more. Batches adapt to the load by themselves: a lone change is written at once, and under
+/// load the records that arrive while a batch is written make the next one (up to `size`).
 async fn poll_batch(
     consumer: &StreamConsumer,
+    carried: Vec<OwnedMessage>,
     size: usize,
     linger: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<OwnedMessage> {
     let mut shutdown = shutdown.clone();
-    let mut batch = Vec::new();
-    let first_by = tokio::time::Instant::now() + IDLE_WAIT;
-    let Some(first) = next_record(consumer, first_by, &mut shutdown).await else { return batch };
-    batch.push(first);
+    let mut batch = carried;
+    if batch.is_empty() {
+        let first_by = tokio::time::Instant::now() + IDLE_WAIT;
+        let Some(first) = next_record(consumer, first_by, &mut shutdown).await else { return batch };
+        batch.push(first);
+    }
     let linger_until = tokio::time::Instant::now() + linger;
     while batch.len() < size {
         let m = match consumer.recv().now_or_never() {
@@ -519,17 +638,6 @@ fn reduce<J: Job>(events: Vec<(i32, i64, Event<J::Row>)>) -> Vec<(i32, i64, Even
         .collect()
 }
 
-/// The checkpoints that the first events of a batch cover: per partition, past the last of them.
-/// (Events the reduction dropped in that stretch are superseded by later ones of the same key.)
-fn prefix_checkpoints(positions: &[Position]) -> BTreeMap<i32, i64> {
-    let mut covered = BTreeMap::new();
-    for &(partition, offset) in positions {
-        let end = covered.entry(partition).or_insert(0);
-        *end = (*end).max(offset + 1);
-    }
-    covered
-}
-
 async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, reason: &str) -> Result<()> {
     let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
     let headers = OwnedHeaders::new()
@@ -611,4 +719,60 @@ fn hostname() -> String {
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Source;
+    use crate::projection::order_details::OrderDetailsJob;
+    use crate::rows::OrderDetail;
+
+    fn source(lsn: u64) -> Source {
+        Source { lsn, tx_id: Some(lsn), ts_ms: 0, table: "order_details".into(), snapshot: false }
+    }
+
+    fn line(id: i32, order_id: i32, lsn: u64) -> Event<OrderDetail> {
+        let row = OrderDetail {
+            order_detail_id: id,
+            order_id,
+            product_id: 1,
+            unit_price: "1.00".parse().unwrap(),
+            quantity: 1,
+            discount: "0".parse().unwrap(),
+        };
+        Event::Upsert { row, before: None, source: source(lsn) }
+    }
+
+    fn orders(lane: &[Event<OrderDetail>]) -> Vec<i32> {
+        lane.iter().filter_map(|e| e.row().map(|r| r.order_id)).collect()
+    }
+
+    #[test]
+    fn a_large_batch_splits_by_lane_key_and_keeps_each_lanes_order() {
+        let events: Vec<_> = (0..2000).map(|i| line(i, i / 3, i as u64)).collect();
+        let lanes = into_lanes::<OrderDetailsJob>(events);
+        assert_eq!(lanes.len(), LANES);
+        let mut seen = HashMap::new();
+        for (lane, events) in lanes.iter().enumerate() {
+            // An order's lines are all in one lane, in batch order.
+            for order in orders(events) {
+                assert_eq!(*seen.entry(order).or_insert(lane), lane, "order {order} in two lanes");
+            }
+            let positions: Vec<u64> = events.iter().filter_map(|e| e.source().map(|s| s.lsn)).collect();
+            assert!(positions.is_sorted(), "lane {lane} out of order");
+        }
+        assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 2000);
+    }
+
+    #[test]
+    fn small_batches_and_truncates_stay_in_one_transaction() {
+        let small: Vec<_> = (0..10).map(|i| line(i, i, i as u64)).collect();
+        assert_eq!(into_lanes::<OrderDetailsJob>(small).len(), 1);
+        let mut large: Vec<_> = (0..2000).map(|i| line(i, i, i as u64)).collect();
+        large.insert(1000, Event::Truncate { source: source(1000) });
+        let lanes = into_lanes::<OrderDetailsJob>(large);
+        assert_eq!(lanes.len(), 1);
+        assert!(matches!(lanes[0][1000], Event::Truncate { .. }));
+    }
 }

@@ -2,10 +2,17 @@
 //!
 //! Committing the checkpoint with the writes is what makes a batch's effect exactly-once: a crash before
 //! the commit leaves neither, a crash after leaves both, and on restart the runtime skips records below the
-//! checkpoint. (Every write is also version-guarded, so a replay past a lost checkpoint is a no-op too.)
+//! checkpoint. Every write is also version-guarded, so a replay past a lost checkpoint is a no-op too: that
+//! is what lets a large batch be written in several transactions and its checkpoints after them.
 //! A server without replica set or an unreachable one is an error the runtime retries with backoff.
+//!
+//! A job may have up to [`LANES`] transactions in flight at once (the runtime splits a large batch by key
+//! into lanes). What must serialize with a lane's transaction is written per lane: its truncation
+//! watermark document and the product locks it takes, so that lanes of one job never conflict over them,
+//! while a TRUNCATE, first_load's phase changes and a product's name or price change write every lane's
+//! document and conflict with all of them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -24,6 +31,24 @@ use crate::runtime::Job;
 const STATEMENTS_PER_COMMAND: usize = 10_000;
 pub(crate) const CHECKPOINTS: &str = "_checkpoints";
 pub(crate) const TRUNCATIONS: &str = "_truncations";
+
+/// Documents only written, to make transactions that embed a product and those that change it conflict
+/// (MongoDB's snapshot isolation would otherwise let both commit, each blind to the other).
+pub(crate) const PRODUCT_LOCKS: &str = "_product_locks";
+
+/// The `_id` of product `p`'s lock for `lane`: for embedding it as known, or as `unknown` (not there yet).
+fn product_lock(p: i32, lane: usize, unknown: bool) -> i64 {
+    (i64::from(p) * 2 + i64::from(unknown)) * LANES as i64 + lane as i64
+}
+
+/// Transactions one job process may have in flight at once.
+pub const LANES: usize = 4;
+
+/// The `_truncations` document of `table` for `lane`: a batch writes its lane's, a TRUNCATE and first_load
+/// write all of them.
+pub(crate) fn truncation_mark(table: &str, lane: usize) -> String {
+    format!("{table}|{lane}")
+}
 
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,14 +119,16 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Projects `events` with `job` and applies the writes, moving `checkpoints` forward, atomically.
-    /// The projection runs inside the transaction (its reads see the transaction's snapshot) and is redone
-    /// when the transaction is retried, so a write conflict with another job never leaves stale data.
-    /// `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written under another.
+    /// Projects `events` with `job` and applies the writes, moving `checkpoints` forward, atomically, in
+    /// transaction lane `lane`. The projection runs inside the transaction (its reads see the transaction's
+    /// snapshot) and is redone when the transaction is retried, so a write conflict with another job never
+    /// leaves stale data. `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written
+    /// under another. With no events, only the checkpoints move (after lanes that wrote without them).
     pub async fn apply<J: Job>(
         &self,
         job: &J,
         events: &[Event<J::Row>],
+        lane: usize,
         group: &str,
         checkpoints: &[Checkpoint],
         epoch: i64,
@@ -130,8 +157,12 @@ impl MongoSink {
                     Gate::Reset => return Ok(Applied::Reset),
                 };
                 let started = std::time::Instant::now();
-                let events = self.admissible::<J>(&mut session, events, &handoff).await?;
-                let writes = job.project(&events, &mut Reads { db: &self.db, session: &mut session }).await?;
+                let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
+                let writes = if events.is_empty() {
+                    Vec::new()
+                } else {
+                    job.project(&events, &mut Txn { db: &self.db, session: &mut session, lane }).await?
+                };
                 let projected_ms = started.elapsed().as_millis() as u64;
                 let count = writes.len();
                 let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
@@ -145,8 +176,10 @@ impl MongoSink {
                     update(&self.db, &mut session, collection.name(), statements).await?;
                     timings.push((collection.name(), statements.len(), t.elapsed().as_millis() as u64));
                 }
-                tracing::debug!(job = J::TABLE, events = events.len(), projected_ms, ?timings, "batch written");
-                update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
+                tracing::debug!(job = J::TABLE, lane, events = events.len(), projected_ms, ?timings, "batch written");
+                if !checkpoint_updates.is_empty() {
+                    update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
+                }
                 Ok::<_, anyhow::Error>(Applied::Written(count))
             }
             .await;
@@ -183,24 +216,25 @@ impl MongoSink {
 impl MongoSink {
     /// The batch's events that first_load's snapshot does not hold and that are newer than the table's
     /// last TRUNCATE (older ones describe rows it removed), and the table's truncation watermark moved to
-    /// the batch's newest TRUNCATE. Every batch writes the watermark document, so batches of one table
-    /// serialize on it: an older insert from another partition cannot slip in after a TRUNCATE that was
-    /// applied concurrently (and first_load's phase changes conflict with every batch, see
-    /// [`crate::handoff`]).
+    /// the batch's newest TRUNCATE. Every batch writes its lane's watermark document and a TRUNCATE writes
+    /// every lane's, so a batch serializes with any TRUNCATE of its table: an older insert from another
+    /// partition cannot slip in after a TRUNCATE that was applied concurrently (and first_load's phase
+    /// changes conflict with every batch, see [`crate::handoff`]).
     async fn admissible<'e, J: Job>(
         &self,
         session: &mut ClientSession,
         events: &'e [Event<J::Row>],
+        lane: usize,
         handoff: &Handoff,
     ) -> Result<std::borrow::Cow<'e, [Event<J::Row>]>> {
         let marks = self.db.collection::<Document>(TRUNCATIONS);
-        let mark = marks
-            .find_one(doc! { "_id": J::TABLE })
-            .session(&mut *session)
-            .await
-            .map_err(anyhow::Error::new)?
-            .and_then(|d| d.get_i64("lsn").ok())
-            .unwrap_or(-1);
+        let ids: Vec<String> = (0..LANES).map(|l| truncation_mark(J::TABLE, l)).collect();
+        let mut cursor =
+            marks.find(doc! { "_id": { "$in": &ids } }).session(&mut *session).await.map_err(anyhow::Error::new)?;
+        let mut mark = -1;
+        while let Some(d) = cursor.next(&mut *session).await {
+            mark = mark.max(d.map_err(anyhow::Error::new)?.get_i64("lsn").unwrap_or(-1));
+        }
         let admissible = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark && !handoff.loaded(s.tx_id));
         let newest_truncate = events
             .iter()
@@ -208,12 +242,19 @@ impl MongoSink {
             .filter_map(|e| if let Event::Truncate { source } = e { Some(source.lsn as i64) } else { None })
             .max()
             .unwrap_or(-1);
-        let statement = doc! {
-            "q": { "_id": J::TABLE },
-            "u": { "$max": { "lsn": newest_truncate }, "$inc": { "batches": 1_i64 } },
-            "upsert": true,
-        };
-        update(&self.db, session, TRUNCATIONS, &[statement]).await?;
+        let statements: Vec<Document> = ids
+            .iter()
+            .enumerate()
+            .filter(|&(l, _)| newest_truncate >= 0 || l == lane)
+            .map(|(_, id)| {
+                doc! {
+                    "q": { "_id": id },
+                    "u": { "$max": { "lsn": newest_truncate }, "$inc": { "batches": 1_i64 } },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        update(&self.db, session, TRUNCATIONS, &statements).await?;
         Ok(if events.iter().all(admissible) {
             std::borrow::Cow::Borrowed(events)
         } else {
@@ -222,19 +263,68 @@ impl MongoSink {
     }
 }
 
-/// Reads a projection makes inside the batch's transaction.
-pub struct Reads<'a> {
+/// What a projection may do inside its batch's transaction besides returning writes: read, and take the
+/// product locks that serialize embedding a product with changing it.
+pub struct Txn<'a> {
     db: &'a Database,
     session: &'a mut ClientSession,
+    /// The transaction's lane (below [`LANES`]): which of a lock's per-lane documents it writes.
+    pub lane: usize,
 }
 
-impl Reads<'_> {
+impl Txn<'_> {
+    /// Locks for embedding these products' name and price in order lines: `known` are products the
+    /// transaction read, `unknown` products it did not find; both locks of this lane only. Conflicts with
+    /// [`Txn::lock_changed_products`] of the same products, never with other lanes.
+    pub async fn lock_embedded_products(&mut self, known: &[i32], unknown: &[i32]) -> Result<()> {
+        let lane = self.lane;
+        let ids = known
+            .iter()
+            .map(|&p| product_lock(p, lane, false))
+            .chain(unknown.iter().map(|&p| product_lock(p, lane, true)));
+        self.take_locks(ids).await
+    }
+
+    /// Locks for changing the name or price of `changed` products and for the first appearance of `new`
+    /// ones, in every lane: an embedding transaction running at the same time conflicts with this one, and
+    /// whichever is redone sees the other's writes. (Two locks per lane and product, so that a stock change
+    /// or a price change, the usual product changes, conflict with no embedding of a new product.)
+    pub async fn lock_changed_products(&mut self, changed: &[i32], new: &[i32]) -> Result<()> {
+        let every_lane = |unknown| move |&p: &i32| (0..LANES).map(move |lane| product_lock(p, lane, unknown));
+        let ids = changed.iter().flat_map(every_lane(false)).chain(new.iter().flat_map(every_lane(true)));
+        self.take_locks(ids).await
+    }
+
+    async fn take_locks(&mut self, ids: impl Iterator<Item = i64>) -> Result<()> {
+        let statements: Vec<Document> =
+            ids.map(|id| doc! { "q": { "_id": id }, "u": { "$inc": { "n": 1_i64 } }, "upsert": true }).collect();
+        if statements.is_empty() {
+            return Ok(());
+        }
+        update(self.db, self.session, PRODUCT_LOCKS, &statements).await
+    }
+    /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
+    /// change must be fanned out to.
+    pub async fn present(&mut self, collection: Collection, field: &str, ids: &[i32]) -> Result<HashSet<i32>> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let values = self
+            .db
+            .collection::<Document>(collection.name())
+            .distinct(field, doc! { field: { "$in": ids } })
+            .session(&mut *self.session)
+            .await
+            .map_err(anyhow::Error::new)?;
+        Ok(values.iter().filter_map(|v| v.as_i32()).filter(|id| ids.binary_search(id).is_ok()).collect())
+    }
+
     /// The documents of `collection` with these `_id`s (tombstones included).
     pub async fn by_ids(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, Document>> {
         self.find(collection, ids, None).await
     }
 
-    /// [`Reads::by_ids`], only the fields of `projection` (e.g. `{name: 1}`).
+    /// [`Txn::by_ids`], only the fields of `projection` (e.g. `{name: 1}`).
     pub async fn fields(
         &mut self,
         collection: Collection,

@@ -63,7 +63,8 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     assert!(value("cdc_records_in_total") >= 300.0, "{metrics}");
-    assert!(value("cdc_batches_total") >= 1.0 && value("cdc_writes_total") >= 300.0, "{metrics}");
+    // At least a statement per product (fan-outs go only where a product is embedded: here, nowhere).
+    assert!(value("cdc_batches_total") >= 1.0 && value("cdc_writes_total") >= 100.0, "{metrics}");
     assert_eq!(value("cdc_dead_lettered_total"), 0.0);
 
     // Poison: a record that is not a Debezium envelope goes to the dead-letter topic; the job goes on.

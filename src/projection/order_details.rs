@@ -10,9 +10,10 @@
 //! Order independence: a line may arrive before its order (the order document is created without a
 //! header, which the orders job fills in later) or before its product (the products job fills in the
 //! product when it gets there). The product and order data are read inside the batch's transaction; the
-//! order document is written by both jobs, and the product's document is touched here, so a concurrent
-//! product or order change conflicts with this transaction and one of the two is redone on a fresh
-//! snapshot: embedded copies are never left stale.
+//! order document is written by both jobs, and the product's lock is taken here and by the products job when
+//! a name or price changes ([`crate::sink::Txn::lock_embedded_products`]), so a concurrent product or order
+//! change conflicts with this transaction and one of the two is redone on a fresh snapshot: embedded copies
+//! are never left stale. An `order_details` document is only written with its order's, for the same reason.
 //!
 //! Removed lines leave `{order_detail_id, _v}` in the order's `_removed`, so a replayed older insert of a
 //! removed line is recognised as older and ignored.
@@ -28,7 +29,7 @@ use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
 use crate::runtime::Job;
-use crate::sink::Reads;
+use crate::sink::Txn;
 
 /// The `stream_order_details` job.
 pub struct OrderDetailsJob;
@@ -42,12 +43,17 @@ impl Job for OrderDetailsJob {
         row.order_detail_id
     }
 
+    /// An order's lines are written together, in its document: by order.
+    fn lane_key(row: &OrderDetail) -> i32 {
+        row.order_id
+    }
+
     /// A move to another order must reach the old order even when a later change of the line follows.
     fn must_keep(event: &Event<OrderDetail>) -> bool {
         matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
     }
 
-    async fn project(&self, events: &[Event<OrderDetail>], reads: &mut Reads<'_>) -> anyhow::Result<Vec<Write>> {
+    async fn project(&self, events: &[Event<OrderDetail>], tx: &mut Txn<'_>) -> anyhow::Result<Vec<Write>> {
         let mut product_ids = Vec::new();
         let mut order_ids = Vec::new();
         for event in events {
@@ -68,39 +74,36 @@ impl Job for OrderDetailsJob {
         let mut detail_ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_detail_id)).collect();
         detail_ids.sort_unstable();
         detail_ids.dedup();
-        let products = reads.by_ids(Collection::Products, &product_ids).await?;
-        let orders = reads.by_ids(Collection::Orders, &order_ids).await?;
-        let details = reads.by_ids(Collection::OrderDetails, &detail_ids).await?;
+        let products = tx.by_ids(Collection::Products, &product_ids).await?;
+        let orders = tx.by_ids(Collection::Orders, &order_ids).await?;
+        let details = tx.by_ids(Collection::OrderDetails, &detail_ids).await?;
         // The version of each order_details document as this batch leaves it.
         let mut versions: HashMap<i32, i64> =
             details.iter().map(|(&id, d)| (id, d.get_i64("_v").unwrap_or(-1))).collect();
 
-        let mut writes: Vec<Write> = product_ids
-            .iter()
-            .map(|id| Write {
-                collection: Collection::Products,
-                // A real write, to conflict with a concurrent change of this product. A product not seen
-                // yet gets a hidden stub that its first event replaces.
-                statement: doc! {
-                    "q": { "_id": id },
-                    "u": { "$inc": { "_touch": 1 }, "$setOnInsert": { "_deleted": true } },
-                    "upsert": true,
-                },
-            })
-            .collect();
+        // A product's name and price are embedded as this transaction read them: its lock makes a concurrent
+        // change of them conflict (one of the two is redone and sees the other).
+        let (known, unknown): (Vec<i32>, Vec<i32>) =
+            product_ids.iter().partition(|id| products.get(id).is_some_and(is_known));
+        tx.lock_embedded_products(&known, &unknown).await?;
+
+        let mut writes: Vec<Write> = Vec::with_capacity(events.len() * 2);
         let mut lines = Lines::new(&orders);
         for event in events {
             match event {
                 Event::Upsert { row, before, source } => {
                     let pos = source.lsn as i64;
-                    let product =
-                        products.get(&row.product_id).filter(|p| p.contains_key("name") && p.contains_key("_v"));
+                    let product = products.get(&row.product_id).filter(|p| is_known(p));
                     let order = orders.get(&row.order_id).filter(|o| o.contains_key("status"));
+                    let order_lines = lines.of(row.order_id);
                     if advance(&mut versions, row.order_detail_id, pos) {
                         let document = detail_document(row, pos, details.get(&row.order_detail_id), product, order);
                         writes.push(Write { collection: Collection::OrderDetails, statement: replace(document) });
+                        // The order's status is copied in: the order document is written too, so that a
+                        // concurrent status change conflicts (the orders job fans out only to what it sees).
+                        order_lines.changed = true;
                     }
-                    lines.of(row.order_id).upsert(row, pos, product);
+                    order_lines.upsert(row, pos, product);
                     // Moved to another order: it leaves the old one.
                     if let Some(old) = before.as_ref().filter(|b| b.order_id != row.order_id) {
                         lines.of(old.order_id).remove(row.order_detail_id, pos);
@@ -132,6 +135,11 @@ impl Job for OrderDetailsJob {
         writes.extend(lines.into_writes()?);
         Ok(writes)
     }
+}
+
+/// Whether a `products` document is a product (not a tombstone): one whose name and price can be embedded.
+fn is_known(product: &Document) -> bool {
+    product.contains_key("name") && product.contains_key("_v")
 }
 
 /// Whether `pos` is newer than the version of document `id`, which it then becomes.

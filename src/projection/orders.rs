@@ -8,13 +8,15 @@ use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
 use crate::runtime::Job;
-use crate::sink::Reads;
+use crate::sink::Txn;
 
 /// The writes for one order change, given the version of its document the transaction sees (`-1` for
-/// none): a change no newer than it writes nothing to `orders` (the fan-out to `order_details` has its own
-/// guard). Plain `$set`s, not pipelines: the version was read in the batch's transaction, and a write to the
-/// document since would abort it as a write conflict.
-pub fn project(event: &Event<Order>, stored_version: i64) -> Vec<Write> {
+/// none) and whether `order_details` documents of the order exist (`has_details`, the status is copied
+/// into them): a change no newer than it writes nothing to `orders` (the fan-out to `order_details` has its
+/// own guard). Plain `$set`s, not pipelines: the version was read in the batch's transaction, and a write
+/// to the document since would abort it as a write conflict (the order_details job writes the order's
+/// document whenever it writes one of its lines, so lines it adds concurrently conflict too).
+pub fn project(event: &Event<Order>, stored_version: i64, has_details: bool) -> Vec<Write> {
     let write = |collection, statement| Write { collection, statement };
     let newer = |pos: i64| pos > stored_version;
     match event {
@@ -41,6 +43,9 @@ pub fn project(event: &Event<Order>, stored_version: i64) -> Vec<Write> {
                         "upsert": true,
                     },
                 ));
+            }
+            if !has_details {
+                return writes;
             }
             writes.push(write(
                 Collection::OrderDetails,
@@ -94,11 +99,12 @@ impl Job for OrdersJob {
         row.order_id
     }
 
-    async fn project(&self, events: &[Event<Order>], reads: &mut Reads<'_>) -> anyhow::Result<Vec<Write>> {
+    async fn project(&self, events: &[Event<Order>], tx: &mut Txn<'_>) -> anyhow::Result<Vec<Write>> {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_id)).collect();
         ids.sort_unstable();
         ids.dedup();
-        let versions = reads.versions(Collection::Orders, &ids).await?;
+        let versions = tx.versions(Collection::Orders, &ids).await?;
+        let with_details = tx.present(Collection::OrderDetails, "order_id", &ids).await?;
         // A TRUNCATE in the batch makes every document at least that new for the events after it.
         let mut truncated = -1;
         let mut writes = Vec::with_capacity(events.len() * 2);
@@ -106,8 +112,9 @@ impl Job for OrdersJob {
             if let Event::Truncate { source } = event {
                 truncated = truncated.max(source.lsn as i64);
             }
-            let stored = event.row().and_then(|r| versions.get(&r.order_id)).copied().unwrap_or(-1);
-            writes.extend(project(event, stored.max(truncated)));
+            let id = event.row().map(|r| r.order_id);
+            let stored = id.and_then(|id| versions.get(&id)).copied().unwrap_or(-1);
+            writes.extend(project(event, stored.max(truncated), id.is_some_and(|id| with_details.contains(&id))));
         }
         Ok(writes)
     }
