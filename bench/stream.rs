@@ -89,7 +89,7 @@ type Ends = HashMap<String, HashMap<i32, i64>>;
 
 pub async fn run(args: Args) -> Result<()> {
     let pg = PgArgs { url: args.endpoints.pg_url.clone(), database: NAME.into() };
-    let kafka_args = KafkaArgs { brokers: args.brokers.clone(), topic_prefix: NAME.into() };
+    let kafka_args = KafkaArgs { brokers: args.brokers.clone(), topic_prefix: NAME.into(), options: Vec::new() };
     let topics: Vec<String> = TABLES.iter().map(|t| kafka_args.table_topic(t)).collect();
     let mut ends = topic_ends(&args.brokers, &topics)?;
     if args.fresh || records(&ends) < args.events {
@@ -245,7 +245,7 @@ fn topic_ends(brokers: &str, topics: &[String]) -> Result<Ends> {
 }
 
 fn raw_consumer(brokers: &str) -> Result<BaseConsumer> {
-    let args = KafkaArgs { brokers: brokers.into(), topic_prefix: NAME.into() };
+    let args = KafkaArgs { brokers: brokers.into(), topic_prefix: NAME.into(), options: Vec::new() };
     let group = format!("{NAME}-raw-{}", std::process::id());
     Ok(kafka::consumer_config(&args, &group).create()?)
 }

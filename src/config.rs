@@ -29,6 +29,62 @@ pub struct KafkaArgs {
     /// Topic prefix the Debezium connector writes under (`<prefix>.public.<table>`).
     #[arg(long = "topic-prefix", env = "CDC_TOPIC_PREFIX", default_value = "ecommerce")]
     pub topic_prefix: String,
+
+    /// Extra librdkafka settings, `key=value`, separated by spaces in the environment variable (e.g.
+    /// "security.protocol=SASL_SSL sasl.mechanism=PLAIN sasl.username=... sasl.password=..."): what a
+    /// managed cluster needs, or tuning. Applied over the project's own settings.
+    #[arg(long = "kafka-option", env = "CDC_KAFKA_OPTIONS", value_delimiter = ' ', value_parser = KafkaOptionParser)]
+    pub options: Vec<KafkaOption>,
+}
+
+/// One librdkafka setting given by the user. Its value may be a secret: never printed.
+#[derive(Clone)]
+pub struct KafkaOption {
+    pub key: String,
+    pub value: String,
+}
+
+/// Parses `key=value`; its error never repeats the text (clap's usual one would: it may be a password
+/// given without its key).
+#[derive(Clone)]
+struct KafkaOptionParser;
+
+impl clap::builder::TypedValueParser for KafkaOptionParser {
+    type Value = KafkaOption;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KafkaOption, clap::Error> {
+        match value.to_str().and_then(|text| text.split_once('=')) {
+            Some((key, value)) if !key.trim().is_empty() => {
+                let key = key.trim();
+                // librdkafka's own complaint quotes the value.
+                if rdkafka::ClientConfig::new().set(key, value).create_native_config().is_err() {
+                    let message = format!(
+                        "--kafka-option / CDC_KAFKA_OPTIONS: {key} is not a librdkafka setting, or its value is not \
+                         one it takes (see librdkafka's CONFIGURATION.md)\n"
+                    );
+                    return Err(clap::Error::raw(clap::error::ErrorKind::InvalidValue, message).with_cmd(cmd));
+                }
+                Ok(KafkaOption { key: key.to_owned(), value: value.to_owned() })
+            }
+            _ => Err(clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                "a Kafka option (--kafka-option / CDC_KAFKA_OPTIONS) is a librdkafka setting as key=value, \
+                 e.g. security.protocol=SSL\n",
+            )
+            .with_cmd(cmd)),
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}=<hidden>", self.key)
+    }
 }
 
 impl KafkaArgs {

@@ -33,7 +33,7 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         // A job may start before Debezium has created its topic (it does so with the first change): look
         // for it every few seconds, not every 5 minutes (librdkafka's default).
         .set("topic.metadata.refresh.interval.ms", "5000");
-    cfg
+    with_options(cfg, args)
 }
 
 /// An idempotent producer: a retried send is never written twice.
@@ -43,5 +43,13 @@ pub fn producer_config(args: &KafkaArgs) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5");
+    with_options(cfg, args)
+}
+
+/// The user's own settings (`--kafka-option`) over the project's.
+fn with_options(mut cfg: ClientConfig, args: &KafkaArgs) -> ClientConfig {
+    for option in &args.options {
+        cfg.set(&option.key, &option.value);
+    }
     cfg
 }

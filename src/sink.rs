@@ -165,10 +165,18 @@ impl MongoSink {
                 };
                 let projected_ms = started.elapsed().as_millis() as u64;
                 let count = writes.len();
+                if !checkpoint_updates.is_empty() {
+                    update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
+                }
                 let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
                 for w in writes {
                     by_collection.entry(w.collection).or_default().push(w.statement);
                 }
+                // A document a transaction has written is its own until the commit, and another job's write
+                // to it in the meantime aborts one of the two: the documents the jobs share most (orders, a
+                // new one written by the orders and order_details jobs within milliseconds) go last.
+                let mut by_collection: Vec<_> = by_collection.into_iter().collect();
+                by_collection.sort_by_key(|(collection, _)| *collection == Collection::Orders);
                 // (collection, statements, milliseconds): what a slow batch spent its time on.
                 let mut timings = Vec::new();
                 for (collection, statements) in &by_collection {
@@ -177,9 +185,6 @@ impl MongoSink {
                     timings.push((collection.name(), statements.len(), t.elapsed().as_millis() as u64));
                 }
                 tracing::debug!(job = J::TABLE, lane, events = events.len(), projected_ms, ?timings, "batch written");
-                if !checkpoint_updates.is_empty() {
-                    update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
-                }
                 Ok::<_, anyhow::Error>(Applied::Written(count))
             }
             .await;

@@ -32,7 +32,7 @@ const COMMIT_EVERY: u64 = 1_000;
 async fn a_group_member_reads_every_record_and_commits_at_the_true_ends() {
     let stack = common::Stack::from_env();
     let topic = common::unique("fidelity");
-    let args = KafkaArgs { brokers: stack.brokers.clone(), topic_prefix: String::new() };
+    let args = KafkaArgs { brokers: stack.brokers.clone(), topic_prefix: String::new(), options: Vec::new() };
 
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &args.brokers).create().unwrap();

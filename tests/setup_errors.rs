@@ -145,6 +145,19 @@ fn a_wrong_flag_is_one_line_naming_the_fix() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unknown operation 'new_ordr'") && err.contains("new_order"), "{err}");
+    // A Kafka option without its key is refused without echoing it (it may be a password).
+    let out = Command::new(common::bin_path("stream_orders")).env("CDC_KAFKA_OPTIONS", "hunter2").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key=value") && !err.contains("hunter2"), "{err}");
+    // A misspelled one is named by its key, never with its value.
+    let out = Command::new(common::bin_path("stream_orders"))
+        .env("CDC_KAFKA_OPTIONS", "fetch.wait.max.ms=10 sasl.pasword=hunter2")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("sasl.pasword is not a librdkafka setting") && !err.contains("hunter2"), "{err}");
 }
 
 #[test]
