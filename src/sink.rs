@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use bson::{Document, doc};
+use bson::{Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Database, IndexModel};
@@ -324,12 +324,8 @@ impl Txn<'_> {
         Ok(values.iter().filter_map(|v| v.as_i32()).filter(|id| ids.binary_search(id).is_ok()).collect())
     }
 
-    /// The documents of `collection` with these `_id`s (tombstones included).
-    pub async fn by_ids(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, Document>> {
-        self.find(collection, ids, None).await
-    }
-
-    /// [`Txn::by_ids`], only the fields of `projection` (e.g. `{name: 1}`).
+    /// The documents of `collection` with these `_id`s (tombstones included), only the fields of
+    /// `projection` (e.g. `{name: 1}`).
     pub async fn fields(
         &mut self,
         collection: Collection,
@@ -431,8 +427,13 @@ pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Resul
 /// Runs `update` commands for `statements` in the session's transaction; any write error fails the batch.
 async fn update(db: &Database, session: &mut ClientSession, collection: &str, statements: &[Document]) -> Result<()> {
     for chunk in statements.chunks(STATEMENTS_PER_COMMAND) {
+        // Encoded once, straight into the command (a `doc!` command would copy every statement first).
+        let mut updates = RawArrayBuf::new();
+        for statement in chunk {
+            updates.push(RawDocumentBuf::try_from(statement).context("encoding an update statement")?);
+        }
         let reply = db
-            .run_command(doc! { "update": collection, "updates": chunk, "ordered": true })
+            .run_raw_command(rawdoc! { "update": collection, "updates": updates, "ordered": true })
             .session(&mut *session)
             .await
             .map_err(anyhow::Error::new)?;

@@ -74,9 +74,12 @@ impl Job for OrderDetailsJob {
         let mut detail_ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_detail_id)).collect();
         detail_ids.sort_unstable();
         detail_ids.dedup();
-        let products = tx.by_ids(Collection::Products, &product_ids).await?;
-        let orders = tx.by_ids(Collection::Orders, &order_ids).await?;
-        let details = tx.by_ids(Collection::OrderDetails, &detail_ids).await?;
+        // Only the fields the projection uses: a catch-up batch reads thousands of orders with their lines.
+        let products = tx.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+        let orders =
+            tx.fields(Collection::Orders, &order_ids, doc! { "lines": 1, "_removed": 1, "status": 1, "_v": 1 }).await?;
+        let enrichment = doc! { "_v": 1, "product_name": 1, "_pv": 1, "order_status": 1, "_ov": 1 };
+        let details = tx.fields(Collection::OrderDetails, &detail_ids, enrichment).await?;
         // The version of each order_details document as this batch leaves it.
         let mut versions: HashMap<i32, i64> =
             details.iter().map(|(&id, d)| (id, d.get_i64("_v").unwrap_or(-1))).collect();
