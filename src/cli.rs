@@ -17,13 +17,17 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(work) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(work) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Leave without tearing the runtime down: the MongoDB driver's connection-pool task can panic when
+    // its runtime goes away under it, which printed a panic after the one-line error.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(code)
 }
 
 /// Resolves at SIGTERM or Ctrl-C: when an orchestrator, or the user, asks the process to stop.
