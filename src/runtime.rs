@@ -221,7 +221,7 @@ async fn run_store<J: Job>(
             continue;
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-        // (partition, offset, event), in the batch's order.
+        // In the batch's order.
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut newest_source_ms = None;
@@ -240,7 +240,7 @@ async fn run_store<J: Job>(
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
                         times.push((source.ts_ms, m.timestamp().to_millis()));
                     }
-                    events.push((m.partition(), m.offset(), event));
+                    events.push(event);
                 }
                 Err(reason) => dead.push((m, reason.to_string())),
             }
@@ -256,7 +256,7 @@ async fn run_store<J: Job>(
             .await?;
             metrics.dead_lettered.inc(1);
         }
-        let reduced: Vec<Event<J::Row>> = reduce::<J>(events).into_iter().map(|(_, _, e)| e).collect();
+        let reduced = reduce::<J>(events);
         let batch_checkpoints: Vec<Checkpoint> = next
             .iter()
             .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
@@ -636,12 +636,12 @@ fn seek(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> rdkafka:
     tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(5)))
 }
 
-/// The last event of each key in the batch (and those the job must keep), with their positions;
-/// truncates are all kept. Version guards make the order of writes across keys irrelevant; within a key
-/// the last image is the row's state.
-fn reduce<J: Job>(events: Vec<(i32, i64, Event<J::Row>)>) -> Vec<(i32, i64, Event<J::Row>)> {
+/// The last event of each key in the batch (and those the job must keep); truncates are all kept.
+/// Version guards make the order of writes across keys irrelevant; within a key the last image is the
+/// row's state.
+fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
     let mut last: HashMap<i32, usize> = HashMap::new();
-    for (i, (_, _, e)) in events.iter().enumerate() {
+    for (i, e) in events.iter().enumerate() {
         if let Some(row) = e.row() {
             last.insert(J::key(row), i);
         }
@@ -649,7 +649,7 @@ fn reduce<J: Job>(events: Vec<(i32, i64, Event<J::Row>)>) -> Vec<(i32, i64, Even
     events
         .into_iter()
         .enumerate()
-        .filter(|(i, (_, _, e))| match e {
+        .filter(|(i, e)| match e {
             Event::Upsert { row, .. } | Event::Delete { before: row, .. } => {
                 last[&J::key(row)] == *i || J::must_keep(e)
             }

@@ -62,8 +62,8 @@ pub enum Applied {
     /// Nothing written: the transaction outgrew MongoDB's limits (its lifetime, 60 s by default, or its
     /// size); the same events in smaller batches will go through.
     TooLarge,
-    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime, after a
-    /// short random pause, in smaller transactions, which conflict less.
+    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime after a
+    /// short random pause (a large transaction in halves, which conflict less).
     Conflict,
 }
 
@@ -168,18 +168,19 @@ impl MongoSink {
                 if !checkpoint_updates.is_empty() {
                     update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
                 }
-                let mut by_collection: BTreeMap<Collection, Vec<Document>> = BTreeMap::new();
-                for w in writes {
-                    by_collection.entry(w.collection).or_default().push(w.statement);
-                }
                 // A document a transaction has written is its own until the commit, and another job's write
                 // to it in the meantime aborts one of the two: the documents the jobs share most (orders, a
                 // new one written by the orders and order_details jobs within milliseconds) go last.
-                let mut by_collection: Vec<_> = by_collection.into_iter().collect();
-                by_collection.sort_by_key(|(collection, _)| *collection == Collection::Orders);
+                let mut by_collection: BTreeMap<(bool, Collection), Vec<Document>> = BTreeMap::new();
+                for w in writes {
+                    by_collection
+                        .entry((w.collection == Collection::Orders, w.collection))
+                        .or_default()
+                        .push(w.statement);
+                }
                 // (collection, statements, milliseconds): what a slow batch spent its time on.
                 let mut timings = Vec::new();
-                for (collection, statements) in &by_collection {
+                for ((_, collection), statements) in &by_collection {
                     let t = std::time::Instant::now();
                     update(&self.db, &mut session, collection.name(), statements).await?;
                     timings.push((collection.name(), statements.len(), t.elapsed().as_millis() as u64));
@@ -274,7 +275,7 @@ pub struct Txn<'a> {
     db: &'a Database,
     session: &'a mut ClientSession,
     /// The transaction's lane (below [`LANES`]): which of a lock's per-lane documents it writes.
-    pub lane: usize,
+    lane: usize,
 }
 
 impl Txn<'_> {
@@ -308,6 +309,7 @@ impl Txn<'_> {
         }
         update(self.db, self.session, PRODUCT_LOCKS, &statements).await
     }
+
     /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
     /// change must be fanned out to.
     pub async fn present(&mut self, collection: Collection, field: &str, ids: &[i32]) -> Result<HashSet<i32>> {
