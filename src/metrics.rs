@@ -134,7 +134,7 @@ const SERIES: [Series; 11] = [
     (
         "cdc_conflicts_total",
         "counter",
-        "Transactions aborted by a write conflict with another job (redone smaller).",
+        "Writes redone: another job changed the document between read and write, or a batch met a TRUNCATE or first_load.",
         |m| m.conflicts.get().to_string(),
     ),
     ("cdc_batch_seconds_sum", "counter", "Time spent on committed batches.", |m| {

@@ -33,8 +33,7 @@ use crate::envelope::{self, Event};
 use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
-use crate::projection::Write;
-use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Txn};
+use crate::sink::{Applied, Checkpoint, LANES, MongoSink, ReadModels};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
@@ -59,10 +58,12 @@ pub trait Job: Send + Sync + 'static {
         false
     }
 
-    /// The writes for a batch of events, reduced to the last one per key (truncates kept, in order). Runs
-    /// inside the batch's transaction: `reads` see its snapshot.
-    fn project(&self, events: &[Event<Self::Row>], tx: &mut Txn<'_>)
-    -> impl Future<Output = Result<Vec<Write>>> + Send;
+    /// Brings the read models up to date with a batch of events, reduced to the last one per key (truncates
+    /// kept, in order), through `store`. Every write must be version-guarded (a replay changes nothing),
+    /// and a value copied from another job's documents must be re-checked after it is written (see
+    /// [`crate::projection`]).
+    fn apply(&self, events: &[Event<Self::Row>], store: &mut ReadModels<'_>)
+    -> impl Future<Output = Result<()>> + Send;
 }
 
 /// What every job is configured with.
@@ -399,9 +400,9 @@ impl<J: Job> BatchWriter<'_, J> {
         chunk: &mut usize,
     ) -> Result<Outcome> {
         let (mut start, mut written) = (0, 0);
-        let (mut contended, mut conflicts_in_a_row) = (usize::MAX, 0);
+        let mut conflicts_in_a_row = 0;
         loop {
-            let end = (start + (*chunk).min(contended)).min(events.len());
+            let end = (start + *chunk).min(events.len());
             let last = end == events.len();
             let covers = if last { checkpoints } else { &[] };
             let attempt = Instant::now();
@@ -410,18 +411,13 @@ impl<J: Job> BatchWriter<'_, J> {
             })
             .await?;
             match applied {
-                Applied::Written(n) => {
-                    written += n;
-                    contended = contended.saturating_mul(2);
+                Applied::Written { statements, raced } => {
+                    written += statements;
+                    self.metrics.conflicts.inc(raced as u64);
                     conflicts_in_a_row = 0;
                 }
                 Applied::Conflict => {
                     self.metrics.conflicts.inc(1);
-                    // Halving makes a large transaction collide less; a small one is mostly fixed cost
-                    // (a dozen round trips), so it is only retried.
-                    if end - start > SMALL_TRANSACTION {
-                        contended = ((end - start) / 2).max(1);
-                    }
                     conflicts_in_a_row += 1;
                     tokio::time::sleep(conflict_pause(conflicts_in_a_row)).await;
                     continue;
@@ -447,9 +443,6 @@ impl<J: Job> BatchWriter<'_, J> {
         }
     }
 }
-
-/// Up to this many events a conflicting transaction is retried whole.
-const SMALL_TRANSACTION: usize = 64;
 
 /// Below this many events a batch is one transaction: each lane costs a transaction, and the checkpoints
 /// one more, and lanes that run long under load conflict more with the other jobs (measured: with lanes

@@ -1,16 +1,21 @@
-//! The MongoDB sink: applies a batch's writes and advances the job's checkpoints in one transaction.
+//! The MongoDB sink: applies a batch's writes, then advances the job's checkpoints.
 //!
-//! Committing the checkpoint with the writes is what makes a batch's effect exactly-once: a crash before
-//! the commit leaves neither, a crash after leaves both, and on restart the runtime skips records below the
-//! checkpoint. Every write is also version-guarded, so a replay past a lost checkpoint is a no-op too: that
-//! is what lets a large batch be written in several transactions and its checkpoints after them.
+//! Every write a projection makes is guarded by the source position of what it writes (see
+//! [`crate::projection`]), so writes of one document commute and a replay is a no-op: the writes go to MongoDB
+//! as plain single-document updates, outside any transaction, and the checkpoints move only after them. A crash
+//! in between replays writes that change nothing. Plain writes never abort each other: the three jobs, which
+//! share order documents, used to write them in transactions that conflicted more the more data there was (at
+//! 1,000,000 records order_details committed 10 batches in 30 s).
+//!
+//! What still needs a transaction is serializing a batch with first_load's phase changes and with a TRUNCATE
+//! of its table. A batch opens one, checks the handoff gate, writes its lane's truncation watermark in it and
+//! holds it while the writes go out, then writes the checkpoints in it and commits: a phase change or a
+//! TRUNCATE writes every lane's watermark, so it cannot commit while a batch holds one, and a batch that began
+//! before one committed conflicts on its watermark before it writes anything.
+//!
+//! A job may have up to [`LANES`] batches in flight at once (the runtime splits a large batch by key into
+//! lanes); each lane has its own watermark document, so lanes never conflict with each other.
 //! A server without replica set or an unreachable one is an error the runtime retries with backoff.
-//!
-//! A job may have up to [`LANES`] transactions in flight at once (the runtime splits a large batch by key
-//! into lanes). What must serialize with a lane's transaction is written per lane: its truncation
-//! watermark document and the product locks it takes, so that lanes of one job never conflict over them,
-//! while a TRUNCATE, first_load's phase changes and a product's name or price change write every lane's
-//! document and conflict with all of them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -24,7 +29,7 @@ use mongodb::{Client, ClientSession, Database, IndexModel};
 use crate::config::MongoArgs;
 use crate::envelope::Event;
 use crate::handoff::{self, Gate, Handoff, Phase};
-use crate::projection::Collection;
+use crate::projection::{Collection, Write};
 use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
@@ -32,16 +37,7 @@ const STATEMENTS_PER_COMMAND: usize = 10_000;
 pub(crate) const CHECKPOINTS: &str = "_checkpoints";
 pub(crate) const TRUNCATIONS: &str = "_truncations";
 
-/// Documents only written, to make transactions that embed a product and those that change it conflict
-/// (MongoDB's snapshot isolation would otherwise let both commit, each blind to the other).
-pub(crate) const PRODUCT_LOCKS: &str = "_product_locks";
-
-/// The `_id` of product `p`'s lock for `lane`: for embedding it as known, or as `unknown` (not there yet).
-fn product_lock(p: i32, lane: usize, unknown: bool) -> i64 {
-    (i64::from(p) * 2 + i64::from(unknown)) * LANES as i64 + lane as i64
-}
-
-/// Transactions one job process may have in flight at once.
+/// Batches one job process may have in flight at once.
 pub const LANES: usize = 4;
 
 /// The `_truncations` document of `table` for `lane`: a batch writes its lane's, a TRUNCATE and first_load
@@ -53,17 +49,18 @@ pub(crate) fn truncation_mark(table: &str, lane: usize) -> String {
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    /// Committed, with this many write statements.
-    Written(usize),
+    /// Written, with this many write statements, of which `raced` were redone after another writer changed
+    /// the document between the projection's read and its write.
+    Written { statements: usize, raced: usize },
     /// Nothing written: first_load is loading or swapping (see [`crate::handoff`]).
     Paused(Phase),
     /// Nothing written: a new first_load epoch; checkpoints must be re-read.
     Reset,
-    /// Nothing written: the transaction outgrew MongoDB's limits (its lifetime, 60 s by default, or its
-    /// size); the same events in smaller batches will go through.
+    /// Checkpoints not moved: the batch's transaction outlived MongoDB's limit (60 s by default); the same
+    /// events in smaller batches will go through.
     TooLarge,
-    /// Nothing written: a write conflict with another job's transaction. Redone by the runtime after a
-    /// short random pause (a large transaction in halves, which conflict less).
+    /// Nothing written: the batch's transaction conflicted on its truncation watermark (a TRUNCATE, a phase
+    /// change of first_load, another process of the job). Redone by the runtime after a short random pause.
     Conflict,
 }
 
@@ -119,11 +116,10 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Projects `events` with `job` and applies the writes, moving `checkpoints` forward, atomically, in
-    /// transaction lane `lane`. The projection runs inside the transaction (its reads see the transaction's
-    /// snapshot) and is redone when the transaction is retried, so a write conflict with another job never
-    /// leaves stale data. `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written
-    /// under another. With no events, only the checkpoints move (after lanes that wrote without them).
+    /// Applies `events` with `job` and moves `checkpoints` forward, in transaction lane `lane`: the writes go
+    /// out while the lane's transaction holds its truncation watermark, the checkpoints are committed with it.
+    /// `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written under another.
+    /// With no events, only the checkpoints move (after lanes that wrote without them).
     pub async fn apply<J: Job>(
         &self,
         job: &J,
@@ -147,75 +143,66 @@ impl MongoSink {
             })
             .collect();
         let mut session = self.client.start_session().await.context("starting a MongoDB session")?;
-        loop {
-            let attempt = std::time::Instant::now();
-            session.start_transaction().await?;
-            let result = async {
-                let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
-                    Gate::Open(handoff) => handoff,
-                    Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
-                    Gate::Reset => return Ok(Applied::Reset),
-                };
+        let attempt = std::time::Instant::now();
+        session.start_transaction().await?;
+        let result = async {
+            let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
+                Gate::Open(handoff) => handoff,
+                Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
+                Gate::Reset => return Ok(Applied::Reset),
+            };
+            let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
+            let mut store = ReadModels { db: &self.db, statements: 0, raced: 0 };
+            if !events.is_empty() {
                 let started = std::time::Instant::now();
-                let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
-                let writes = if events.is_empty() {
-                    Vec::new()
-                } else {
-                    job.project(&events, &mut Txn { db: &self.db, session: &mut session, lane }).await?
-                };
-                let projected_ms = started.elapsed().as_millis() as u64;
-                let count = writes.len();
-                if !checkpoint_updates.is_empty() {
-                    update(&self.db, &mut session, CHECKPOINTS, &checkpoint_updates).await?;
-                }
-                // A document a transaction has written is its own until the commit, and another job's write
-                // to it in the meantime aborts one of the two: the documents the jobs share most (orders, a
-                // new one written by the orders and order_details jobs within milliseconds) go last.
-                let mut by_collection: BTreeMap<(bool, Collection), Vec<Document>> = BTreeMap::new();
-                for w in writes {
-                    by_collection
-                        .entry((w.collection == Collection::Orders, w.collection))
-                        .or_default()
-                        .push(w.statement);
-                }
-                // (collection, statements, milliseconds): what a slow batch spent its time on.
-                let mut timings = Vec::new();
-                for ((_, collection), statements) in &by_collection {
-                    let t = std::time::Instant::now();
-                    update(&self.db, &mut session, collection.name(), statements).await?;
-                    timings.push((collection.name(), statements.len(), t.elapsed().as_millis() as u64));
-                }
-                tracing::debug!(job = J::TABLE, lane, events = events.len(), projected_ms, ?timings, "batch written");
-                Ok::<_, anyhow::Error>(Applied::Written(count))
+                job.apply(&events, &mut store).await?;
+                tracing::debug!(
+                    job = J::TABLE,
+                    lane,
+                    events = events.len(),
+                    statements = store.statements,
+                    raced = store.raced,
+                    ms = started.elapsed().as_millis() as u64,
+                    "batch written"
+                );
             }
-            .await;
-            match result {
-                Ok(Applied::Written(n)) => match commit(&mut session).await {
-                    Ok(()) => return Ok(Applied::Written(n)),
-                    Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => continue,
-                    Err(e) => return Err(e).context("committing the batch"),
-                },
-                Ok(stopped) => {
-                    let _ = session.abort_transaction().await;
-                    return Ok(stopped);
-                }
-                Err(e) => {
-                    let _ = session.abort_transaction().await;
-                    // The server killed a transaction that ran too long (it then reports the transaction as
-                    // gone, a transient error) or grew too large: smaller batches, not the same again.
-                    if is_too_large(&e) || (is_transient(&e) && attempt.elapsed() > TOO_LONG) {
-                        tracing::warn!(job = J::TABLE, events = events.len(), error = %format!("{e:#}"), "batch too large for one transaction");
-                        return Ok(Applied::TooLarge);
-                    }
-                    // A write conflict with another job's transaction on the same document: redo it.
-                    if is_transient(&e) {
-                        tracing::debug!(job = J::TABLE, events = events.len(), "write conflict with another job");
-                        return Ok(Applied::Conflict);
-                    }
-                    return Err(e);
-                }
+            if !checkpoint_updates.is_empty() {
+                update(&self.db, Some(&mut session), CHECKPOINTS, &checkpoint_updates, true).await?;
+            }
+            Ok::<_, anyhow::Error>(Applied::Written { statements: store.statements, raced: store.raced })
+        }
+        .await;
+        match result {
+            Ok(written @ Applied::Written { .. }) => match commit(&mut session).await {
+                Ok(()) => Ok(written),
+                Err(e) => self.failed(anyhow::Error::new(e).context("committing the batch"), attempt, events.len()),
+            },
+            Ok(stopped) => {
+                let _ = session.abort_transaction().await;
+                Ok(stopped)
+            }
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                self.failed(e, attempt, events.len())
             }
         }
+    }
+
+    /// What a batch whose transaction failed becomes: the writes it made stand (they are idempotent), its
+    /// checkpoints did not move.
+    fn failed(&self, e: anyhow::Error, attempt: std::time::Instant, events: usize) -> Result<Applied> {
+        // The server killed a transaction that ran too long (it then reports it as gone, a transient error):
+        // smaller batches, not the same again.
+        if is_transient(&e) && attempt.elapsed() > TOO_LONG {
+            tracing::warn!(events, error = %format!("{e:#}"), "batch too long for one transaction");
+            return Ok(Applied::TooLarge);
+        }
+        // A conflict on the truncation watermark: a TRUNCATE or a phase change committed meanwhile.
+        if is_transient(&e) {
+            tracing::debug!(events, "write conflict on the truncation watermark");
+            return Ok(Applied::Conflict);
+        }
+        Err(e)
     }
 }
 
@@ -260,7 +247,7 @@ impl MongoSink {
                 }
             })
             .collect();
-        update(&self.db, session, TRUNCATIONS, &statements).await?;
+        update(&self.db, Some(session), TRUNCATIONS, &statements, true).await?;
         Ok(if events.iter().all(admissible) {
             std::borrow::Cow::Borrowed(events)
         } else {
@@ -269,45 +256,37 @@ impl MongoSink {
     }
 }
 
-/// What a projection may do inside its batch's transaction besides returning writes: read, and take the
-/// product locks that serialize embedding a product with changing it.
-pub struct Txn<'a> {
+/// The read models as a projection sees them while it applies a batch: reads of the latest committed
+/// documents, and writes outside any transaction.
+pub struct ReadModels<'a> {
     db: &'a Database,
-    session: &'a mut ClientSession,
-    /// The transaction's lane (below [`LANES`]): which of a lock's per-lane documents it writes.
-    lane: usize,
+    statements: usize,
+    raced: usize,
 }
 
-impl Txn<'_> {
-    /// Locks for embedding these products' name and price in order lines: `known` are products the
-    /// transaction read, `unknown` products it did not find; both locks of this lane only. Conflicts with
-    /// [`Txn::lock_changed_products`] of the same products, never with other lanes.
-    pub async fn lock_embedded_products(&mut self, known: &[i32], unknown: &[i32]) -> Result<()> {
-        let lane = self.lane;
-        let ids = known
-            .iter()
-            .map(|&p| product_lock(p, lane, false))
-            .chain(unknown.iter().map(|&p| product_lock(p, lane, true)));
-        self.take_locks(ids).await
-    }
-
-    /// Locks for changing the name or price of `changed` products and for the first appearance of `new`
-    /// ones, in every lane: an embedding transaction running at the same time conflicts with this one, and
-    /// whichever is redone sees the other's writes. (Two locks per lane and product, so that a stock change
-    /// or a price change, the usual product changes, conflict with no embedding of a new product.)
-    pub async fn lock_changed_products(&mut self, changed: &[i32], new: &[i32]) -> Result<()> {
-        let every_lane = |unknown| move |&p: &i32| (0..LANES).map(move |lane| product_lock(p, lane, unknown));
-        let ids = changed.iter().flat_map(every_lane(false)).chain(new.iter().flat_map(every_lane(true)));
-        self.take_locks(ids).await
-    }
-
-    async fn take_locks(&mut self, ids: impl Iterator<Item = i64>) -> Result<()> {
-        let statements: Vec<Document> =
-            ids.map(|id| doc! { "q": { "_id": id }, "u": { "$inc": { "n": 1_i64 } }, "upsert": true }).collect();
-        if statements.is_empty() {
-            return Ok(());
+impl ReadModels<'_> {
+    /// Applies `writes`, a collection at a time, the orders last (the other jobs read the lines there).
+    /// Any refused statement fails the batch.
+    pub async fn write(&mut self, writes: Vec<Write>) -> Result<()> {
+        let mut by_collection: BTreeMap<(bool, Collection), Vec<Document>> = BTreeMap::new();
+        for w in writes {
+            by_collection.entry((w.collection == Collection::Orders, w.collection)).or_default().push(w.statement);
         }
-        update(self.db, self.session, PRODUCT_LOCKS, &statements).await
+        for ((_, collection), statements) in by_collection {
+            update(self.db, None, collection.name(), &statements, true).await?;
+            self.statements += statements.len();
+        }
+        Ok(())
+    }
+
+    /// Applies conditional upserts of `collection` (each `q` names the `_id` and the state the projection
+    /// read), all of them even when some fail, and returns the positions of those that lost a race: the
+    /// document changed since it was read, so the filter matched nothing and the upsert collided with it.
+    pub async fn write_if_unchanged(&mut self, collection: Collection, statements: &[Document]) -> Result<Vec<usize>> {
+        let lost = update(self.db, None, collection.name(), statements, false).await?;
+        self.statements += statements.len() - lost.len();
+        self.raced += lost.len();
+        Ok(lost)
     }
 
     /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
@@ -320,7 +299,6 @@ impl Txn<'_> {
             .db
             .collection::<Document>(collection.name())
             .distinct(field, doc! { field: { "$in": ids } })
-            .session(&mut *self.session)
             .await
             .map_err(anyhow::Error::new)?;
         Ok(values.iter().filter_map(|v| v.as_i32()).filter(|id| ids.binary_search(id).is_ok()).collect())
@@ -334,21 +312,6 @@ impl Txn<'_> {
         ids: &[i32],
         projection: Document,
     ) -> Result<HashMap<i32, Document>> {
-        self.find(collection, ids, Some(projection)).await
-    }
-
-    /// The version (`_v`) of the documents of `collection` with these `_id`s that have one.
-    pub async fn versions(&mut self, collection: Collection, ids: &[i32]) -> Result<HashMap<i32, i64>> {
-        let found = self.find(collection, ids, Some(doc! { "_v": 1 })).await?;
-        Ok(found.into_iter().filter_map(|(id, d)| d.get_i64("_v").ok().map(|v| (id, v))).collect())
-    }
-
-    async fn find(
-        &mut self,
-        collection: Collection,
-        ids: &[i32],
-        projection: Option<Document>,
-    ) -> Result<HashMap<i32, Document>> {
         let mut out = HashMap::new();
         if ids.is_empty() {
             return Ok(out);
@@ -357,12 +320,11 @@ impl Txn<'_> {
             .db
             .collection::<Document>(collection.name())
             .find(doc! { "_id": { "$in": ids } })
-            .projection(projection.unwrap_or_default())
-            .session(&mut *self.session)
+            .projection(projection)
             .await
             .map_err(anyhow::Error::new)?;
-        while let Some(d) = cursor.next(&mut *self.session).await {
-            let d = d.map_err(anyhow::Error::new)?;
+        while cursor.advance().await? {
+            let d = cursor.deserialize_current()?;
             if let Ok(id) = d.get_i32("_id") {
                 out.insert(id, d);
             }
@@ -403,14 +365,6 @@ pub async fn checkpoints(db: &Database, group: &str, topic: &str) -> Result<Hash
 /// limit is 60 s).
 const TOO_LONG: Duration = Duration::from_secs(30);
 
-/// Whether MongoDB refused a transaction for its length or size (TransactionTooLarge,
-/// TransactionExceededLifetimeLimitSeconds, BSONObjectTooLarge).
-fn is_too_large(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
-        .any(|me| matches!(&*me.kind, mongodb::error::ErrorKind::Command(c) if [257, 290, 10334].contains(&c.code)))
-}
-
 /// Whether a transaction failed in a way MongoDB says to retry (a write conflict, an election).
 pub(crate) fn is_transient(e: &anyhow::Error) -> bool {
     e.downcast_ref::<mongodb::error::Error>().is_some_and(|me| me.contains_label(TRANSIENT_TRANSACTION_ERROR))
@@ -426,24 +380,43 @@ pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Resul
     }
 }
 
-/// Runs `update` commands for `statements` in the session's transaction; any write error fails the batch.
-async fn update(db: &Database, session: &mut ClientSession, collection: &str, statements: &[Document]) -> Result<()> {
-    for chunk in statements.chunks(STATEMENTS_PER_COMMAND) {
+/// Runs `update` commands for `statements`, in the session's transaction if one is given. `ordered`: any
+/// write error fails the batch; unordered: every statement runs, and the positions of those refused as
+/// duplicate keys (a conditional upsert that lost a race) are returned, any other error fails the batch.
+async fn update(
+    db: &Database,
+    mut session: Option<&mut ClientSession>,
+    collection: &str,
+    statements: &[Document],
+    ordered: bool,
+) -> Result<Vec<usize>> {
+    const DUPLICATE_KEY: i32 = 11000;
+    let mut lost = Vec::new();
+    for (n, chunk) in statements.chunks(STATEMENTS_PER_COMMAND).enumerate() {
         // Encoded once, straight into the command (a `doc!` command would copy every statement first).
         let mut updates = RawArrayBuf::new();
         for statement in chunk {
             updates.push(RawDocumentBuf::try_from(statement).context("encoding an update statement")?);
         }
-        let reply = db
-            .run_raw_command(rawdoc! { "update": collection, "updates": updates, "ordered": true })
-            .session(&mut *session)
-            .await
-            .map_err(anyhow::Error::new)?;
-        if let Ok(errors) = reply.get_array("writeErrors")
-            && let Some(first) = errors.first()
-        {
-            bail!("MongoDB refused an update of {collection}: {first}");
+        let command = rawdoc! { "update": collection, "updates": updates, "ordered": ordered };
+        let reply = match session.as_deref_mut() {
+            Some(session) => db.run_raw_command(command).session(session).await,
+            None => db.run_raw_command(command).await,
+        }
+        .map_err(anyhow::Error::new)?;
+        if let Ok(concern) = reply.get_document("writeConcernError") {
+            bail!("MongoDB could not make an update of {collection} durable: {concern}");
+        }
+        let Ok(errors) = reply.get_array("writeErrors") else { continue };
+        for error in errors {
+            let error = error.as_document().context("a write error that is not a document")?;
+            let code = error.get_i32("code").unwrap_or_default();
+            let index = error.get_i32("index").unwrap_or_default() as usize;
+            if ordered || code != DUPLICATE_KEY {
+                bail!("MongoDB refused an update of {collection}: {error}");
+            }
+            lost.push(n * STATEMENTS_PER_COMMAND + index);
         }
     }
-    Ok(())
+    Ok(lost)
 }

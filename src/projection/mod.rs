@@ -4,9 +4,17 @@
 //! Every write is guarded by the source position (`_v`, the change's WAL position) of what it writes: a
 //! document, an embedded line or an embedded product reference changes only when the incoming position is
 //! newer. Guards are pipeline updates with `$cond`, never filters that make an upsert collide, so a stale
-//! write is a no-op and not an error that would abort the batch's transaction. Deletes leave a tombstone
-//! document (`_deleted: true` with its `_v`) so that a replayed older insert cannot resurrect the row;
-//! readers and `verify` skip tombstones and every field whose name starts with `_` other than `_id`.
+//! write is a no-op and not an error. Guarded writes of one document commute and a replay changes nothing,
+//! which is what lets the sink write them outside transactions (see [`crate::sink`]); the one
+//! read-modify-write, an order's lines, is conditional on the version it read (see [`order_details`]).
+//! Deletes leave a tombstone document (`_deleted: true` with its `_v`) so that a replayed older insert
+//! cannot resurrect the row; readers and `verify` skip tombstones and every field whose name starts with `_`
+//! other than `_id`.
+//!
+//! A copy of another job's data (a product's name and price in lines, an order's status in order_details)
+//! is written by both sides: the job that owns the data writes its document and then fans the change out
+//! to the copies it finds; the job that copies writes the copy and then reads the data again, and fans it
+//! out itself when it changed meanwhile. Whatever the interleaving, one of the two sees the other.
 
 pub mod order_details;
 pub mod orders;
@@ -74,14 +82,6 @@ pub fn guarded_replace(id: i32, position: i64, replacement: Document) -> Documen
         "u": [ { "$replaceWith": { "$cond": [ newer(position, "$_v"), replacement, "$$ROOT" ] } } ],
         "upsert": true,
     }
-}
-
-/// Replaces (or inserts) the document with `document`'s `_id`: for a projection that read the stored
-/// document in the batch's transaction and found `document` newer (a write to it since would abort the
-/// transaction as a write conflict).
-pub fn replace(document: Document) -> Document {
-    let id = document.get("_id").cloned().unwrap_or(Bson::Null);
-    doc! { "q": { "_id": id }, "u": document, "upsert": true }
 }
 
 /// A tombstone: the row is gone as of `position`.

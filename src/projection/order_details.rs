@@ -2,34 +2,36 @@
 //! status), and the line embedded in its order's document: added, replaced or removed by
 //! `order_detail_id`, with the order's `totals` recomputed.
 //!
-//! Embedded lines are changed here, in Rust, on the order document the batch's transaction reads, and
-//! written back with one plain `$set` per order and batch however many of its lines changed (an order's
-//! lines arrive together): a read-modify-write is safe because any other write to that document after the
-//! transaction's snapshot makes MongoDB abort it as a write conflict, and the runtime redoes it.
+//! Embedded lines are changed here, in Rust, on the order document as read, and written back with one
+//! `$set` per order and batch however many of its lines changed (an order's lines arrive together). The
+//! write is conditional on the document's lines version `_lv` being the one read, which every other writer
+//! of lines bumps (the products job's fan-out, another process of this job): when it moved, the order is
+//! read and its lines redone.
 //!
 //! Order independence: a line may arrive before its order (the order document is created without a
 //! header, which the orders job fills in later) or before its product (the products job fills in the
-//! product when it gets there). The product and order data are read inside the batch's transaction; the
-//! order document is written by both jobs, and the product's lock is taken here and by the products job when
-//! a name or price changes ([`crate::sink::Txn::lock_embedded_products`]), so a concurrent product or order
-//! change conflicts with this transaction and one of the two is redone on a fresh snapshot: embedded copies
-//! are never left stale. An `order_details` document is only written with its order's, for the same reason.
+//! product when it gets there). The product's name and price and the order's status are read before the
+//! batch is written and copied in; after the writes they are read again, and a copy that changed meanwhile
+//! is fanned out again. The products and orders jobs write their document before they look for copies to
+//! fan out to, so a concurrent change is caught by one side or the other: copies are never left stale.
 //!
 //! Removed lines leave `{order_detail_id, _v}` in the order's `_removed`, so a replayed older insert of a
 //! removed line is recognised as older and ignored.
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use bson::{Bson, Document, doc};
 use rust_decimal::Decimal;
 
-use super::{Collection, Write, decimal_of, replace, tombstone, truncate_all};
+use super::orders::status_fan_out;
+use super::products::fan_out;
+use super::{Collection, Write, decimal_of, guarded_replace, literal, newer, tombstone, truncate_all};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
 use crate::runtime::Job;
-use crate::sink::Txn;
+use crate::sink::ReadModels;
 
 /// The `stream_order_details` job.
 pub struct OrderDetailsJob;
@@ -53,13 +55,13 @@ impl Job for OrderDetailsJob {
         matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
     }
 
-    async fn project(&self, events: &[Event<OrderDetail>], tx: &mut Txn<'_>) -> anyhow::Result<Vec<Write>> {
-        let mut product_ids = Vec::new();
-        let mut order_ids = Vec::new();
+    async fn apply(&self, events: &[Event<OrderDetail>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
+        let (mut product_ids, mut status_ids, mut order_ids) = (Vec::new(), Vec::new(), Vec::new());
         for event in events {
             match event {
                 Event::Upsert { row, before, .. } => {
                     product_ids.push(row.product_id);
+                    status_ids.push(row.order_id);
                     order_ids.push(row.order_id);
                     order_ids.extend(before.as_ref().map(|b| b.order_id));
                 }
@@ -67,90 +69,119 @@ impl Job for OrderDetailsJob {
                 Event::Truncate { .. } | Event::Tombstone => {}
             }
         }
-        for ids in [&mut product_ids, &mut order_ids] {
+        for ids in [&mut product_ids, &mut status_ids, &mut order_ids] {
             ids.sort_unstable();
             ids.dedup();
         }
-        let mut detail_ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_detail_id)).collect();
-        detail_ids.sort_unstable();
-        detail_ids.dedup();
-        // Only the fields the projection uses: a catch-up batch reads thousands of orders with their lines.
-        let products = tx.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
-        let orders =
-            tx.fields(Collection::Orders, &order_ids, doc! { "lines": 1, "_removed": 1, "status": 1, "_v": 1 }).await?;
-        let enrichment = doc! { "_v": 1, "product_name": 1, "_pv": 1, "order_status": 1, "_ov": 1 };
-        let details = tx.fields(Collection::OrderDetails, &detail_ids, enrichment).await?;
-        // The version of each order_details document as this batch leaves it.
-        let mut versions: HashMap<i32, i64> =
-            details.iter().map(|(&id, d)| (id, d.get_i64("_v").unwrap_or(-1))).collect();
+        // What is copied in, as it is before the writes.
+        let products =
+            store.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+        let statuses = store.fields(Collection::Orders, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
 
-        // A product's name and price are embedded as this transaction read them: its lock makes a concurrent
-        // change of them conflict (one of the two is redone and sees the other).
-        let (known, unknown): (Vec<i32>, Vec<i32>) =
-            product_ids.iter().partition(|id| products.get(id).is_some_and(is_known));
-        tx.lock_embedded_products(&known, &unknown).await?;
-
-        let mut writes: Vec<Write> = Vec::with_capacity(events.len() * 2);
-        let mut lines = Lines::new(&orders);
+        let mut writes = Vec::with_capacity(events.len());
         for event in events {
             match event {
-                Event::Upsert { row, before, source } => {
-                    let pos = source.lsn as i64;
+                Event::Upsert { row, source, .. } => {
                     let product = products.get(&row.product_id).filter(|p| is_known(p));
-                    let order = orders.get(&row.order_id).filter(|o| o.contains_key("status"));
-                    let order_lines = lines.of(row.order_id);
-                    if advance(&mut versions, row.order_detail_id, pos) {
-                        let document = detail_document(row, pos, details.get(&row.order_detail_id), product, order);
-                        writes.push(Write { collection: Collection::OrderDetails, statement: replace(document) });
-                        // The order's status is copied in: the order document is written too, so that a
-                        // concurrent status change conflicts (the orders job fans out only to what it sees).
-                        order_lines.changed = true;
-                    }
-                    order_lines.upsert(row, pos, product);
-                    // Moved to another order: it leaves the old one.
-                    if let Some(old) = before.as_ref().filter(|b| b.order_id != row.order_id) {
-                        lines.of(old.order_id).remove(row.order_detail_id, pos);
-                    }
+                    let order = statuses.get(&row.order_id).filter(|o| o.contains_key("status"));
+                    let statement = detail_statement(row, source.lsn as i64, product, order);
+                    writes.push(Write { collection: Collection::OrderDetails, statement });
                 }
                 Event::Delete { before, source } => {
                     let (id, pos) = (before.order_detail_id, source.lsn as i64);
-                    if advance(&mut versions, id, pos) {
-                        writes.push(Write {
-                            collection: Collection::OrderDetails,
-                            statement: replace(tombstone(id, pos)),
-                        });
-                    }
-                    lines.of(before.order_id).remove(id, pos);
+                    let statement = guarded_replace(id, pos, tombstone(id, pos));
+                    writes.push(Write { collection: Collection::OrderDetails, statement });
                 }
                 Event::Truncate { source } => {
                     let pos = source.lsn as i64;
                     writes.push(Write { collection: Collection::OrderDetails, statement: truncate_all(pos) });
-                    for v in versions.values_mut() {
-                        *v = (*v).max(pos);
-                    }
-                    // Orders not otherwise in the batch: in MongoDB, before the batch's own order writes.
+                    // Every order's lines older than it, before the lines below are read.
                     writes.push(Write { collection: Collection::Orders, statement: remove_all_lines(pos) });
-                    lines.truncate(pos);
                 }
                 Event::Tombstone => {}
             }
         }
-        writes.extend(lines.into_writes()?);
-        Ok(writes)
+        store.write(writes).await?;
+        write_lines(events, order_ids, &products, store).await?;
+
+        // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
+        // every copy older than it, including the ones just written).
+        let products_now =
+            store.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+        let statuses_now = store.fields(Collection::Orders, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
+        let mut again = Vec::new();
+        for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
+            let copied = products.get(id).filter(|p| is_known(p));
+            if copied.is_none_or(|p| p.get("name") != now.get("name") || p.get("price") != now.get("price")) {
+                let (name, price) = (now.get("name").unwrap_or(&Bson::Null), now.get("price").unwrap_or(&Bson::Null));
+                let pos = now.get_i64("_v")?;
+                again.push(fan_out(Collection::Orders, *id, name, price, pos));
+                again.push(fan_out(Collection::OrderDetails, *id, name, price, pos));
+            }
+        }
+        for (id, now) in statuses_now.iter().filter(|(_, o)| o.contains_key("status")) {
+            let copied = statuses.get(id).filter(|o| o.contains_key("status"));
+            if copied.is_none_or(|o| o.get("status") != now.get("status")) {
+                again.push(status_fan_out(*id, now.get("status").unwrap_or(&Bson::Null), now.get_i64("_v")?));
+            }
+        }
+        store.write(again).await
     }
+}
+
+/// How many times an order's lines are redone because another writer changed them first, before the batch
+/// fails (and the runtime retries it with backoff).
+const LINE_ATTEMPTS: usize = 50;
+
+/// Writes the batch's changes to the lines of orders `ids` (sorted): read, changed, and written back if
+/// nobody changed them since; the orders somebody did are redone.
+async fn write_lines(
+    events: &[Event<OrderDetail>],
+    mut ids: Vec<i32>,
+    products: &HashMap<i32, Document>,
+    store: &mut ReadModels<'_>,
+) -> anyhow::Result<()> {
+    for attempt in 1..=LINE_ATTEMPTS {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let stored = store.fields(Collection::Orders, &ids, doc! { "lines": 1, "_removed": 1, "_lv": 1 }).await?;
+        let mut lines = Lines::new(&stored);
+        for event in events {
+            let mine = |order_id: &i32| ids.binary_search(order_id).is_ok();
+            match event {
+                Event::Upsert { row, before, source } => {
+                    let pos = source.lsn as i64;
+                    if mine(&row.order_id) {
+                        let product = products.get(&row.product_id).filter(|p| is_known(p));
+                        lines.of(row.order_id).upsert(row, pos, product);
+                    }
+                    // Moved to another order: it leaves the old one.
+                    if let Some(old) = before.as_ref().filter(|b| b.order_id != row.order_id && mine(&b.order_id)) {
+                        lines.of(old.order_id).remove(row.order_detail_id, pos);
+                    }
+                }
+                Event::Delete { before, source } if mine(&before.order_id) => {
+                    lines.of(before.order_id).remove(before.order_detail_id, source.lsn as i64);
+                }
+                Event::Truncate { source } => lines.truncate(source.lsn as i64),
+                Event::Delete { .. } | Event::Tombstone => {}
+            }
+        }
+        let (written, statements) = lines.into_statements()?;
+        let lost = store.write_if_unchanged(Collection::Orders, &statements).await?;
+        ids = lost.into_iter().map(|i| written[i]).collect();
+        ids.sort_unstable();
+        if !ids.is_empty() && attempt % 5 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(1..=20 * attempt as u64))).await;
+        }
+    }
+    bail!("the lines of {} orders kept changing under this job ({LINE_ATTEMPTS} attempts)", ids.len())
 }
 
 /// Whether a `products` document is a product (not a tombstone): one whose name and price can be embedded.
 fn is_known(product: &Document) -> bool {
     product.contains_key("name") && product.contains_key("_v")
-}
-
-/// Whether `pos` is newer than the version of document `id`, which it then becomes.
-fn advance(versions: &mut HashMap<i32, i64>, id: i32, pos: i64) -> bool {
-    let v = versions.entry(id).or_insert(-1);
-    let newer = pos > *v;
-    *v = (*v).max(pos);
-    newer
 }
 
 /// The embedded lines of the orders a batch changes, each read once from the transaction's snapshot.
@@ -183,24 +214,27 @@ impl<'a> Lines<'a> {
         }
     }
 
-    /// One `$set` of lines, `_removed` and totals per order whose lines changed.
-    fn into_writes(self) -> anyhow::Result<Vec<Write>> {
-        let mut writes = Vec::new();
+    /// One conditional `$set` of lines, `_removed` and totals per order whose lines changed, with the
+    /// orders' ids.
+    fn into_statements(self) -> anyhow::Result<(Vec<i32>, Vec<Document>)> {
+        let (mut ids, mut statements) = (Vec::new(), Vec::new());
         for (order_id, lines) in self.orders {
             if let Some(statement) = lines.statement(order_id)? {
-                writes.push(Write { collection: Collection::Orders, statement });
+                ids.push(order_id);
+                statements.push(statement);
             }
         }
-        Ok(writes)
+        Ok((ids, statements))
     }
 }
 
 /// One order's `lines` (sorted by `order_detail_id`) and `_removed` (`{order_detail_id, _v}` of lines gone),
-/// changed only by events newer than what the order knows of that line.
+/// changed only by events newer than what the order knows of that line; `version` is the `_lv` read.
 #[derive(Debug, Default)]
 struct OrderLines {
     lines: Vec<Document>,
     removed: Vec<Document>,
+    version: Option<i64>,
     changed: bool,
 }
 
@@ -212,7 +246,8 @@ impl OrderLines {
                 .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
                 .unwrap_or_default()
         };
-        OrderLines { lines: array("lines"), removed: array("_removed"), changed: false }
+        let version = order.and_then(|o| o.get_i64("_lv").ok());
+        OrderLines { lines: array("lines"), removed: array("_removed"), version, changed: false }
     }
 
     /// The newest position this order knows for line `id` (present or removed), -1 if none.
@@ -226,22 +261,36 @@ impl OrderLines {
             .unwrap_or(-1)
     }
 
+    /// Line `row` as of `pos`, its product copied from `product` (as read; `None`: not known yet) or from
+    /// the line's copy of the same product when that is newer. An older or replayed change of the line
+    /// still refreshes its product copy, which a crashed run may have left stale.
     fn upsert(&mut self, row: &OrderDetail, pos: i64, product: Option<&Document>) {
         let id = row.order_detail_id;
-        if pos <= self.seen(id) {
-            return;
-        }
         let at = self.lines.iter().position(|l| l.get_i32("order_detail_id").ok() == Some(id));
-        let mut line = readmodel::order_line(row, None);
-        let product = match product {
-            Some(p) => Bson::Document(doc! {
+        let same_product = at.filter(|&i| self.lines[i].get_i32("product_id").ok() == Some(row.product_id));
+        let stored_copy = same_product.and_then(|i| self.lines[i].get_document("product").ok());
+        let copy_version = |copy: Option<&Document>| copy.and_then(|c| c.get_i64("_v").ok()).unwrap_or(-1);
+        let read = product.map(|p| {
+            doc! {
                 "name": p.get("name").cloned().unwrap_or(Bson::Null),
                 "price": p.get("price").cloned().unwrap_or(Bson::Null),
                 "_v": p.get("_v").cloned().unwrap_or(Bson::Null),
-            }),
-            // Not seen yet: keep what the line had (the products job fills it in when it gets there).
-            None => at.and_then(|i| self.lines[i].get("product").cloned()).unwrap_or(Bson::Null),
+            }
+        });
+        let read_is_newer = copy_version(read.as_ref()) > copy_version(stored_copy);
+        if pos <= self.seen(id) {
+            if let (Some(i), Some(read), true) = (same_product, read, read_is_newer) {
+                self.lines[i].insert("product", read);
+                self.changed = true;
+            }
+            return;
+        }
+        let product = match (read, stored_copy) {
+            (Some(read), _) if read_is_newer => Bson::Document(read),
+            (_, Some(stored)) => Bson::Document(stored.clone()),
+            (read, None) => read.map_or(Bson::Null, Bson::Document),
         };
+        let mut line = readmodel::order_line(row, None);
         line.insert("product", product);
         line.insert("_v", pos);
         match at {
@@ -294,48 +343,64 @@ impl OrderLines {
         Ok(readmodel::totals(self.lines.len() as i32, quantity, subtotal, total))
     }
 
-    /// The update writing these lines back, if any changed.
+    /// The update writing these lines back, if any changed, and if the lines are still the ones read (else
+    /// the upsert collides with the document: a duplicate key).
     fn statement(self, order_id: i32) -> anyhow::Result<Option<Document>> {
         if !self.changed {
             return Ok(None);
         }
         let totals = self.totals()?;
+        let unchanged = match self.version {
+            Some(v) => Bson::Int64(v),
+            None => Bson::Document(doc! { "$exists": false }),
+        };
         Ok(Some(doc! {
-            "q": { "_id": order_id },
-            "u": { "$set": { "lines": self.lines, "_removed": self.removed, "totals": totals } },
+            "q": { "_id": order_id, "_lv": unchanged },
+            "u": { "$set": { "lines": self.lines, "_removed": self.removed, "totals": totals }, "$inc": { "_lv": 1_i64 } },
             "upsert": true,
         }))
     }
 }
 
-/// The `order_details` document for `row`: the row's fields, and the product's name and the order's status
-/// from the documents the transaction sees, or, when one is not known yet, what the other jobs' fan-out
-/// stored in the document.
-fn detail_document(
-    row: &OrderDetail,
-    pos: i64,
-    stored: Option<&Document>,
-    product: Option<&Document>,
-    order: Option<&Document>,
-) -> Document {
-    let mut document = readmodel::order_detail(row, None, None);
-    let enrichment = [
-        ("product_name", "_pv", product.map(|p| (p.get("name"), p.get("_v")))),
-        ("order_status", "_ov", order.map(|o| (o.get("status"), o.get("_v")))),
+/// The write of `row` (as of `pos`) to its `order_details` document, guarded by the document's version. The
+/// product's name and the order's status are copied from `product` and `order` as read, each kept at the
+/// newer of that and the document's copy (the other jobs' fan-outs may have written it since, or first),
+/// and refreshed even when the row itself is not newer: a replay after a crash mends a copy the crashed run
+/// wrote stale and never re-checked.
+fn detail_statement(row: &OrderDetail, pos: i64, product: Option<&Document>, order: Option<&Document>) -> Document {
+    let row_newer = newer(pos, "$_v");
+    let plain = readmodel::order_detail(row, None, None);
+    let mut replacement: Document =
+        plain.into_iter().map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) }).collect();
+    let mut refreshed = Document::new();
+    let copies = [
+        ("product_name", "_pv", "product_id", row.product_id, product.map(|p| (p.get("name"), p.get("_v")))),
+        ("order_status", "_ov", "order_id", row.order_id, order.map(|o| (o.get("status"), o.get("_v")))),
     ];
-    for (field, version, known) in enrichment {
-        let (value, v) = match known {
-            Some(known) => known,
-            None => (stored.and_then(|d| d.get(field)), stored.and_then(|d| d.get(version))),
-        };
-        document.insert(field, value.cloned().unwrap_or(Bson::Null));
-        if let Some(v) = v {
-            document.insert(version, v.clone());
-        }
+    for (field, version, source, source_id, read) in copies {
+        let (value, v) = read.map_or((None, None), |(value, v)| (value, v.and_then(Bson::as_i64)));
+        let (value, v) = (literal(value.cloned().unwrap_or(Bson::Null)), v.unwrap_or(-1));
+        let (stored, stored_version) = (format!("${field}"), format!("${version}"));
+        // A version is the copied document's: only comparable while the row points at the same one.
+        let same_source = doc! { "$eq": [ format!("${source}"), literal(source_id) ] };
+        let newer_copy = doc! { "$and": [ same_source.clone(), newer(v, &stored_version) ] };
+        let replaces = doc! { "$or": [ { "$not": [ same_source ] }, newer_copy.clone() ] };
+        replacement.insert(
+            field,
+            doc! { "$cond": [ replaces.clone(), value.clone(), { "$ifNull": [ &stored, Bson::Null ] } ] },
+        );
+        replacement.insert(version, doc! { "$cond": [ replaces, v, { "$ifNull": [ &stored_version, -1_i64 ] } ] });
+        refreshed.insert(field, doc! { "$cond": [ newer_copy.clone(), value, stored ] });
+        refreshed.insert(version, doc! { "$cond": [ newer_copy, v, stored_version ] });
     }
-    document.insert("_v", pos);
-    document.insert("_deleted", false);
-    document
+    replacement.insert("_v", literal(pos));
+    replacement.insert("_deleted", false);
+    let kept = doc! { "$mergeObjects": [ "$$ROOT", refreshed ] };
+    doc! {
+        "q": { "_id": row.order_detail_id },
+        "u": [ { "$replaceWith": { "$cond": [ row_newer, replacement, kept ] } } ],
+        "upsert": true,
+    }
 }
 
 /// Totals from the lines, in cents (sums of two-decimal amounts; "0.00" fixes the scale of an empty sum).
@@ -367,6 +432,7 @@ fn remove_all_lines(pos: i64) -> Document {
                     { "$map": { "input": older, "in": { "order_detail_id": "$$this.order_detail_id", "_v": { "$literal": pos } } } },
                 ] },
                 "lines": { "$filter": { "input": { "$ifNull": [ "$lines", [] ] }, "cond": { "$gte": [ "$$this._v", pos ] } } },
+                "_lv": { "$add": [ { "$ifNull": [ "$_lv", 0_i64 ] }, 1_i64 ] },
             } },
             totals_stage(),
         ],
@@ -412,6 +478,29 @@ mod tests {
         lines.truncate(40);
         assert!(lines.lines.is_empty());
         assert!(lines.changed);
+    }
+
+    #[test]
+    fn a_product_copy_keeps_the_newer_of_read_and_stored_even_on_replay() {
+        let product = |price: &str, v: i64| doc! { "name": "Tent", "price": decimal(price.parse().unwrap()), "_v": v };
+        let copy = |lines: &OrderLines| lines.lines[0].get_document("product").unwrap().get_i64("_v").unwrap();
+        let mut lines = OrderLines::stored(None);
+        lines.upsert(&line(1, "10.00", 1, "0"), 10, Some(&product("19.90", 5)));
+        // A fan-out wrote a newer copy meanwhile; a newer change of the line read the older product.
+        lines.lines[0].insert("product", product("21.00", 8));
+        lines.upsert(&line(1, "10.00", 2, "0"), 20, Some(&product("19.90", 5)));
+        assert_eq!((lines.lines[0].get_i32("quantity").unwrap(), copy(&lines)), (2, 8));
+        // A replay (not newer than the line) with a newer product mends the copy, and only the copy.
+        let mut replay = OrderLines::stored(Some(&doc! { "lines": lines.lines.clone(), "_removed": [] }));
+        replay.upsert(&line(1, "99.00", 9, "0"), 20, Some(&product("22.00", 9)));
+        assert_eq!((replay.lines[0].get_i32("quantity").unwrap(), copy(&replay)), (2, 9));
+        assert!(replay.changed);
+        // A line not known to a product yet (null copy) is mended by a replay too.
+        let mut unknown = OrderLines::stored(None);
+        unknown.upsert(&line(2, "1.00", 1, "0"), 30, None);
+        let mut replay = OrderLines::stored(Some(&doc! { "lines": unknown.lines.clone(), "_removed": [] }));
+        replay.upsert(&line(2, "1.00", 1, "0"), 30, Some(&product("19.90", 5)));
+        assert_eq!(copy(&replay), 5);
     }
 
     #[test]

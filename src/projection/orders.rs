@@ -1,89 +1,79 @@
 //! orders -> the header fields of `orders` documents (never their `lines`, which the order_details job
 //! owns), and the order's status into its `order_details` documents.
+//!
+//! The order's document is written before its `order_details` documents are looked for: the order_details
+//! job writes a document first and reads the order after (its re-check), so one it copies an older status
+//! into is either seen here or sees the new status there.
 
-use bson::doc;
+use bson::{Bson, Document, doc};
 
-use super::{Collection, Write};
+use super::{Collection, Write, literal, newer};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
 use crate::runtime::Job;
-use crate::sink::Txn;
+use crate::sink::ReadModels;
 
-/// The writes for one order change, given the version of its document the transaction sees (`-1` for
-/// none) and whether `order_details` documents of the order exist (`has_details`, the status is copied
-/// into them): a change no newer than it writes nothing to `orders` (the fan-out to `order_details` has its
-/// own guard). Plain `$set`s, not pipelines: the version was read in the batch's transaction, and a write
-/// to the document since would abort it as a write conflict (the order_details job writes the order's
-/// document whenever it writes one of its lines, so lines it adds concurrently conflict too).
-pub fn project(event: &Event<Order>, stored_version: i64, has_details: bool) -> Vec<Write> {
-    let write = |collection, statement| Write { collection, statement };
-    let newer = |pos: i64| pos > stored_version;
-    match event {
+/// The write of one order change to its document's header, guarded by the document's version (`_v`): a
+/// pipeline that keeps whatever else the document holds (the lines the order_details job wrote, first
+/// perhaps).
+pub fn project(event: &Event<Order>) -> Option<Write> {
+    let statement = match event {
         Event::Upsert { row, source, .. } => {
             let pos = source.lsn as i64;
-            let mut writes = Vec::with_capacity(2);
-            if newer(pos) {
-                let mut header = readmodel::order_header(
-                    &row.customer_name,
-                    &row.address,
-                    &row.phone,
-                    row.order_date,
-                    row.status.as_deref(),
-                );
-                header.insert("_v", pos);
-                header.insert("_deleted", false);
-                // A new document starts with no lines; lines the order_details job wrote first are kept.
-                let empty = doc! { "lines": [], "totals": readmodel::order_totals(&[]) };
-                writes.push(write(
-                    Collection::Orders,
-                    doc! {
-                        "q": { "_id": row.order_id },
-                        "u": { "$set": header, "$setOnInsert": empty },
-                        "upsert": true,
-                    },
-                ));
-            }
-            if !has_details {
-                return writes;
-            }
-            writes.push(write(
-                Collection::OrderDetails,
-                doc! {
-                    "q": { "order_id": row.order_id, "_ov": { "$not": { "$gte": pos } } },
-                    "u": { "$set": { "order_status": row.status.as_deref(), "_ov": pos } },
-                    "multi": true,
-                },
-            ));
-            writes
+            let header = readmodel::order_header(
+                &row.customer_name,
+                &row.address,
+                &row.phone,
+                row.order_date,
+                row.status.as_deref(),
+            );
+            let mut set: Document = header.into_iter().map(|(k, v)| (k, literal(v))).collect();
+            set.insert("_v", literal(pos));
+            set.insert("_deleted", false);
+            // A new document starts with no lines; lines the order_details job wrote first are kept.
+            set.insert("lines", doc! { "$ifNull": [ "$lines", [] ] });
+            set.insert("totals", doc! { "$ifNull": [ "$totals", literal(readmodel::order_totals(&[])) ] });
+            guarded_merge(row.order_id, pos, set)
         }
+        // Lines stay until their own deletes (the cascade) arrive.
         Event::Delete { before, source } => {
             let pos = source.lsn as i64;
-            if !newer(pos) {
-                return Vec::new();
-            }
-            // Lines stay until their own deletes (the cascade) arrive.
-            vec![write(
-                Collection::Orders,
-                doc! {
-                    "q": { "_id": before.order_id },
-                    "u": { "$set": { "_deleted": true, "_v": pos } },
-                    "upsert": true,
-                },
-            )]
+            guarded_merge(before.order_id, pos, doc! { "_deleted": true, "_v": literal(pos) })
         }
         Event::Truncate { source } => {
             let pos = source.lsn as i64;
-            vec![write(
-                Collection::Orders,
-                doc! {
-                    "q": { "_v": { "$not": { "$gte": pos } } },
-                    "u": [ { "$set": { "_deleted": true, "_v": { "$literal": pos } } } ],
-                    "multi": true,
-                },
-            )]
+            doc! {
+                "q": { "_v": { "$not": { "$gte": pos } } },
+                "u": [ { "$set": { "_deleted": true, "_v": { "$literal": pos } } } ],
+                "multi": true,
+            }
         }
-        Event::Tombstone => Vec::new(),
+        Event::Tombstone => return None,
+    };
+    Some(Write { collection: Collection::Orders, statement })
+}
+
+/// Sets the fields of `set` (aggregation expressions) in order `id`'s document if `pos` is newer than its
+/// `_v`, else leaves it.
+fn guarded_merge(id: i32, pos: i64, set: Document) -> Document {
+    doc! {
+        "q": { "_id": id },
+        "u": [ { "$replaceWith": { "$cond": [ newer(pos, "$_v"), { "$mergeObjects": [ "$$ROOT", set ] }, "$$ROOT" ] } } ],
+        "upsert": true,
+    }
+}
+
+/// The copy of order `id`'s `status` (as of `pos`) into its `order_details` documents, each guarded by the
+/// version it was copied at.
+pub fn status_fan_out(id: i32, status: &Bson, pos: i64) -> Write {
+    Write {
+        collection: Collection::OrderDetails,
+        statement: doc! {
+            "q": { "order_id": id, "_ov": { "$not": { "$gte": pos } } },
+            "u": { "$set": { "order_status": status, "_ov": pos } },
+            "multi": true,
+        },
     }
 }
 
@@ -99,23 +89,25 @@ impl Job for OrdersJob {
         row.order_id
     }
 
-    async fn project(&self, events: &[Event<Order>], tx: &mut Txn<'_>) -> anyhow::Result<Vec<Write>> {
-        let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.order_id)).collect();
+    async fn apply(&self, events: &[Event<Order>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
+        store.write(events.iter().filter_map(project).collect()).await?;
+        // The status goes to the order's order_details documents, looked for after the order's is written.
+        // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.
+        let mut ids: Vec<i32> = events
+            .iter()
+            .filter_map(|e| if let Event::Upsert { row, .. } = e { Some(row.order_id) } else { None })
+            .collect();
         ids.sort_unstable();
         ids.dedup();
-        let versions = tx.versions(Collection::Orders, &ids).await?;
-        let with_details = tx.present(Collection::OrderDetails, "order_id", &ids).await?;
-        // A TRUNCATE in the batch makes every document at least that new for the events after it.
-        let mut truncated = -1;
-        let mut writes = Vec::with_capacity(events.len() * 2);
-        for event in events {
-            if let Event::Truncate { source } = event {
-                truncated = truncated.max(source.lsn as i64);
-            }
-            let id = event.row().map(|r| r.order_id);
-            let stored = id.and_then(|id| versions.get(&id)).copied().unwrap_or(-1);
-            writes.extend(project(event, stored.max(truncated), id.is_some_and(|id| with_details.contains(&id))));
-        }
-        Ok(writes)
+        let with_details = store.present(Collection::OrderDetails, "order_id", &ids).await?;
+        let fan_outs = events.iter().filter_map(|e| match e {
+            Event::Upsert { row, source, .. } if with_details.contains(&row.order_id) => Some(status_fan_out(
+                row.order_id,
+                &row.status.as_deref().map_or(Bson::Null, Bson::from),
+                source.lsn as i64,
+            )),
+            _ => None,
+        });
+        store.write(fan_outs.collect()).await
     }
 }

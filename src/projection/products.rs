@@ -1,14 +1,19 @@
 //! products -> the `products` documents, and the product's name and price wherever they are embedded:
 //! the lines of `orders` (`lines[].product`) and `order_details.product_name`.
+//!
+//! The product's document is written before its embedded copies are looked for: the order_details job
+//! writes a line first and reads the product after (its re-check), so a line it embeds an older name in is
+//! either seen here or sees the new name there.
 
 use std::collections::HashMap;
 
-use bson::{Document, doc};
+use bson::{Bson, Document, doc};
 
 use super::{Collection, Write, decimal, decimal_of, guarded_replace, literal, tombstone, truncate_all};
 use crate::envelope::{Event, Toasted};
 use crate::readmodel;
 use crate::rows::Product;
+use crate::sink::ReadModels;
 
 /// Whether a product change must reach the copies of its name and price embedded in orders and
 /// order_details, given the product's document as the transaction sees it: when they differ from it (a
@@ -21,48 +26,48 @@ pub fn changes_embedded(event: &Event<Product>, stored: Option<&Document>) -> bo
     })
 }
 
-/// The writes for one product change (`event` already reduced: the last of its key in the batch): its
-/// document, and, for a change of its embedded name and price ([`changes_embedded`]), the copies in the
-/// collections of `fan_out` (those that hold the product).
-pub fn project(event: &Event<Product>, fan_out: &[Collection]) -> Vec<Write> {
-    let write = |collection, statement| Write { collection, statement };
-    match event {
+/// The write of one product change to its document.
+pub fn project(event: &Event<Product>) -> Option<Write> {
+    let statement = match event {
         Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
-            let mut writes = vec![write(Collection::Products, guarded_replace(id, pos, document(row, pos)))];
-            for &collection in fan_out {
-                writes.push(write(collection, fan_out_statement(collection, row, pos)));
-            }
-            writes
+            guarded_replace(id, pos, document(row, pos))
         }
         Event::Delete { before, source } => {
             let (id, pos) = (before.product_id, source.lsn as i64);
-            vec![write(Collection::Products, guarded_replace(id, pos, tombstone(id, pos)))]
+            guarded_replace(id, pos, tombstone(id, pos))
         }
-        Event::Truncate { source } => vec![write(Collection::Products, truncate_all(source.lsn as i64))],
-        Event::Tombstone => Vec::new(),
-    }
+        Event::Truncate { source } => truncate_all(source.lsn as i64),
+        Event::Tombstone => return None,
+    };
+    Some(Write { collection: Collection::Products, statement })
 }
 
-/// The update of the copies of `row`'s name and price in `collection` (orders' lines or order_details),
-/// each guarded by the version it was copied at.
-fn fan_out_statement(collection: Collection, row: &Product, pos: i64) -> Document {
-    match collection {
+/// The update of the copies of product `id`'s `name` and `price` (as of `pos`) in `collection` (orders'
+/// lines or order_details), each guarded by the version it was copied at. Order documents it changes get
+/// a new `_lv`, which the order_details job's read-modify-write of lines checks.
+pub fn fan_out(collection: Collection, id: i32, name: &Bson, price: &Bson, pos: i64) -> Write {
+    let statement = match collection {
         Collection::Orders => doc! {
-            "q": { "lines.product_id": row.product_id },
-            "u": { "$set": { "lines.$[line].product": { "name": &row.name, "price": decimal(row.price), "_v": pos } } },
-            "arrayFilters": [ {
-                "line.product_id": row.product_id,
-                "$or": [ { "line.product._v": { "$lt": pos } }, { "line.product._v": { "$exists": false } } ],
-            } ],
+            "q": { "lines": { "$elemMatch": { "product_id": id, "$or": [
+                { "product._v": { "$lt": pos } }, { "product._v": { "$exists": false } },
+            ] } } },
+            "u": {
+                "$set": { "lines.$[line].product": { "name": name, "price": price, "_v": pos } },
+                "$inc": { "_lv": 1_i64 },
+            },
+            "arrayFilters": [ { "line.product_id": id, "$or": [
+                { "line.product._v": { "$lt": pos } }, { "line.product._v": { "$exists": false } },
+            ] } ],
             "multi": true,
         },
         _ => doc! {
-            "q": { "product_id": row.product_id, "_pv": { "$not": { "$gte": pos } } },
-            "u": { "$set": { "product_name": &row.name, "_pv": pos } },
+            "q": { "product_id": id, "_pv": { "$not": { "$gte": pos } } },
+            "u": { "$set": { "product_name": name, "_pv": pos } },
             "multi": true,
         },
-    }
+    };
+    Write { collection, statement }
 }
 
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
@@ -94,53 +99,51 @@ impl crate::runtime::Job for ProductsJob {
         row.product_id
     }
 
-    async fn project(&self, events: &[Event<Product>], tx: &mut crate::sink::Txn<'_>) -> anyhow::Result<Vec<Write>> {
+    async fn apply(&self, events: &[Event<Product>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
-        let stored = tx.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1 }).await?;
-        // Which events change embedded copies: judged against what an earlier event of the same product (a
-        // kept one) leaves behind.
+        let stored = store.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+        // Which changes reach embedded copies: judged against what an earlier event of the same product (a
+        // kept one) leaves behind. A change the document already holds is a replay: a crash may have come
+        // between its write and its fan-out, so it fans out again (guarded, it changes nothing twice).
         let mut current: HashMap<i32, Document> = HashMap::new();
-        let mut fans_out = Vec::with_capacity(events.len());
-        let (mut changed, mut new) = (Vec::new(), Vec::new());
+        let mut fanned: HashMap<i32, &Product> = HashMap::new();
+        let mut last_pos: HashMap<i32, i64> = HashMap::new();
         for event in events {
-            let Some(id) = event.row().map(|r| r.product_id) else {
-                fans_out.push(false);
-                continue;
+            let Event::Upsert { row, source, .. } = event else { continue };
+            let (id, pos) = (row.product_id, source.lsn as i64);
+            let stored_v = stored.get(&id).and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
+            let fans = match current.get(&id) {
+                Some(before) => changes_embedded(event, Some(before)),
+                None if pos < stored_v => false,
+                None if pos == stored_v => true,
+                None => changes_embedded(event, stored.get(&id)),
             };
-            let before = current.get(&id).or_else(|| stored.get(&id));
-            let fans = changes_embedded(event, before);
             if fans {
-                if before.is_some_and(|d| d.contains_key("name")) { changed.push(id) } else { new.push(id) }
+                fanned.insert(id, row);
+                last_pos.insert(id, pos);
             }
-            fans_out.push(fans);
-            if let Event::Upsert { row, .. } = event {
-                current.insert(id, doc! { "name": &row.name, "price": decimal(row.price) });
+            current.insert(id, doc! { "name": &row.name, "price": decimal(row.price) });
+        }
+        store.write(events.iter().filter_map(project).collect()).await?;
+        // Only where the product is embedded, looked for after its document is written: a fan-out that
+        // matches nothing still costs a lookup.
+        let mut targets: Vec<i32> = fanned.keys().copied().collect();
+        targets.sort_unstable();
+        let in_orders = store.present(Collection::Orders, "lines.product_id", &targets).await?;
+        let in_details = store.present(Collection::OrderDetails, "product_id", &targets).await?;
+        let mut writes = Vec::new();
+        for id in targets {
+            let (row, pos) = (fanned[&id], last_pos[&id]);
+            let (name, price) = (Bson::String(row.name.clone()), decimal(row.price));
+            for (collection, holders) in [(Collection::Orders, &in_orders), (Collection::OrderDetails, &in_details)] {
+                if holders.contains(&id) {
+                    writes.push(fan_out(collection, id, &name, &price, pos));
+                }
             }
         }
-        for list in [&mut changed, &mut new] {
-            list.sort_unstable();
-            list.dedup();
-        }
-        tx.lock_changed_products(&changed, &new).await?;
-        // Only where the product is embedded: a fan-out that matches nothing still costs a lookup.
-        let mut fanned: Vec<i32> = changed.iter().chain(&new).copied().collect();
-        fanned.sort_unstable();
-        fanned.dedup();
-        let in_orders = tx.present(Collection::Orders, "lines.product_id", &fanned).await?;
-        let in_details = tx.present(Collection::OrderDetails, "product_id", &fanned).await?;
-        let mut writes = Vec::with_capacity(events.len());
-        for (event, fans) in events.iter().zip(fans_out) {
-            let id = event.row().map(|r| r.product_id).unwrap_or_default();
-            let targets: Vec<Collection> = [(Collection::Orders, &in_orders), (Collection::OrderDetails, &in_details)]
-                .into_iter()
-                .filter(|(_, holders)| fans && holders.contains(&id))
-                .map(|(c, _)| c)
-                .collect();
-            writes.extend(project(event, &targets));
-        }
-        Ok(writes)
+        store.write(writes).await
     }
 }
 
@@ -169,10 +172,5 @@ mod tests {
         assert!(changes_embedded(&change("Big tent", "19.90"), Some(&stored)));
         assert!(changes_embedded(&change("Tent", "19.90"), None), "not seen yet: lines may hold it");
         assert!(changes_embedded(&change("Tent", "19.90"), Some(&doc! { "_deleted": true })));
-        let fan_out = project(&change("Tent", "21.00"), &[Collection::Orders]);
-        assert_eq!(
-            fan_out.iter().map(|w| w.collection).collect::<Vec<_>>(),
-            [Collection::Products, Collection::Orders]
-        );
     }
 }
