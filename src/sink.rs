@@ -129,14 +129,14 @@ impl MongoSink {
         checkpoints: &[Checkpoint],
         epoch: i64,
     ) -> Result<Applied> {
-        let checkpoint_updates: Vec<Document> = checkpoints
+        let checkpoint_updates: Vec<RawDocumentBuf> = checkpoints
             .iter()
             .map(|c| {
-                doc! {
+                rawdoc! {
                     "q": { "_id": format!("{group}|{}|{}", c.topic, c.partition) },
                     "u": {
                         "$max": { "next_offset": c.next_offset },
-                        "$set": { "group": group, "topic": &c.topic, "partition": c.partition },
+                        "$set": { "group": group, "topic": c.topic.as_str(), "partition": c.partition },
                     },
                     "upsert": true,
                 }
@@ -167,7 +167,7 @@ impl MongoSink {
                 );
             }
             if !checkpoint_updates.is_empty() {
-                update(&self.db, Some(&mut session), CHECKPOINTS, &checkpoint_updates, true).await?;
+                update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
             }
             Ok::<_, anyhow::Error>(Applied::Written { statements: store.statements, raced: store.raced })
         }
@@ -235,19 +235,19 @@ impl MongoSink {
             .filter_map(|e| if let Event::Truncate { source } = e { Some(source.lsn as i64) } else { None })
             .max()
             .unwrap_or(-1);
-        let statements: Vec<Document> = ids
+        let statements: Vec<RawDocumentBuf> = ids
             .iter()
             .enumerate()
             .filter(|&(l, _)| newest_truncate >= 0 || l == lane)
             .map(|(_, id)| {
-                doc! {
-                    "q": { "_id": id },
+                rawdoc! {
+                    "q": { "_id": id.as_str() },
                     "u": { "$max": { "lsn": newest_truncate }, "$inc": { "batches": 1_i64 } },
                     "upsert": true,
                 }
             })
             .collect();
-        update(&self.db, Some(session), TRUNCATIONS, &statements, true).await?;
+        update(&self.db, Some(session), TRUNCATIONS, statements, true).await?;
         Ok(if events.iter().all(admissible) {
             std::borrow::Cow::Borrowed(events)
         } else {
@@ -268,13 +268,13 @@ impl ReadModels<'_> {
     /// Applies `writes`, a collection at a time, the orders last (the other jobs read the lines there).
     /// Any refused statement fails the batch.
     pub async fn write(&mut self, writes: Vec<Write>) -> Result<()> {
-        let mut by_collection: BTreeMap<(bool, Collection), Vec<Document>> = BTreeMap::new();
+        let mut by_collection: BTreeMap<(bool, Collection), Vec<RawDocumentBuf>> = BTreeMap::new();
         for w in writes {
             by_collection.entry((w.collection == Collection::Orders, w.collection)).or_default().push(w.statement);
         }
         for ((_, collection), statements) in by_collection {
-            update(self.db, None, collection.name(), &statements, true).await?;
             self.statements += statements.len();
+            update(self.db, None, collection.name(), statements, true).await?;
         }
         Ok(())
     }
@@ -282,9 +282,14 @@ impl ReadModels<'_> {
     /// Applies conditional upserts of `collection` (each `q` names the `_id` and the state the projection
     /// read), all of them even when some fail, and returns the positions of those that lost a race: the
     /// document changed since it was read, so the filter matched nothing and the upsert collided with it.
-    pub async fn write_if_unchanged(&mut self, collection: Collection, statements: &[Document]) -> Result<Vec<usize>> {
+    pub async fn write_if_unchanged(
+        &mut self,
+        collection: Collection,
+        statements: Vec<RawDocumentBuf>,
+    ) -> Result<Vec<usize>> {
+        let count = statements.len();
         let lost = update(self.db, None, collection.name(), statements, false).await?;
-        self.statements += statements.len() - lost.len();
+        self.statements += count - lost.len();
         self.raced += lost.len();
         Ok(lost)
     }
@@ -387,27 +392,35 @@ async fn update(
     db: &Database,
     mut session: Option<&mut ClientSession>,
     collection: &str,
-    statements: &[Document],
+    statements: Vec<RawDocumentBuf>,
     ordered: bool,
 ) -> Result<Vec<usize>> {
     const DUPLICATE_KEY: i32 = 11000;
     let mut lost = Vec::new();
-    for (n, chunk) in statements.chunks(STATEMENTS_PER_COMMAND).enumerate() {
-        // Encoded once, straight into the command (a `doc!` command would copy every statement first).
+    let mut statements = statements.into_iter().peekable();
+    let mut n = 0;
+    while statements.peek().is_some() {
         let mut updates = RawArrayBuf::new();
-        for statement in chunk {
-            updates.push(RawDocumentBuf::try_from(statement).context("encoding an update statement")?);
+        for statement in statements.by_ref().take(STATEMENTS_PER_COMMAND) {
+            updates.push(statement);
         }
-        let command = rawdoc! { "update": collection, "updates": updates, "ordered": ordered };
+        let mut command = rawdoc! { "update": collection, "updates": updates, "ordered": ordered };
         let reply = match session.as_deref_mut() {
             Some(session) => db.run_raw_command(command).session(session).await,
-            None => db.run_raw_command(command).await,
+            None => {
+                // Acknowledged once applied, not once journaled and replicated: the batch's transaction
+                // commits after these writes with the default (majority, journaled) write concern, and the
+                // oplog and journal are sequential, so that commit makes them durable too. Until then a
+                // lost write is only a replay. One journal wait per batch instead of one per command.
+                command.append(bson::cstr!("writeConcern"), rawdoc! { "w": 1 });
+                db.run_raw_command(command).await
+            }
         }
         .map_err(anyhow::Error::new)?;
         if let Ok(concern) = reply.get_document("writeConcernError") {
             bail!("MongoDB could not make an update of {collection} durable: {concern}");
         }
-        let Ok(errors) = reply.get_array("writeErrors") else { continue };
+        let errors = reply.get_array("writeErrors").map(|e| e.as_slice()).unwrap_or_default();
         for error in errors {
             let error = error.as_document().context("a write error that is not a document")?;
             let code = error.get_i32("code").unwrap_or_default();
@@ -417,6 +430,7 @@ async fn update(
             }
             lost.push(n * STATEMENTS_PER_COMMAND + index);
         }
+        n += 1;
     }
     Ok(lost)
 }

@@ -20,7 +20,7 @@ pub mod order_details;
 pub mod orders;
 pub mod products;
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, RawDocumentBuf, doc};
 
 /// A read collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
@@ -57,11 +57,23 @@ impl Collection {
     }
 }
 
-/// One statement of a MongoDB `update` command (`{q, u, upsert, multi, arrayFilters}`).
+/// One statement of a MongoDB `update` command (`{q, u, upsert, multi, arrayFilters}`), encoded: a catch-up
+/// batch holds thousands, and as BSON bytes they take a tenth of the memory they take as documents.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
     pub collection: Collection,
-    pub statement: Document,
+    pub statement: RawDocumentBuf,
+}
+
+impl Write {
+    pub fn new(collection: Collection, statement: Document) -> Write {
+        Write { collection, statement: encode(&statement) }
+    }
+}
+
+/// A statement as BSON bytes.
+pub fn encode(statement: &Document) -> RawDocumentBuf {
+    RawDocumentBuf::try_from(statement).expect("statements have constant keys, and constant keys hold no NUL")
 }
 
 /// `{$literal: v}`: a value inside an aggregation expression that must never be read as a field path or

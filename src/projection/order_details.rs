@@ -21,12 +21,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, RawBson, RawDocumentBuf, doc, rawdoc};
 use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
 use super::products::fan_out;
-use super::{Collection, Write, decimal_of, guarded_replace, literal, newer, tombstone, truncate_all};
+use super::{Collection, Write, decimal_of, encode, guarded_replace, tombstone, truncate_all};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
@@ -89,14 +89,13 @@ impl Job for OrderDetailsJob {
                 }
                 Event::Delete { before, source } => {
                     let (id, pos) = (before.order_detail_id, source.lsn as i64);
-                    let statement = guarded_replace(id, pos, tombstone(id, pos));
-                    writes.push(Write { collection: Collection::OrderDetails, statement });
+                    writes.push(Write::new(Collection::OrderDetails, guarded_replace(id, pos, tombstone(id, pos))));
                 }
                 Event::Truncate { source } => {
                     let pos = source.lsn as i64;
-                    writes.push(Write { collection: Collection::OrderDetails, statement: truncate_all(pos) });
+                    writes.push(Write::new(Collection::OrderDetails, truncate_all(pos)));
                     // Every order's lines older than it, before the lines below are read.
-                    writes.push(Write { collection: Collection::Orders, statement: remove_all_lines(pos) });
+                    writes.push(Write::new(Collection::Orders, remove_all_lines(pos)));
                 }
                 Event::Tombstone => {}
             }
@@ -169,7 +168,7 @@ async fn write_lines(
             }
         }
         let (written, statements) = lines.into_statements()?;
-        let lost = store.write_if_unchanged(Collection::Orders, &statements).await?;
+        let lost = store.write_if_unchanged(Collection::Orders, statements).await?;
         ids = lost.into_iter().map(|i| written[i]).collect();
         ids.sort_unstable();
         if !ids.is_empty() && attempt % 5 == 0 {
@@ -216,12 +215,12 @@ impl<'a> Lines<'a> {
 
     /// One conditional `$set` of lines, `_removed` and totals per order whose lines changed, with the
     /// orders' ids.
-    fn into_statements(self) -> anyhow::Result<(Vec<i32>, Vec<Document>)> {
+    fn into_statements(self) -> anyhow::Result<(Vec<i32>, Vec<RawDocumentBuf>)> {
         let (mut ids, mut statements) = (Vec::new(), Vec::new());
         for (order_id, lines) in self.orders {
             if let Some(statement) = lines.statement(order_id)? {
                 ids.push(order_id);
-                statements.push(statement);
+                statements.push(encode(&statement));
             }
         }
         Ok((ids, statements))
@@ -366,39 +365,59 @@ impl OrderLines {
 /// product's name and the order's status are copied from `product` and `order` as read, each kept at the
 /// newer of that and the document's copy (the other jobs' fan-outs may have written it since, or first),
 /// and refreshed even when the row itself is not newer: a replay after a crash mends a copy the crashed run
-/// wrote stale and never re-checked.
-fn detail_statement(row: &OrderDetail, pos: i64, product: Option<&Document>, order: Option<&Document>) -> Document {
-    let row_newer = newer(pos, "$_v");
+/// wrote stale and never re-checked. A copy's version is its product's or order's, comparable only while
+/// the document points at the same one; when it points at another, the copy follows the row.
+///
+/// Built as BSON directly: order_details writes one per change, the most of any job.
+fn detail_statement(
+    row: &OrderDetail,
+    pos: i64,
+    product: Option<&Document>,
+    order: Option<&Document>,
+) -> RawDocumentBuf {
+    let raw = |b: Option<&Bson>| b.cloned().and_then(|b| RawBson::try_from(b).ok()).unwrap_or(RawBson::Null);
+    let decimal = |d: Bson| match d {
+        Bson::Decimal128(d) => RawBson::Decimal128(d),
+        _ => RawBson::Null,
+    };
     let plain = readmodel::order_detail(row, None, None);
-    let mut replacement: Document =
-        plain.into_iter().map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) }).collect();
-    let mut refreshed = Document::new();
-    let copies = [
-        ("product_name", "_pv", "product_id", row.product_id, product.map(|p| (p.get("name"), p.get("_v")))),
-        ("order_status", "_ov", "order_id", row.order_id, order.map(|o| (o.get("status"), o.get("_v")))),
-    ];
-    for (field, version, source, source_id, read) in copies {
-        let (value, v) = read.map_or((None, None), |(value, v)| (value, v.and_then(Bson::as_i64)));
-        let (value, v) = (literal(value.cloned().unwrap_or(Bson::Null)), v.unwrap_or(-1));
-        let (stored, stored_version) = (format!("${field}"), format!("${version}"));
-        // A version is the copied document's: only comparable while the row points at the same one.
-        let same_source = doc! { "$eq": [ format!("${source}"), literal(source_id) ] };
-        let newer_copy = doc! { "$and": [ same_source.clone(), newer(v, &stored_version) ] };
-        let replaces = doc! { "$or": [ { "$not": [ same_source ] }, newer_copy.clone() ] };
-        replacement.insert(
-            field,
-            doc! { "$cond": [ replaces.clone(), value.clone(), { "$ifNull": [ &stored, Bson::Null ] } ] },
-        );
-        replacement.insert(version, doc! { "$cond": [ replaces, v, { "$ifNull": [ &stored_version, -1_i64 ] } ] });
-        refreshed.insert(field, doc! { "$cond": [ newer_copy.clone(), value, stored ] });
-        refreshed.insert(version, doc! { "$cond": [ newer_copy, v, stored_version ] });
-    }
-    replacement.insert("_v", literal(pos));
-    replacement.insert("_deleted", false);
-    let kept = doc! { "$mergeObjects": [ "$$ROOT", refreshed ] };
-    doc! {
+    let row_fields = rawdoc! {
+        "_id": row.order_detail_id,
+        "order_id": row.order_id,
+        "product_id": row.product_id,
+        "unit_price": decimal(plain.get("unit_price").cloned().unwrap_or(Bson::Null)),
+        "quantity": row.quantity,
+        "discount": decimal(plain.get("discount").cloned().unwrap_or(Bson::Null)),
+        "_v": pos,
+        "_deleted": false,
+    };
+    // The copy is ours when the document points at the same source and ours is newer, or points at another
+    // and the row is ours.
+    let copy =
+        |field: &str, version: &str, source: &str, source_id: i32, read: Option<(Option<&Bson>, Option<&Bson>)>| {
+            let (value, v) =
+                read.map_or((RawBson::Null, -1), |(value, v)| (raw(value), v.and_then(Bson::as_i64).unwrap_or(-1)));
+            let ours = rawdoc! { "$cond": [
+                { "$eq": [ format!("${source}"), source_id ] },
+                { "$gt": [ v, { "$ifNull": [ format!("${version}"), -1_i64 ] } ] },
+                "$$row",
+            ] };
+            (
+                rawdoc! { "$cond": [ ours.clone(), { "$literal": value }, format!("${field}") ] },
+                rawdoc! { "$cond": [ ours, v, format!("${version}") ] },
+            )
+        };
+    let (product_name, pv) =
+        copy("product_name", "_pv", "product_id", row.product_id, product.map(|p| (p.get("name"), p.get("_v"))));
+    let (order_status, ov) =
+        copy("order_status", "_ov", "order_id", row.order_id, order.map(|o| (o.get("status"), o.get("_v"))));
+    let copies = rawdoc! { "product_name": product_name, "_pv": pv, "order_status": order_status, "_ov": ov };
+    rawdoc! {
         "q": { "_id": row.order_detail_id },
-        "u": [ { "$replaceWith": { "$cond": [ row_newer, replacement, kept ] } } ],
+        "u": [ { "$replaceWith": { "$let": {
+            "vars": { "row": { "$gt": [ pos, { "$ifNull": [ "$_v", -1_i64 ] } ] } },
+            "in": { "$mergeObjects": [ { "$cond": [ "$$row", row_fields, "$$ROOT" ] }, copies ] },
+        } } } ],
         "upsert": true,
     }
 }

@@ -51,7 +51,7 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
         }
         Event::Tombstone => return None,
     };
-    Some(Write { collection: Collection::Orders, statement })
+    Some(Write::new(Collection::Orders, statement))
 }
 
 /// Sets the fields of `set` (aggregation expressions) in order `id`'s document if `pos` is newer than its
@@ -67,14 +67,14 @@ fn guarded_merge(id: i32, pos: i64, set: Document) -> Document {
 /// The copy of order `id`'s `status` (as of `pos`) into its `order_details` documents, each guarded by the
 /// version it was copied at.
 pub fn status_fan_out(id: i32, status: &Bson, pos: i64) -> Write {
-    Write {
-        collection: Collection::OrderDetails,
-        statement: doc! {
+    Write::new(
+        Collection::OrderDetails,
+        doc! {
             "q": { "order_id": id, "_ov": { "$not": { "$gte": pos } } },
             "u": { "$set": { "order_status": status, "_ov": pos } },
             "multi": true,
         },
-    }
+    )
 }
 
 /// The `stream_orders` job.

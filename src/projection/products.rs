@@ -40,7 +40,7 @@ pub fn project(event: &Event<Product>) -> Option<Write> {
         Event::Truncate { source } => truncate_all(source.lsn as i64),
         Event::Tombstone => return None,
     };
-    Some(Write { collection: Collection::Products, statement })
+    Some(Write::new(Collection::Products, statement))
 }
 
 /// The update of the copies of product `id`'s `name` and `price` (as of `pos`) in `collection` (orders'
@@ -67,7 +67,7 @@ pub fn fan_out(collection: Collection, id: i32, name: &Bson, price: &Bson, pos: 
             "multi": true,
         },
     };
-    Write { collection, statement }
+    Write::new(collection, statement)
 }
 
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable

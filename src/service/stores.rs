@@ -178,6 +178,7 @@ impl ReadStores {
     async fn refresh_store(&self, store: &ReadStore, ends: &Offsets) {
         let read = tokio::time::timeout(STORE_TIMEOUT, self.applied(&store.db)).await;
         let mut state = store.state.write().await;
+        let was_healthy = self.is_healthy(&state);
         match read {
             Ok(Ok(applied)) => {
                 state.behind =
@@ -191,6 +192,11 @@ impl ReadStores {
             }
             Ok(Err(e)) => (state.up, state.error) = (false, Some(format!("{e:#}"))),
             Err(_) => (state.up, state.error) = (false, Some(format!("no answer in {STORE_TIMEOUT:?}"))),
+        }
+        // Which stores serve queries changes here: worth a line each time, with the reason.
+        if self.is_healthy(&state) != was_healthy {
+            let healthy = !was_healthy;
+            tracing::info!(store = %store.name, healthy, up = state.up, behind_records = state.behind, behind_ms = behind_ms(&state), error = state.error.as_deref().unwrap_or(""), "read store health changed");
         }
     }
 
