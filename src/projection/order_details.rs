@@ -111,10 +111,13 @@ impl Job for OrderDetailsJob {
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
             let copied = products.get(id).filter(|p| is_known(p));
-            if copied.is_none_or(|p| p.get("name") != now.get("name") || p.get("price") != now.get("price")) {
-                let (name, price) = (now.get("name").unwrap_or(&Bson::Null), now.get("price").unwrap_or(&Bson::Null));
-                let pos = now.get_i64("_v")?;
+            let (name, price) = (now.get("name").unwrap_or(&Bson::Null), now.get("price").unwrap_or(&Bson::Null));
+            let pos = now.get_i64("_v")?;
+            let name_changed = copied.is_none_or(|p| p.get("name") != Some(name));
+            if name_changed || copied.is_some_and(|p| p.get("price") != Some(price)) {
                 again.push(fan_out(Collection::Orders, *id, name, price, pos));
+            }
+            if name_changed {
                 again.push(fan_out(Collection::OrderDetails, *id, name, price, pos));
             }
         }

@@ -15,15 +15,32 @@ use crate::readmodel;
 use crate::rows::Product;
 use crate::sink::ReadModels;
 
-/// Whether a product change must reach the copies of its name and price embedded in orders and
-/// order_details, given the product's document as the transaction sees it: when they differ from it (a
-/// stock change, most product changes, touches no order) or it has none (a new product, which lines read
-/// before it may already hold).
-pub fn changes_embedded(event: &Event<Product>, stored: Option<&Document>) -> bool {
-    let Event::Upsert { row, .. } = event else { return false };
-    !stored.is_some_and(|d| {
-        d.get_str("name").is_ok_and(|name| name == row.name) && d.get("price").and_then(decimal_of) == Some(row.price)
-    })
+/// Which embedded copies of a product a change must reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Order lines, which copy the name and the price.
+    pub lines: bool,
+    /// `order_details`, which copies the name only.
+    pub details: bool,
+}
+
+impl Reach {
+    const ALL: Reach = Reach { lines: true, details: true };
+
+    fn or(self, other: Reach) -> Reach {
+        Reach { lines: self.lines || other.lines, details: self.details || other.details }
+    }
+}
+
+/// Which copies a product change must reach, given the product's document as last written: those of
+/// a name or price that differs from it, or all when there is none (a new product, which lines read before
+/// it may already hold). A stock change, most product changes, reaches none; a price change only lines.
+pub fn changes_embedded(event: &Event<Product>, stored: Option<&Document>) -> Reach {
+    let Event::Upsert { row, .. } = event else { return Reach::default() };
+    let Some(stored) = stored.filter(|d| d.contains_key("name")) else { return Reach::ALL };
+    let name = stored.get_str("name").is_ok_and(|name| name == row.name);
+    let price = stored.get("price").and_then(decimal_of) == Some(row.price);
+    Reach { lines: !(name && price), details: !name }
 }
 
 /// The write of one product change to its document.
@@ -108,37 +125,37 @@ impl crate::runtime::Job for ProductsJob {
         // kept one) leaves behind. A change the document already holds is a replay: a crash may have come
         // between its write and its fan-out, so it fans out again (guarded, it changes nothing twice).
         let mut current: HashMap<i32, Document> = HashMap::new();
-        let mut fanned: HashMap<i32, &Product> = HashMap::new();
-        let mut last_pos: HashMap<i32, i64> = HashMap::new();
+        let mut fanned: HashMap<i32, (&Product, i64, Reach)> = HashMap::new();
         for event in events {
             let Event::Upsert { row, source, .. } = event else { continue };
             let (id, pos) = (row.product_id, source.lsn as i64);
             let stored_v = stored.get(&id).and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
-            let fans = match current.get(&id) {
+            let reach = match current.get(&id) {
                 Some(before) => changes_embedded(event, Some(before)),
-                None if pos < stored_v => false,
-                None if pos == stored_v => true,
+                None if pos < stored_v => Reach::default(),
+                None if pos == stored_v => Reach::ALL,
                 None => changes_embedded(event, stored.get(&id)),
             };
-            if fans {
-                fanned.insert(id, row);
-                last_pos.insert(id, pos);
+            if reach != Reach::default() {
+                let earlier = fanned.get(&id).map_or(Reach::default(), |&(_, _, r)| r);
+                fanned.insert(id, (row, pos, reach.or(earlier)));
             }
             current.insert(id, doc! { "name": &row.name, "price": decimal(row.price) });
         }
         store.write(events.iter().filter_map(project).collect()).await?;
         // Only where the product is embedded, looked for after its document is written: a fan-out that
-        // matches nothing still costs a lookup.
+        // matches nothing still costs a lookup. An order line has its order_details document (written
+        // before it), whose index answers for both far more cheaply than the lines' multikey one.
         let mut targets: Vec<i32> = fanned.keys().copied().collect();
         targets.sort_unstable();
-        let in_orders = store.present(Collection::Orders, "lines.product_id", &targets).await?;
-        let in_details = store.present(Collection::OrderDetails, "product_id", &targets).await?;
+        let holders = store.present(Collection::OrderDetails, "product_id", &targets).await?;
         let mut writes = Vec::new();
-        for id in targets {
-            let (row, pos) = (fanned[&id], last_pos[&id]);
+        for id in targets.into_iter().filter(|id| holders.contains(id)) {
+            let (row, pos, reach) = fanned[&id];
             let (name, price) = (Bson::String(row.name.clone()), decimal(row.price));
-            for (collection, holders) in [(Collection::Orders, &in_orders), (Collection::OrderDetails, &in_details)] {
-                if holders.contains(&id) {
+            for (collection, reached) in [(Collection::Orders, reach.lines), (Collection::OrderDetails, reach.details)]
+            {
+                if reached {
                     writes.push(fan_out(collection, id, &name, &price, pos));
                 }
             }
@@ -167,10 +184,11 @@ mod tests {
     #[test]
     fn only_a_new_product_or_a_new_name_or_price_reaches_embedded_copies() {
         let stored = doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()) };
-        assert!(!changes_embedded(&change("Tent", "19.90"), Some(&stored)), "a stock change");
-        assert!(changes_embedded(&change("Tent", "21.00"), Some(&stored)));
-        assert!(changes_embedded(&change("Big tent", "19.90"), Some(&stored)));
-        assert!(changes_embedded(&change("Tent", "19.90"), None), "not seen yet: lines may hold it");
-        assert!(changes_embedded(&change("Tent", "19.90"), Some(&doc! { "_deleted": true })));
+        let (none, lines) = (Reach::default(), Reach { lines: true, details: false });
+        assert_eq!(changes_embedded(&change("Tent", "19.90"), Some(&stored)), none, "a stock change");
+        assert_eq!(changes_embedded(&change("Tent", "21.00"), Some(&stored)), lines, "order_details hold no price");
+        assert_eq!(changes_embedded(&change("Big tent", "19.90"), Some(&stored)), Reach::ALL);
+        assert_eq!(changes_embedded(&change("Tent", "19.90"), None), Reach::ALL, "not seen yet: lines may hold it");
+        assert_eq!(changes_embedded(&change("Tent", "19.90"), Some(&doc! { "_deleted": true })), Reach::ALL);
     }
 }
