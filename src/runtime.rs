@@ -1,6 +1,6 @@
 //! The micro-batch runtime every stream job runs: poll a batch (by count and time) -> decode -> reduce
-//! per key -> project -> write the batch and its checkpoints to MongoDB (one transaction, or several at
-//! once for a large batch: [`BatchWriter`]) -> commit offsets to Kafka. The next batch is fetched while one
+//! per key -> project and write to MongoDB, then the checkpoints (one lane, or several at once for a large
+//! batch: [`BatchWriter`]) -> commit offsets to Kafka. The next batch is fetched while one
 //! is written. The jobs differ only in their [`Job`] (table and projection).
 //!
 //! Failure handling: a record that does not decode goes to the dead-letter topic, with the reason in its
@@ -46,9 +46,9 @@ pub trait Job: Send + Sync + 'static {
     /// The primary key of a row.
     fn key(row: &Self::Row) -> i32;
 
-    /// What decides a change's lane when a large batch is written in several transactions at once
-    /// ([`LANES`]): changes that write the same documents should share it (else their transactions
-    /// conflict, and one is redone). The primary key unless the job says otherwise.
+    /// What decides a change's lane when a large batch is written in several lanes at once ([`LANES`]):
+    /// changes that write the same documents should share it (else their writes race, and one is redone).
+    /// The primary key unless the job says otherwise.
     fn lane_key(row: &Self::Row) -> i32 {
         Self::key(row)
     }
@@ -342,14 +342,13 @@ async fn run_store<J: Job>(
 
 /// Writes a batch's reduced events to one store and moves its checkpoints.
 ///
-/// A small batch is one transaction, with its checkpoints. A large one is split by [`Job::lane_key`] into
-/// up to [`LANES`] lanes written at once (MongoDB works on several transactions in parallel, one
-/// transaction's statements one after the other), then the checkpoints move in a transaction of their
-/// own: a crash in between replays the batch, and every write is guarded by its source position, so the
-/// replay changes nothing. A lane's transaction is split in smaller ones when MongoDB finds it too large
-/// or too long (`chunk` halves and grows back slowly: a property of the data), or after a write conflict
-/// with another job's transaction (then only the lane's next attempt takes half, after a short random
-/// pause so the two stop colliding, and successes double it back: contention passes).
+/// A small batch is one lane, with its checkpoints. A large one is split by [`Job::lane_key`] into up to
+/// [`LANES`] lanes written at once (MongoDB works on several commands in parallel, one command's
+/// statements one after the other), then the checkpoints move on their own: a crash in between replays
+/// the batch, and every write is guarded by its source position, so the replay changes nothing. A lane is
+/// written in smaller pieces when its transaction outlives MongoDB's limit (`chunk` halves and grows back
+/// slowly: a property of the data); a conflict on its truncation watermark is retried after a short random
+/// pause.
 struct BatchWriter<'a, J: Job> {
     job: &'a J,
     sink: &'a MongoSink,
@@ -391,7 +390,7 @@ impl<J: Job> BatchWriter<'_, J> {
         Ok(self.lane(0, &[], checkpoints, chunk).await?.map(|_| written))
     }
 
-    /// Writes one lane's events in transactions of up to `chunk`, the last with `checkpoints`.
+    /// Writes one lane's events in pieces of up to `chunk`, the last with `checkpoints`.
     async fn lane(
         &self,
         lane: usize,
@@ -424,7 +423,7 @@ impl<J: Job> BatchWriter<'_, J> {
                 }
                 Applied::TooLarge => {
                     *chunk = ((end - start) / 2).max(1);
-                    tracing::warn!(job = J::TABLE, events = *chunk, "writing the batch in smaller transactions");
+                    tracing::warn!(job = J::TABLE, events = *chunk, "writing the batch in smaller pieces");
                     if end - start == 1 {
                         tokio::time::sleep(Duration::from_secs(10)).await;
                     }
@@ -444,10 +443,10 @@ impl<J: Job> BatchWriter<'_, J> {
     }
 }
 
-/// Below this many events a batch is one transaction: each lane costs a transaction, and the checkpoints
-/// one more, and lanes that run long under load conflict more with the other jobs (measured: with lanes
-/// from 512 events, the freshness run's order_details batches grew to 2,000 records and its p50 to 1 s).
-/// Lanes are for catching up.
+/// Below this many events a batch is one lane: each lane costs a transaction, and the checkpoints one
+/// more. Lanes are for catching up (measured when batches were transactions over the shared documents:
+/// with lanes from 512 events, the freshness run's order_details batches grew to 2,000 records and its p50
+/// to 1 s; not measured again since the writes left the transactions).
 const LANE_MIN_EVENTS: usize = 2048;
 
 /// The batch's events by lane (in batch order within a lane, so a key's events stay in order); one lane
@@ -483,7 +482,7 @@ async fn while_prefetching<T>(
     }
 }
 
-/// A random pause before retrying a transaction that conflicted `n` times in a row with another job's:
+/// A random pause before retrying a batch whose transaction conflicted `n` times in a row on its watermark:
 /// up to 5 ms, doubling with each conflict, at most 200 ms.
 fn conflict_pause(n: u32) -> Duration {
     let cap = (5u64 << n.min(6)).min(200);
@@ -781,7 +780,7 @@ mod tests {
     }
 
     #[test]
-    fn small_batches_and_truncates_stay_in_one_transaction() {
+    fn small_batches_and_truncates_stay_in_one_lane() {
         let small: Vec<_> = (0..10).map(|i| line(i, i, i as u64)).collect();
         assert_eq!(into_lanes::<OrderDetailsJob>(small).len(), 1);
         let mut large: Vec<_> = (0..3000).map(|i| line(i, i, i as u64)).collect();

@@ -265,14 +265,14 @@ pub struct ReadModels<'a> {
 }
 
 impl ReadModels<'_> {
-    /// Applies `writes`, a collection at a time, the orders last (the other jobs read the lines there).
-    /// Any refused statement fails the batch.
+    /// Applies `writes`, one command per collection (guarded writes commute, so the order across
+    /// collections does not matter). Any refused statement fails the batch.
     pub async fn write(&mut self, writes: Vec<Write>) -> Result<()> {
-        let mut by_collection: BTreeMap<(bool, Collection), Vec<RawDocumentBuf>> = BTreeMap::new();
+        let mut by_collection: BTreeMap<Collection, Vec<RawDocumentBuf>> = BTreeMap::new();
         for w in writes {
-            by_collection.entry((w.collection == Collection::Orders, w.collection)).or_default().push(w.statement);
+            by_collection.entry(w.collection).or_default().push(w.statement);
         }
-        for ((_, collection), statements) in by_collection {
+        for (collection, statements) in by_collection {
             self.statements += statements.len();
             update(self.db, None, collection.name(), statements, true).await?;
         }

@@ -74,9 +74,7 @@ impl Job for OrderDetailsJob {
             ids.dedup();
         }
         // What is copied in, as it is before the writes.
-        let products =
-            store.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
-        let statuses = store.fields(Collection::Orders, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
+        let (products, statuses) = copied(store, &product_ids, &status_ids).await?;
 
         let mut writes = Vec::with_capacity(events.len());
         for event in events {
@@ -105,9 +103,7 @@ impl Job for OrderDetailsJob {
 
         // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
         // every copy older than it, including the ones just written).
-        let products_now =
-            store.fields(Collection::Products, &product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
-        let statuses_now = store.fields(Collection::Orders, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
+        let (products_now, statuses_now) = copied(store, &product_ids, &status_ids).await?;
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
             let copied = products.get(id).filter(|p| is_known(p));
@@ -131,6 +127,17 @@ impl Job for OrderDetailsJob {
     }
 }
 
+/// The data order_details copy: the products' name and price and the orders' status, with their versions.
+async fn copied(
+    store: &mut ReadModels<'_>,
+    product_ids: &[i32],
+    order_ids: &[i32],
+) -> anyhow::Result<(HashMap<i32, Document>, HashMap<i32, Document>)> {
+    let products = store.fields(Collection::Products, product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+    let statuses = store.fields(Collection::Orders, order_ids, doc! { "status": 1, "_v": 1 }).await?;
+    Ok((products, statuses))
+}
+
 /// How many times an order's lines are redone because another writer changed them first, before the batch
 /// fails (and the runtime retries it with backoff).
 const LINE_ATTEMPTS: usize = 50;
@@ -149,8 +156,8 @@ async fn write_lines(
         }
         let stored = store.fields(Collection::Orders, &ids, doc! { "lines": 1, "_removed": 1, "_lv": 1 }).await?;
         let mut lines = Lines::new(&stored);
+        let mine = |order_id: &i32| ids.binary_search(order_id).is_ok();
         for event in events {
-            let mine = |order_id: &i32| ids.binary_search(order_id).is_ok();
             match event {
                 Event::Upsert { row, before, source } => {
                     let pos = source.lsn as i64;
@@ -186,7 +193,7 @@ fn is_known(product: &Document) -> bool {
     product.contains_key("name") && product.contains_key("_v")
 }
 
-/// The embedded lines of the orders a batch changes, each read once from the transaction's snapshot.
+/// The embedded lines of the orders a batch changes, each read once per attempt.
 struct Lines<'a> {
     stored: &'a HashMap<i32, Document>,
     orders: BTreeMap<i32, OrderLines>,
@@ -371,7 +378,7 @@ impl OrderLines {
 /// wrote stale and never re-checked. A copy's version is its product's or order's, comparable only while
 /// the document points at the same one; when it points at another, the copy follows the row.
 ///
-/// Built as BSON directly: order_details writes one per change, the most of any job.
+/// Built as BSON, not as nested documents: order_details writes one per change, the most of any job.
 fn detail_statement(
     row: &OrderDetail,
     pos: i64,
@@ -379,21 +386,10 @@ fn detail_statement(
     order: Option<&Document>,
 ) -> RawDocumentBuf {
     let raw = |b: Option<&Bson>| b.cloned().and_then(|b| RawBson::try_from(b).ok()).unwrap_or(RawBson::Null);
-    let decimal = |d: Bson| match d {
-        Bson::Decimal128(d) => RawBson::Decimal128(d),
-        _ => RawBson::Null,
-    };
-    let plain = readmodel::order_detail(row, None, None);
-    let row_fields = rawdoc! {
-        "_id": row.order_detail_id,
-        "order_id": row.order_id,
-        "product_id": row.product_id,
-        "unit_price": decimal(plain.get("unit_price").cloned().unwrap_or(Bson::Null)),
-        "quantity": row.quantity,
-        "discount": decimal(plain.get("discount").cloned().unwrap_or(Bson::Null)),
-        "_v": pos,
-        "_deleted": false,
-    };
+    // The row's fields in the read model's shape (its null copies are overridden by `copies` below).
+    let mut row_fields = encode(&readmodel::order_detail(row, None, None));
+    row_fields.append(bson::cstr!("_v"), pos);
+    row_fields.append(bson::cstr!("_deleted"), false);
     // The copy is ours when the document points at the same source and ours is newer, or points at another
     // and the row is ours.
     let copy =

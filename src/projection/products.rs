@@ -64,18 +64,16 @@ pub fn project(event: &Event<Product>) -> Option<Write> {
 /// lines or order_details), each guarded by the version it was copied at. Order documents it changes get
 /// a new `_lv`, which the order_details job's read-modify-write of lines checks.
 pub fn fan_out(collection: Collection, id: i32, name: &Bson, price: &Bson, pos: i64) -> Write {
+    // A copy at `path` older than `pos`, or one that has no version (not known when it was copied).
+    let older = |path: &str| bson::bson!([ { path: { "$lt": pos } }, { path: { "$exists": false } } ]);
     let statement = match collection {
         Collection::Orders => doc! {
-            "q": { "lines": { "$elemMatch": { "product_id": id, "$or": [
-                { "product._v": { "$lt": pos } }, { "product._v": { "$exists": false } },
-            ] } } },
+            "q": { "lines": { "$elemMatch": { "product_id": id, "$or": older("product._v") } } },
             "u": {
                 "$set": { "lines.$[line].product": { "name": name, "price": price, "_v": pos } },
                 "$inc": { "_lv": 1_i64 },
             },
-            "arrayFilters": [ { "line.product_id": id, "$or": [
-                { "line.product._v": { "$lt": pos } }, { "line.product._v": { "$exists": false } },
-            ] } ],
+            "arrayFilters": [ { "line.product_id": id, "$or": older("line.product._v") } ],
             "multi": true,
         },
         _ => doc! {
