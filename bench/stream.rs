@@ -8,7 +8,8 @@
 //!    as there are events, straight into MongoDB.
 //! 4. Freshness: the jobs caught up, the workload at `--rate` transactions per second; the jobs' own
 //!    histograms say how long each change took from its PostgreSQL commit, and from its Kafka record, to
-//!    the MongoDB commit that made it visible.
+//!    the MongoDB commit that made it visible; a plain consumer beside them says how much of the latter is
+//!    the broker's delivery (record timestamp -> a consumer has it).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -209,6 +210,15 @@ pub async fn run(args: Args) -> Result<()> {
                 h.max_ms()
             );
         }
+        let d = &f.delivery_ms;
+        println!(
+            "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
+            "    of which Kafka delivery (record ->)",
+            nearest_rank(d, 0.50),
+            nearest_rank(d, 0.95),
+            nearest_rank(d, 0.99),
+            nearest_rank(d, 1.0)
+        );
         for ((job, stats), (batches, conflicts)) in JOBS.iter().zip(&f.stats).zip(&f.batches) {
             println!(
                 "    {job:<22} CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
@@ -415,6 +425,9 @@ struct Freshness {
     batches: Vec<(u64, u64)>,
     /// Records the jobs had not applied two minutes after the workload ended.
     behind: u64,
+    /// Kafka record timestamp -> a plain consumer has it, in milliseconds, sorted: the broker's part of
+    /// "in the jobs", which no job can go below.
+    delivery_ms: Vec<i64>,
 }
 
 /// Running the project's job binaries against the benchmark's topics.
@@ -554,6 +567,7 @@ impl Jobs<'_> {
         let before: Vec<ProcessStats> =
             running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         let pool = postgres::pool(pg, NAME, 5).await?;
+        let probe = DeliveryProbe::start(&self.args.brokers, topics)?;
         let plan = workload::Workload {
             products: 0,
             orders: 0,
@@ -571,6 +585,7 @@ impl Jobs<'_> {
             topic_ends(&self.args.brokers, topics)?
         };
         let behind = wait_applied(&db, group, &ends, &mut running, Duration::from_secs(120)).await?;
+        let delivery_ms = probe.stop()?;
         let mut source = Histogram::default();
         let mut in_job = Histogram::default();
         let mut batches = Vec::new();
@@ -589,8 +604,60 @@ impl Jobs<'_> {
             .map(|(a, b)| ProcessStats { cpu_secs: a.cpu_secs - b.cpu_secs, peak_rss_kb: a.peak_rss_kb })
             .collect();
         running.stop();
-        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats, batches, behind })
+        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats, batches, behind, delivery_ms })
     }
+}
+
+/// A plain consumer of the topics' new records (assigned, no group, nothing decoded) noting how long after
+/// its timestamp each record reached it: how fresh the broker alone lets a consumer be.
+struct DeliveryProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<i64>>>,
+}
+
+impl DeliveryProbe {
+    fn start(brokers: &str, topics: &[String]) -> Result<DeliveryProbe> {
+        let consumer = raw_consumer(brokers)?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in topic_ends(brokers, topics)? {
+            for (p, end) in partitions {
+                tpl.add_partition_offset(&topic, p, Offset::Offset(end))?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut delays = Vec::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        if let Some(ts) = m.timestamp().to_millis() {
+                            delays.push((now_nanos() / 1_000_000) as i64 - ts);
+                        }
+                    }
+                    Some(Err(e)) => bail!("the delivery probe's consumer: {e}"),
+                    None => {}
+                }
+            }
+            Ok(delays)
+        });
+        Ok(DeliveryProbe { stop, thread })
+    }
+
+    /// The delays seen, sorted.
+    fn stop(self) -> Result<Vec<i64>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut delays = self.thread.join().map_err(|_| anyhow::anyhow!("the delivery probe panicked"))??;
+        delays.sort_unstable();
+        Ok(delays)
+    }
+}
+
+/// The `q` quantile of sorted `values` (nearest rank), 0 when empty.
+fn nearest_rank(values: &[i64], q: f64) -> f64 {
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len().max(1));
+    values.get(rank - 1).copied().unwrap_or(0) as f64
 }
 
 /// Waits up to `within` until the group's checkpoints reach `ends` (the jobs must still run); returns the
