@@ -62,8 +62,7 @@ pub trait Job: Send + Sync + 'static {
     /// kept, in order), through `store`. Every write must be version-guarded (a replay changes nothing),
     /// and a value copied from another job's documents must be re-checked after it is written (see
     /// [`crate::projection`]).
-    fn apply(&self, events: &[Event<Self::Row>], store: &mut ReadModels<'_>)
-    -> impl Future<Output = Result<()>> + Send;
+    fn apply(&self, events: &[Event<Self::Row>], store: &ReadModels<'_>) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// What every job is configured with.

@@ -18,6 +18,7 @@
 //! A server without replica set or an unreachable one is an error the runtime retries with backoff.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -152,16 +153,16 @@ impl MongoSink {
                 Gate::Reset => return Ok(Applied::Reset),
             };
             let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
-            let mut store = ReadModels { db: &self.db, statements: 0, raced: 0 };
+            let store = ReadModels { db: &self.db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0) };
             if !events.is_empty() {
                 let started = std::time::Instant::now();
-                job.apply(&events, &mut store).await?;
+                job.apply(&events, &store).await?;
                 tracing::debug!(
                     job = J::TABLE,
                     lane,
                     events = events.len(),
-                    statements = store.statements,
-                    raced = store.raced,
+                    statements = store.statements.load(Ordering::Relaxed),
+                    raced = store.raced.load(Ordering::Relaxed),
                     ms = started.elapsed().as_millis() as u64,
                     "batch written"
                 );
@@ -169,7 +170,8 @@ impl MongoSink {
             if !checkpoint_updates.is_empty() {
                 update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
             }
-            Ok::<_, anyhow::Error>(Applied::Written { statements: store.statements, raced: store.raced })
+            let (statements, raced) = (store.statements.into_inner(), store.raced.into_inner());
+            Ok::<_, anyhow::Error>(Applied::Written { statements, raced })
         }
         .await;
         match result {
@@ -221,33 +223,33 @@ impl MongoSink {
         handoff: &Handoff,
     ) -> Result<std::borrow::Cow<'e, [Event<J::Row>]>> {
         let marks = self.db.collection::<Document>(TRUNCATIONS);
-        let ids: Vec<String> = (0..LANES).map(|l| truncation_mark(J::TABLE, l)).collect();
-        let mut cursor =
-            marks.find(doc! { "_id": { "$in": &ids } }).session(&mut *session).await.map_err(anyhow::Error::new)?;
-        let mut mark = -1;
-        while let Some(d) = cursor.next(&mut *session).await {
-            mark = mark.max(d.map_err(anyhow::Error::new)?.get_i64("lsn").unwrap_or(-1));
-        }
+        // A TRUNCATE writes every lane's document, so the lane's own holds the newest one: one round trip
+        // reads it and takes the lane.
+        let own = marks
+            .find_one_and_update(doc! { "_id": truncation_mark(J::TABLE, lane) }, doc! { "$inc": { "batches": 1_i64 } })
+            .upsert(true)
+            .session(&mut *session)
+            .await
+            .map_err(anyhow::Error::new)?;
+        let mark = own.and_then(|d| d.get_i64("lsn").ok()).unwrap_or(-1);
         let admissible = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark && !handoff.loaded(s.tx_id));
         let newest_truncate = events
             .iter()
             .filter(|e| admissible(e))
             .filter_map(|e| if let Event::Truncate { source } = e { Some(source.lsn as i64) } else { None })
-            .max()
-            .unwrap_or(-1);
-        let statements: Vec<RawDocumentBuf> = ids
-            .iter()
-            .enumerate()
-            .filter(|&(l, _)| newest_truncate >= 0 || l == lane)
-            .map(|(_, id)| {
-                rawdoc! {
-                    "q": { "_id": id.as_str() },
-                    "u": { "$max": { "lsn": newest_truncate }, "$inc": { "batches": 1_i64 } },
-                    "upsert": true,
-                }
-            })
-            .collect();
-        update(&self.db, Some(session), TRUNCATIONS, statements, true).await?;
+            .max();
+        if let Some(newest_truncate) = newest_truncate {
+            let statements: Vec<RawDocumentBuf> = (0..LANES)
+                .map(|l| {
+                    rawdoc! {
+                        "q": { "_id": truncation_mark(J::TABLE, l) },
+                        "u": { "$max": { "lsn": newest_truncate } },
+                        "upsert": true,
+                    }
+                })
+                .collect();
+            update(&self.db, Some(session), TRUNCATIONS, statements, true).await?;
+        }
         Ok(if events.iter().all(admissible) {
             std::borrow::Cow::Borrowed(events)
         } else {
@@ -258,24 +260,27 @@ impl MongoSink {
 
 /// The read models as a projection sees them while it applies a batch: reads of the latest committed
 /// documents, and writes outside any transaction.
+///
+/// Shared (`&self`): a projection may have several reads or writes in flight at once.
 pub struct ReadModels<'a> {
     db: &'a Database,
-    statements: usize,
-    raced: usize,
+    statements: AtomicUsize,
+    raced: AtomicUsize,
 }
 
 impl ReadModels<'_> {
-    /// Applies `writes`, one command per collection (guarded writes commute, so the order across
-    /// collections does not matter). Any refused statement fails the batch.
-    pub async fn write(&mut self, writes: Vec<Write>) -> Result<()> {
+    /// Applies `writes`, one command per collection, the collections at once (guarded writes commute, so
+    /// the order across collections does not matter). Any refused statement fails the batch.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<()> {
         let mut by_collection: BTreeMap<Collection, Vec<RawDocumentBuf>> = BTreeMap::new();
         for w in writes {
             by_collection.entry(w.collection).or_default().push(w.statement);
         }
-        for (collection, statements) in by_collection {
-            self.statements += statements.len();
-            update(self.db, None, collection.name(), statements, true).await?;
-        }
+        futures::future::try_join_all(by_collection.into_iter().map(|(collection, statements)| {
+            self.statements.fetch_add(statements.len(), Ordering::Relaxed);
+            update(self.db, None, collection.name(), statements, true)
+        }))
+        .await?;
         Ok(())
     }
 
@@ -283,20 +288,20 @@ impl ReadModels<'_> {
     /// read), all of them even when some fail, and returns the positions of those that lost a race: the
     /// document changed since it was read, so the filter matched nothing and the upsert collided with it.
     pub async fn write_if_unchanged(
-        &mut self,
+        &self,
         collection: Collection,
         statements: Vec<RawDocumentBuf>,
     ) -> Result<Vec<usize>> {
         let count = statements.len();
         let lost = update(self.db, None, collection.name(), statements, false).await?;
-        self.statements += count - lost.len();
-        self.raced += lost.len();
+        self.statements.fetch_add(count - lost.len(), Ordering::Relaxed);
+        self.raced.fetch_add(lost.len(), Ordering::Relaxed);
         Ok(lost)
     }
 
     /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
     /// change must be fanned out to.
-    pub async fn present(&mut self, collection: Collection, field: &str, ids: &[i32]) -> Result<HashSet<i32>> {
+    pub async fn present(&self, collection: Collection, field: &str, ids: &[i32]) -> Result<HashSet<i32>> {
         if ids.is_empty() {
             return Ok(HashSet::new());
         }
@@ -312,7 +317,7 @@ impl ReadModels<'_> {
     /// The documents of `collection` with these `_id`s (tombstones included), only the fields of
     /// `projection` (e.g. `{name: 1}`).
     pub async fn fields(
-        &mut self,
+        &self,
         collection: Collection,
         ids: &[i32],
         projection: Document,

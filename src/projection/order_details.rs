@@ -55,7 +55,7 @@ impl Job for OrderDetailsJob {
         matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
     }
 
-    async fn apply(&self, events: &[Event<OrderDetail>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
+    async fn apply(&self, events: &[Event<OrderDetail>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let (mut product_ids, mut status_ids, mut order_ids) = (Vec::new(), Vec::new(), Vec::new());
         for event in events {
             match event {
@@ -73,8 +73,9 @@ impl Job for OrderDetailsJob {
             ids.sort_unstable();
             ids.dedup();
         }
-        // What is copied in, as it is before the writes.
-        let (products, statuses) = copied(store, &product_ids, &status_ids).await?;
+        // What is copied in, as it is before the writes, and the lines the batch changes (one read of orders).
+        let lines = doc! { "status": 1, "_v": 1, "lines": 1, "_removed": 1, "_lv": 1 };
+        let (products, statuses) = copied(store, &product_ids, &order_ids, lines).await?;
 
         let mut writes = Vec::with_capacity(events.len());
         for event in events {
@@ -92,18 +93,19 @@ impl Job for OrderDetailsJob {
                 Event::Truncate { source } => {
                     let pos = source.lsn as i64;
                     writes.push(Write::new(Collection::OrderDetails, truncate_all(pos)));
-                    // Every order's lines older than it, before the lines below are read.
+                    // Every order's lines older than it (it bumps their `_lv`: the lines below are redone).
                     writes.push(Write::new(Collection::Orders, remove_all_lines(pos)));
                 }
                 Event::Tombstone => {}
             }
         }
-        store.write(writes).await?;
-        write_lines(events, order_ids, &products, store).await?;
+        // The documents and the lines at once: they are different documents.
+        tokio::try_join!(store.write(writes), write_lines(events, order_ids, &products, &statuses, store))?;
 
         // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
         // every copy older than it, including the ones just written).
-        let (products_now, statuses_now) = copied(store, &product_ids, &status_ids).await?;
+        let (products_now, statuses_now) =
+            copied(store, &product_ids, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
             let copied = products.get(id).filter(|p| is_known(p));
@@ -127,35 +129,42 @@ impl Job for OrderDetailsJob {
     }
 }
 
-/// The data order_details copy: the products' name and price and the orders' status, with their versions.
+/// The data order_details copy, both reads at once: the products' name and price, and of the orders
+/// `order_fields` (their status and version, and their lines when these are about to be changed).
 async fn copied(
-    store: &mut ReadModels<'_>,
+    store: &ReadModels<'_>,
     product_ids: &[i32],
     order_ids: &[i32],
+    order_fields: Document,
 ) -> anyhow::Result<(HashMap<i32, Document>, HashMap<i32, Document>)> {
-    let products = store.fields(Collection::Products, product_ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
-    let statuses = store.fields(Collection::Orders, order_ids, doc! { "status": 1, "_v": 1 }).await?;
-    Ok((products, statuses))
+    tokio::try_join!(
+        store.fields(Collection::Products, product_ids, doc! { "name": 1, "price": 1, "_v": 1 }),
+        store.fields(Collection::Orders, order_ids, order_fields),
+    )
 }
 
 /// How many times an order's lines are redone because another writer changed them first, before the batch
 /// fails (and the runtime retries it with backoff).
 const LINE_ATTEMPTS: usize = 50;
 
-/// Writes the batch's changes to the lines of orders `ids` (sorted): read, changed, and written back if
-/// nobody changed them since; the orders somebody did are redone.
+/// Writes the batch's changes to the lines of orders `ids` (sorted), as `read` before the batch: changed,
+/// and written back if nobody changed them since; the orders somebody did are read again and redone.
 async fn write_lines(
     events: &[Event<OrderDetail>],
     mut ids: Vec<i32>,
     products: &HashMap<i32, Document>,
-    store: &mut ReadModels<'_>,
+    read: &HashMap<i32, Document>,
+    store: &ReadModels<'_>,
 ) -> anyhow::Result<()> {
+    let mut reread = HashMap::new();
     for attempt in 1..=LINE_ATTEMPTS {
         if ids.is_empty() {
             return Ok(());
         }
-        let stored = store.fields(Collection::Orders, &ids, doc! { "lines": 1, "_removed": 1, "_lv": 1 }).await?;
-        let mut lines = Lines::new(&stored);
+        if attempt > 1 {
+            reread = store.fields(Collection::Orders, &ids, doc! { "lines": 1, "_removed": 1, "_lv": 1 }).await?;
+        }
+        let mut lines = Lines::new(if attempt == 1 { read } else { &reread });
         let mine = |order_id: &i32| ids.binary_search(order_id).is_ok();
         for event in events {
             match event {

@@ -89,7 +89,7 @@ impl Job for OrdersJob {
         row.order_id
     }
 
-    async fn apply(&self, events: &[Event<Order>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
+    async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         store.write(events.iter().filter_map(project).collect()).await?;
         // The status goes to the order's order_details documents, looked for after the order's is written.
         // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.

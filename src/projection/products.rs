@@ -114,7 +114,7 @@ impl crate::runtime::Job for ProductsJob {
         row.product_id
     }
 
-    async fn apply(&self, events: &[Event<Product>], store: &mut ReadModels<'_>) -> anyhow::Result<()> {
+    async fn apply(&self, events: &[Event<Product>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
