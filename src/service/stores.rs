@@ -69,8 +69,8 @@ struct StoreState {
     applied: Offsets,
     /// Records in the topics this store has not applied yet.
     behind: u64,
-    /// When the store last had nothing left to apply.
-    caught_up_at: Option<Instant>,
+    /// When the oldest of those first showed in the topics (`None`: before the watch's memory).
+    oldest_unapplied: Option<Instant>,
 }
 
 /// What `GET /api/stores` says of a store.
@@ -81,7 +81,8 @@ pub struct StoreStatus {
     pub healthy: bool,
     pub error: Option<String>,
     pub behind_records: u64,
-    /// Milliseconds since the store last had nothing left to apply (0 when caught up).
+    /// Milliseconds since the oldest change the store has not applied reached Kafka (0 when caught up): a
+    /// store that keeps up under steady writes is always a few records but only milliseconds behind.
     pub behind_ms: u64,
     pub served: u64,
 }
@@ -109,6 +110,8 @@ pub struct ReadStores {
     /// (topic, the jobs' checkpoint group) for the three tables.
     feeds: Vec<(String, String)>,
     watermark: RwLock<Watermark>,
+    /// The topic ends as the watch saw them over the last few `max_lag`s: when each change arrived.
+    seen: RwLock<EndsSeen>,
 }
 
 impl ReadStores {
@@ -132,7 +135,8 @@ impl ReadStores {
         }
         let feeds =
             Collection::ALL.iter().map(|c| (kafka.table_topic(c.name()), job_group(group_prefix, c.name()))).collect();
-        Ok(ReadStores { stores: out, next: AtomicUsize::new(0), max_lag, feeds, watermark: RwLock::default() })
+        let seen = RwLock::new(EndsSeen::new((max_lag * 2).max(Duration::from_secs(10))));
+        Ok(ReadStores { stores: out, next: AtomicUsize::new(0), max_lag, feeds, watermark: RwLock::default(), seen })
     }
 
     /// Keeps the state fresh in the background, for as long as the service runs.
@@ -167,7 +171,10 @@ impl ReadStores {
             .and_then(|ends| ends);
         // The stores are looked at even when PostgreSQL or Kafka is not answering (against the last ends).
         let lag_ends = match &ends {
-            Ok(ends) => ends.clone(),
+            Ok(ends) => {
+                self.seen.write().await.push(Instant::now(), ends.clone());
+                ends.clone()
+            }
             Err(_) => self.watermark.read().await.ends.clone(),
         };
         futures::future::join_all(self.stores.iter().map(|s| self.refresh_store(s, &lag_ends))).await;
@@ -183,9 +190,7 @@ impl ReadStores {
             Ok(Ok(applied)) => {
                 state.behind =
                     ends.iter().map(|(tp, &end)| (end - applied.get(tp).copied().unwrap_or(0)).max(0) as u64).sum();
-                if state.behind == 0 {
-                    state.caught_up_at = Some(Instant::now());
-                }
+                state.oldest_unapplied = self.seen.read().await.first_seen(&applied);
                 state.applied = applied;
                 state.up = true;
                 state.error = None;
@@ -307,10 +312,54 @@ impl ReadStores {
 }
 
 fn behind_ms(state: &StoreState) -> u64 {
-    match (state.behind, state.caught_up_at) {
+    match (state.behind, state.oldest_unapplied) {
         (0, _) => 0,
         (_, Some(t)) => t.elapsed().as_millis() as u64,
         (_, None) => u64::MAX,
+    }
+}
+
+/// The topic ends sampled by the watch, oldest first, for `keep`: how long a store has been behind is how
+/// long ago the first change it lacks arrived, not how long ago it last had nothing left to apply.
+#[derive(Debug)]
+struct EndsSeen {
+    samples: std::collections::VecDeque<(Instant, Offsets)>,
+    keep: Duration,
+    forgot: bool,
+}
+
+impl EndsSeen {
+    fn new(keep: Duration) -> Self {
+        EndsSeen { samples: Default::default(), keep, forgot: false }
+    }
+
+    fn push(&mut self, at: Instant, ends: Offsets) {
+        self.samples.push_back((at, ends));
+        while self.samples.front().is_some_and(|(t, _)| at.duration_since(*t) > self.keep) {
+            self.samples.pop_front();
+            self.forgot = true;
+        }
+    }
+
+    /// When the oldest change beyond `applied` first showed in the ends: the earliest sample past it, on
+    /// any partition. A change older than every sample kept is at least that old; one already there when
+    /// the watch began is of unknown age (`None`).
+    fn first_seen(&self, applied: &Offsets) -> Option<Instant> {
+        let (_, latest) = self.samples.back()?;
+        let mut oldest: Option<Instant> = None;
+        for (tp, &end) in latest {
+            let done = applied.get(tp).copied().unwrap_or(0);
+            if end <= done {
+                continue;
+            }
+            let before = self.samples.partition_point(|(_, ends)| ends.get(tp).copied().unwrap_or(0) <= done);
+            if before == 0 && !self.forgot {
+                return None;
+            }
+            let at = self.samples[before].0;
+            oldest = Some(oldest.map_or(at, |o| o.min(at)));
+        }
+        oldest.or(Some(Instant::now()))
     }
 }
 
@@ -355,5 +404,25 @@ mod tests {
         assert_eq!(a.to_string(), "0/16B3748");
         assert_eq!(b.0, 1 << 32);
         assert!("16B3748".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn behind_is_the_age_of_the_oldest_change_not_applied() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let ends = |a: i64, b: i64| Offsets::from([(("t".into(), 0), a), (("t".into(), 1), b)]);
+        let mut seen = EndsSeen::new(Duration::from_secs(10));
+        seen.push(at(0), ends(10, 10));
+        // Behind on what was already there when the watch began: age unknown.
+        assert_eq!(seen.first_seen(&ends(5, 10)), None);
+        seen.push(at(200), ends(12, 10));
+        seen.push(at(400), ends(14, 13));
+        // Always a few records behind under steady writes, but only since the last sample or two.
+        assert_eq!(seen.first_seen(&ends(12, 10)), Some(at(400)));
+        assert_eq!(seen.first_seen(&ends(10, 13)), Some(at(200)));
+        assert_eq!(seen.first_seen(&ends(11, 12)), Some(at(200)));
+        // Past the memory kept: at least as old as the oldest sample kept.
+        seen.push(at(10_300), ends(14, 13));
+        assert_eq!(seen.first_seen(&ends(5, 10)), Some(at(400)));
     }
 }
