@@ -99,8 +99,10 @@ impl Job for OrderDetailsJob {
                 Event::Tombstone => {}
             }
         }
-        // The documents and the lines at once: they are different documents.
-        tokio::try_join!(store.write(writes), write_lines(events, order_ids, &products, &statuses, store))?;
+        // The documents, then the lines (at once, a catch-up's peak RSS was 15-25 MB higher for no measured
+        // gain in throughput: the server is the bottleneck).
+        store.write(writes).await?;
+        write_lines(events, order_ids, &products, &statuses, store).await?;
 
         // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
         // every copy older than it, including the ones just written).
