@@ -74,8 +74,7 @@ impl Job for OrderDetailsJob {
             ids.dedup();
         }
         // What is copied in, as it is before the writes, and the lines the batch changes (one read of orders).
-        let lines = doc! { "status": 1, "_v": 1, "lines": 1, "_removed": 1, "_lv": 1 };
-        let (products, statuses) = copied(store, &product_ids, &order_ids, lines).await?;
+        let (products, statuses) = copied(store, &product_ids, &order_ids, order_fields(true)).await?;
 
         let mut writes = Vec::with_capacity(events.len());
         for event in events {
@@ -106,8 +105,7 @@ impl Job for OrderDetailsJob {
 
         // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
         // every copy older than it, including the ones just written).
-        let (products_now, statuses_now) =
-            copied(store, &product_ids, &status_ids, doc! { "status": 1, "_v": 1 }).await?;
+        let (products_now, statuses_now) = copied(store, &product_ids, &status_ids, order_fields(false)).await?;
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
             let copied = products.get(id).filter(|p| is_known(p));
@@ -145,6 +143,16 @@ async fn copied(
     )
 }
 
+/// The fields of an order that order_details copies (its status, with its version), and with `lines`
+/// those its lines are changed from (lines, removed lines, lines version).
+fn order_fields(lines: bool) -> Document {
+    let mut fields = doc! { "status": 1, "_v": 1 };
+    if lines {
+        fields.extend(doc! { "lines": 1, "_removed": 1, "_lv": 1 });
+    }
+    fields
+}
+
 /// How many times an order's lines are redone because another writer changed them first, before the batch
 /// fails (and the runtime retries it with backoff).
 const LINE_ATTEMPTS: usize = 50;
@@ -158,15 +166,15 @@ async fn write_lines(
     read: &HashMap<i32, Document>,
     store: &ReadModels<'_>,
 ) -> anyhow::Result<()> {
-    let mut reread = HashMap::new();
+    let mut stored = std::borrow::Cow::Borrowed(read);
     for attempt in 1..=LINE_ATTEMPTS {
         if ids.is_empty() {
             return Ok(());
         }
         if attempt > 1 {
-            reread = store.fields(Collection::Orders, &ids, doc! { "lines": 1, "_removed": 1, "_lv": 1 }).await?;
+            stored = std::borrow::Cow::Owned(store.fields(Collection::Orders, &ids, order_fields(true)).await?);
         }
-        let mut lines = Lines::new(if attempt == 1 { read } else { &reread });
+        let mut lines = Lines::new(&stored);
         let mine = |order_id: &i32| ids.binary_search(order_id).is_ok();
         for event in events {
             match event {

@@ -343,7 +343,8 @@ impl EndsSeen {
 
     /// When the oldest change beyond `applied` first showed in the ends: the earliest sample past it, on
     /// any partition. A change older than every sample kept is at least that old; one already there when
-    /// the watch began is of unknown age (`None`).
+    /// the watch began is of unknown age (`None`, as is nothing beyond `applied`: then the store is not
+    /// behind, and its age unused).
     fn first_seen(&self, applied: &Offsets) -> Option<Instant> {
         let (_, latest) = self.samples.back()?;
         let mut oldest: Option<Instant> = None;
@@ -359,7 +360,7 @@ impl EndsSeen {
             let at = self.samples[before].0;
             oldest = Some(oldest.map_or(at, |o| o.min(at)));
         }
-        oldest.or(Some(Instant::now()))
+        oldest
     }
 }
 
