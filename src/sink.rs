@@ -315,28 +315,29 @@ impl ReadModels<'_> {
     }
 
     /// The documents of `collection` with these `_id`s (tombstones included), only the fields of
-    /// `projection` (e.g. `{name: 1}`).
+    /// `projection` (e.g. `{name: 1}`). Kept as BSON bytes: order_details reads thousands of orders with
+    /// their lines per batch, and as `Document` trees they were a catch-up's largest allocation.
     pub async fn fields(
         &self,
         collection: Collection,
         ids: &[i32],
         projection: Document,
-    ) -> Result<HashMap<i32, Document>> {
+    ) -> Result<HashMap<i32, RawDocumentBuf>> {
         let mut out = HashMap::new();
         if ids.is_empty() {
             return Ok(out);
         }
         let mut cursor = self
             .db
-            .collection::<Document>(collection.name())
+            .collection::<RawDocumentBuf>(collection.name())
             .find(doc! { "_id": { "$in": ids } })
             .projection(projection)
             .await
             .map_err(anyhow::Error::new)?;
         while cursor.advance().await? {
-            let d = cursor.deserialize_current()?;
+            let d = cursor.current();
             if let Ok(id) = d.get_i32("_id") {
-                out.insert(id, d);
+                out.insert(id, d.to_owned());
             }
         }
         Ok(out)

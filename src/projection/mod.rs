@@ -20,7 +20,7 @@ pub mod order_details;
 pub mod orders;
 pub mod products;
 
-use bson::{Bson, Document, RawDocumentBuf, doc};
+use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
 
 /// A read collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
@@ -80,6 +80,16 @@ pub fn encode(statement: &Document) -> RawDocumentBuf {
 /// an operator (a product called "$5 deal" stays a name).
 pub fn literal(v: impl Into<Bson>) -> Bson {
     Bson::Document(doc! { "$literal": v.into() })
+}
+
+/// Field `key` of a document as read (raw BSON, see [`crate::sink::ReadModels::fields`]), if it has one.
+pub fn field<'a>(document: &'a RawDocument, key: &str) -> Option<RawBsonRef<'a>> {
+    document.get(key).ok().flatten()
+}
+
+/// Field `key` of a document as read, as a value to copy into a write (`null` when it has none).
+pub fn value(document: &RawDocument, key: &str) -> Bson {
+    field(document, key).and_then(|b| Bson::try_from(b).ok()).unwrap_or(Bson::Null)
 }
 
 /// True when `position` is newer than the version at `path` of the document being updated.

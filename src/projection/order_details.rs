@@ -21,12 +21,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
-use bson::{Bson, Document, RawBson, RawDocumentBuf, doc, rawdoc};
+use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, doc, rawdoc};
 use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
 use super::products::fan_out;
-use super::{Collection, Write, decimal_of, encode, guarded_replace, tombstone, truncate_all};
+use super::{Collection, Write, decimal_of, encode, field, guarded_replace, tombstone, truncate_all, value};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
@@ -81,7 +81,7 @@ impl Job for OrderDetailsJob {
             match event {
                 Event::Upsert { row, source, .. } => {
                     let product = products.get(&row.product_id).filter(|p| is_known(p));
-                    let order = statuses.get(&row.order_id).filter(|o| o.contains_key("status"));
+                    let order = statuses.get(&row.order_id).filter(|o| field(o, "status").is_some());
                     let statement = detail_statement(row, source.lsn as i64, product, order);
                     writes.push(Write { collection: Collection::OrderDetails, statement });
                 }
@@ -109,25 +109,29 @@ impl Job for OrderDetailsJob {
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
             let copied = products.get(id).filter(|p| is_known(p));
-            let (name, price) = (now.get("name").unwrap_or(&Bson::Null), now.get("price").unwrap_or(&Bson::Null));
             let pos = now.get_i64("_v")?;
-            let name_changed = copied.is_none_or(|p| p.get("name") != Some(name));
-            if name_changed || copied.is_some_and(|p| p.get("price") != Some(price)) {
-                again.push(fan_out(Collection::Orders, *id, name, price, pos));
+            let name_changed = copied.is_none_or(|p| field(p, "name") != field(now, "name"));
+            let price_changed = copied.is_some_and(|p| field(p, "price") != field(now, "price"));
+            let (name, price) = (value(now, "name"), value(now, "price"));
+            if name_changed || price_changed {
+                again.push(fan_out(Collection::Orders, *id, &name, &price, pos));
             }
             if name_changed {
-                again.push(fan_out(Collection::OrderDetails, *id, name, price, pos));
+                again.push(fan_out(Collection::OrderDetails, *id, &name, &price, pos));
             }
         }
-        for (id, now) in statuses_now.iter().filter(|(_, o)| o.contains_key("status")) {
-            let copied = statuses.get(id).filter(|o| o.contains_key("status"));
-            if copied.is_none_or(|o| o.get("status") != now.get("status")) {
-                again.push(status_fan_out(*id, now.get("status").unwrap_or(&Bson::Null), now.get_i64("_v")?));
+        for (id, now) in statuses_now.iter().filter(|(_, o)| field(o, "status").is_some()) {
+            let copied = statuses.get(id).filter(|o| field(o, "status").is_some());
+            if copied.is_none_or(|o| field(o, "status") != field(now, "status")) {
+                again.push(status_fan_out(*id, &value(now, "status"), now.get_i64("_v")?));
             }
         }
         store.write(again).await
     }
 }
+
+/// Documents as read, by `_id`.
+type Read = HashMap<i32, RawDocumentBuf>;
 
 /// The data order_details copy, both reads at once: the products' name and price, and of the orders
 /// `order_fields` (their status and version, and their lines when these are about to be changed).
@@ -136,7 +140,7 @@ async fn copied(
     product_ids: &[i32],
     order_ids: &[i32],
     order_fields: Document,
-) -> anyhow::Result<(HashMap<i32, Document>, HashMap<i32, Document>)> {
+) -> anyhow::Result<(Read, Read)> {
     tokio::try_join!(
         store.fields(Collection::Products, product_ids, doc! { "name": 1, "price": 1, "_v": 1 }),
         store.fields(Collection::Orders, order_ids, order_fields),
@@ -162,8 +166,8 @@ const LINE_ATTEMPTS: usize = 50;
 async fn write_lines(
     events: &[Event<OrderDetail>],
     mut ids: Vec<i32>,
-    products: &HashMap<i32, Document>,
-    read: &HashMap<i32, Document>,
+    products: &Read,
+    read: &Read,
     store: &ReadModels<'_>,
 ) -> anyhow::Result<()> {
     let mut stored = std::borrow::Cow::Borrowed(read);
@@ -208,20 +212,20 @@ async fn write_lines(
 }
 
 /// Whether a `products` document is a product (not a tombstone): one whose name and price can be embedded.
-fn is_known(product: &Document) -> bool {
-    product.contains_key("name") && product.contains_key("_v")
+fn is_known(product: &RawDocument) -> bool {
+    field(product, "name").is_some() && field(product, "_v").is_some()
 }
 
 /// The embedded lines of the orders a batch changes, each read once per attempt.
 struct Lines<'a> {
-    stored: &'a HashMap<i32, Document>,
+    stored: &'a Read,
     orders: BTreeMap<i32, OrderLines>,
     /// TRUNCATEs met so far in the batch, to apply to an order first read after them.
     truncates: Vec<i64>,
 }
 
 impl<'a> Lines<'a> {
-    fn new(stored: &'a HashMap<i32, Document>) -> Self {
+    fn new(stored: &'a Read) -> Self {
         Lines { stored, orders: BTreeMap::new(), truncates: Vec::new() }
     }
 
@@ -267,11 +271,12 @@ struct OrderLines {
 }
 
 impl OrderLines {
-    fn stored(order: Option<&Document>) -> Self {
+    /// An order's lines as read, to be changed (as documents: only these orders' are ever decoded).
+    fn stored(order: Option<&RawDocumentBuf>) -> Self {
         let array = |name| -> Vec<Document> {
             order
                 .and_then(|o| o.get_array(name).ok())
-                .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
+                .map(|a| a.into_iter().filter_map(|b| Document::try_from(b.ok()?.as_document()?).ok()).collect())
                 .unwrap_or_default()
         };
         let version = order.and_then(|o| o.get_i64("_lv").ok());
@@ -292,19 +297,13 @@ impl OrderLines {
     /// Line `row` as of `pos`, its product copied from `product` (as read; `None`: not known yet) or from
     /// the line's copy of the same product when that is newer. An older or replayed change of the line
     /// still refreshes its product copy, which a crashed run may have left stale.
-    fn upsert(&mut self, row: &OrderDetail, pos: i64, product: Option<&Document>) {
+    fn upsert(&mut self, row: &OrderDetail, pos: i64, product: Option<&RawDocumentBuf>) {
         let id = row.order_detail_id;
         let at = self.lines.iter().position(|l| l.get_i32("order_detail_id").ok() == Some(id));
         let same_product = at.filter(|&i| self.lines[i].get_i32("product_id").ok() == Some(row.product_id));
         let stored_copy = same_product.and_then(|i| self.lines[i].get_document("product").ok());
         let copy_version = |copy: Option<&Document>| copy.and_then(|c| c.get_i64("_v").ok()).unwrap_or(-1);
-        let read = product.map(|p| {
-            doc! {
-                "name": p.get("name").cloned().unwrap_or(Bson::Null),
-                "price": p.get("price").cloned().unwrap_or(Bson::Null),
-                "_v": p.get("_v").cloned().unwrap_or(Bson::Null),
-            }
-        });
+        let read = product.map(|p| doc! { "name": value(p, "name"), "price": value(p, "price"), "_v": value(p, "_v") });
         let read_is_newer = copy_version(read.as_ref()) > copy_version(stored_copy);
         if pos <= self.seen(id) {
             if let (Some(i), Some(read), true) = (same_product, read, read_is_newer) {
@@ -401,34 +400,37 @@ impl OrderLines {
 fn detail_statement(
     row: &OrderDetail,
     pos: i64,
-    product: Option<&Document>,
-    order: Option<&Document>,
+    product: Option<&RawDocumentBuf>,
+    order: Option<&RawDocumentBuf>,
 ) -> RawDocumentBuf {
-    let raw = |b: Option<&Bson>| b.cloned().and_then(|b| RawBson::try_from(b).ok()).unwrap_or(RawBson::Null);
     // The row's fields in the read model's shape (its null copies are overridden by `copies` below).
     let mut row_fields = encode(&readmodel::order_detail(row, None, None));
     row_fields.append(bson::cstr!("_v"), pos);
     row_fields.append(bson::cstr!("_deleted"), false);
     // The copy is ours when the document points at the same source and ours is newer, or points at another
     // and the row is ours.
-    let copy =
-        |field: &str, version: &str, source: &str, source_id: i32, read: Option<(Option<&Bson>, Option<&Bson>)>| {
-            let (value, v) =
-                read.map_or((RawBson::Null, -1), |(value, v)| (raw(value), v.and_then(Bson::as_i64).unwrap_or(-1)));
-            let ours = rawdoc! { "$cond": [
-                { "$eq": [ format!("${source}"), source_id ] },
-                { "$gt": [ v, { "$ifNull": [ format!("${version}"), -1_i64 ] } ] },
-                "$$row",
-            ] };
-            (
-                rawdoc! { "$cond": [ ours.clone(), { "$literal": value }, format!("${field}") ] },
-                rawdoc! { "$cond": [ ours, v, format!("${version}") ] },
-            )
-        };
+    let copy = |name: &str,
+                version: &str,
+                source: &str,
+                source_id: i32,
+                read: Option<(Option<RawBsonRef>, Option<RawBsonRef>)>| {
+        let (value, v) = read.map_or((RawBson::Null, -1), |(value, v)| {
+            (value.map_or(RawBson::Null, RawBson::from), v.and_then(RawBsonRef::as_i64).unwrap_or(-1))
+        });
+        let ours = rawdoc! { "$cond": [
+            { "$eq": [ format!("${source}"), source_id ] },
+            { "$gt": [ v, { "$ifNull": [ format!("${version}"), -1_i64 ] } ] },
+            "$$row",
+        ] };
+        (
+            rawdoc! { "$cond": [ ours.clone(), { "$literal": value }, format!("${name}") ] },
+            rawdoc! { "$cond": [ ours, v, format!("${version}") ] },
+        )
+    };
     let (product_name, pv) =
-        copy("product_name", "_pv", "product_id", row.product_id, product.map(|p| (p.get("name"), p.get("_v"))));
+        copy("product_name", "_pv", "product_id", row.product_id, product.map(|p| (field(p, "name"), field(p, "_v"))));
     let (order_status, ov) =
-        copy("order_status", "_ov", "order_id", row.order_id, order.map(|o| (o.get("status"), o.get("_v"))));
+        copy("order_status", "_ov", "order_id", row.order_id, order.map(|o| (field(o, "status"), field(o, "_v"))));
     let copies = rawdoc! { "product_name": product_name, "_pv": pv, "order_status": order_status, "_ov": ov };
     rawdoc! {
         "q": { "_id": row.order_detail_id },
@@ -522,21 +524,21 @@ mod tests {
         let product = |price: &str, v: i64| doc! { "name": "Tent", "price": decimal(price.parse().unwrap()), "_v": v };
         let copy = |lines: &OrderLines| lines.lines[0].get_document("product").unwrap().get_i64("_v").unwrap();
         let mut lines = OrderLines::stored(None);
-        lines.upsert(&line(1, "10.00", 1, "0"), 10, Some(&product("19.90", 5)));
+        lines.upsert(&line(1, "10.00", 1, "0"), 10, Some(&encode(&product("19.90", 5))));
         // A fan-out wrote a newer copy meanwhile; a newer change of the line read the older product.
         lines.lines[0].insert("product", product("21.00", 8));
-        lines.upsert(&line(1, "10.00", 2, "0"), 20, Some(&product("19.90", 5)));
+        lines.upsert(&line(1, "10.00", 2, "0"), 20, Some(&encode(&product("19.90", 5))));
         assert_eq!((lines.lines[0].get_i32("quantity").unwrap(), copy(&lines)), (2, 8));
         // A replay (not newer than the line) with a newer product mends the copy, and only the copy.
-        let mut replay = OrderLines::stored(Some(&doc! { "lines": lines.lines.clone(), "_removed": [] }));
-        replay.upsert(&line(1, "99.00", 9, "0"), 20, Some(&product("22.00", 9)));
+        let mut replay = OrderLines::stored(Some(&encode(&doc! { "lines": lines.lines.clone(), "_removed": [] })));
+        replay.upsert(&line(1, "99.00", 9, "0"), 20, Some(&encode(&product("22.00", 9))));
         assert_eq!((replay.lines[0].get_i32("quantity").unwrap(), copy(&replay)), (2, 9));
         assert!(replay.changed);
         // A line not known to a product yet (null copy) is mended by a replay too.
         let mut unknown = OrderLines::stored(None);
         unknown.upsert(&line(2, "1.00", 1, "0"), 30, None);
-        let mut replay = OrderLines::stored(Some(&doc! { "lines": unknown.lines.clone(), "_removed": [] }));
-        replay.upsert(&line(2, "1.00", 1, "0"), 30, Some(&product("19.90", 5)));
+        let mut replay = OrderLines::stored(Some(&encode(&doc! { "lines": unknown.lines.clone(), "_removed": [] })));
+        replay.upsert(&line(2, "1.00", 1, "0"), 30, Some(&encode(&product("19.90", 5))));
         assert_eq!(copy(&replay), 5);
     }
 
@@ -546,7 +548,7 @@ mod tests {
         let mut lines = OrderLines::stored(None);
         let rows = [line(1, "10.00", 3, "0.150"), line(2, "2.50", 2, "0"), line(3, "0.05", 1, "0.500")];
         for (i, row) in rows.iter().enumerate() {
-            lines.upsert(row, 10 + i as i64, Some(&product));
+            lines.upsert(row, 10 + i as i64, Some(&encode(&product)));
         }
         let expected: Vec<_> = rows.iter().map(|r| (r.unit_price, r.quantity, r.discount)).collect();
         assert_eq!(lines.totals().unwrap(), readmodel::order_totals(&expected));
@@ -554,7 +556,7 @@ mod tests {
         assert_eq!(embedded, &doc! { "name": "Tent", "price": decimal("498.80".parse().unwrap()), "_v": 5_i64 });
         // Unchanged lines write nothing.
         let stored = doc! { "lines": lines.lines.clone(), "_removed": [] };
-        let mut again = OrderLines::stored(Some(&stored));
+        let mut again = OrderLines::stored(Some(&encode(&stored)));
         again.upsert(&rows[0], 10, None);
         assert!(again.statement(7).unwrap().is_none());
     }

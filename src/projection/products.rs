@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, RawDocument, doc};
+use rust_decimal::Decimal;
 
-use super::{Collection, Write, decimal, decimal_of, guarded_replace, literal, tombstone, truncate_all};
+use super::{Collection, Write, decimal, decimal_of, field, guarded_replace, literal, tombstone, truncate_all};
 use crate::envelope::{Event, Toasted};
 use crate::readmodel;
 use crate::rows::Product;
@@ -32,15 +33,21 @@ impl Reach {
     }
 }
 
-/// Which copies a product change must reach, given the product's document as last written: those of
-/// a name or price that differs from it, or all when there is none (a new product, which lines read before
-/// it may already hold). A stock change, most product changes, reaches none; a price change only lines.
-pub fn changes_embedded(event: &Event<Product>, stored: Option<&Document>) -> Reach {
+/// Which copies a product change must reach, given the name and price its document holds as last written
+/// (`None`: no document, or a tombstone): those of a name or price that differs, or all when there is none
+/// (a new product, which lines read before it may already hold). A stock change, most product changes,
+/// reaches none; a price change only lines.
+pub fn changes_embedded(event: &Event<Product>, written: Option<(&str, Option<Decimal>)>) -> Reach {
     let Event::Upsert { row, .. } = event else { return Reach::default() };
-    let Some(stored) = stored.filter(|d| d.contains_key("name")) else { return Reach::ALL };
-    let name = stored.get_str("name").is_ok_and(|name| name == row.name);
-    let price = stored.get("price").and_then(decimal_of) == Some(row.price);
+    let Some((name, price)) = written else { return Reach::ALL };
+    let (name, price) = (name == row.name, price == Some(row.price));
     Reach { lines: !(name && price), details: !name }
+}
+
+/// The name and price a `products` document holds, as read (`None` for a tombstone).
+fn written(document: &RawDocument) -> Option<(&str, Option<Decimal>)> {
+    let price = field(document, "price").and_then(|b| decimal_of(&Bson::try_from(b).ok()?));
+    Some((document.get_str("name").ok()?, price))
 }
 
 /// The write of one product change to its document.
@@ -122,23 +129,23 @@ impl crate::runtime::Job for ProductsJob {
         // Which changes reach embedded copies: judged against what an earlier event of the same product (a
         // kept one) leaves behind. A change the document already holds is a replay: a crash may have come
         // between its write and its fan-out, so it fans out again (guarded, it changes nothing twice).
-        let mut current: HashMap<i32, Document> = HashMap::new();
+        let mut current: HashMap<i32, (&str, Option<Decimal>)> = HashMap::new();
         let mut fanned: HashMap<i32, (&Product, i64, Reach)> = HashMap::new();
         for event in events {
             let Event::Upsert { row, source, .. } = event else { continue };
             let (id, pos) = (row.product_id, source.lsn as i64);
             let stored_v = stored.get(&id).and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
             let reach = match current.get(&id) {
-                Some(before) => changes_embedded(event, Some(before)),
+                Some(&before) => changes_embedded(event, Some(before)),
                 None if pos < stored_v => Reach::default(),
                 None if pos == stored_v => Reach::ALL,
-                None => changes_embedded(event, stored.get(&id)),
+                None => changes_embedded(event, stored.get(&id).and_then(|d| written(d))),
             };
             if reach != Reach::default() {
                 let earlier = fanned.get(&id).map_or(Reach::default(), |&(_, _, r)| r);
                 fanned.insert(id, (row, pos, reach.or(earlier)));
             }
-            current.insert(id, doc! { "name": &row.name, "price": decimal(row.price) });
+            current.insert(id, (&row.name, Some(row.price)));
         }
         store.write(events.iter().filter_map(project).collect()).await?;
         // Only where the product is embedded, looked for after its document is written: a fan-out that
@@ -166,6 +173,7 @@ impl crate::runtime::Job for ProductsJob {
 mod tests {
     use super::*;
     use crate::envelope::Source;
+    use crate::projection::encode;
 
     fn change(name: &str, price: &str) -> Event<Product> {
         let row = Product {
@@ -181,12 +189,14 @@ mod tests {
 
     #[test]
     fn only_a_new_product_or_a_new_name_or_price_reaches_embedded_copies() {
-        let stored = doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()) };
+        let stored = encode(&doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()), "_v": 3_i64 });
+        let stored = written(&stored);
         let (none, lines) = (Reach::default(), Reach { lines: true, details: false });
-        assert_eq!(changes_embedded(&change("Tent", "19.90"), Some(&stored)), none, "a stock change");
-        assert_eq!(changes_embedded(&change("Tent", "21.00"), Some(&stored)), lines, "order_details hold no price");
-        assert_eq!(changes_embedded(&change("Big tent", "19.90"), Some(&stored)), Reach::ALL);
+        assert_eq!(changes_embedded(&change("Tent", "19.90"), stored), none, "a stock change");
+        assert_eq!(changes_embedded(&change("Tent", "21.00"), stored), lines, "order_details hold no price");
+        assert_eq!(changes_embedded(&change("Big tent", "19.90"), stored), Reach::ALL);
         assert_eq!(changes_embedded(&change("Tent", "19.90"), None), Reach::ALL, "not seen yet: lines may hold it");
-        assert_eq!(changes_embedded(&change("Tent", "19.90"), Some(&doc! { "_deleted": true })), Reach::ALL);
+        let tombstone = encode(&doc! { "_id": 7, "_deleted": true, "_v": 4_i64 });
+        assert_eq!(changes_embedded(&change("Tent", "19.90"), written(&tombstone)), Reach::ALL);
     }
 }
