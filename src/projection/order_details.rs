@@ -18,6 +18,7 @@
 //! Removed lines leave `{order_detail_id, _v}` in the order's `_removed`, so a replayed older insert of a
 //! removed line is recognised as older and ignored.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
@@ -186,15 +187,15 @@ async fn write_lines(
                     let pos = source.lsn as i64;
                     if mine(&row.order_id) {
                         let product = products.get(&row.product_id).filter(|p| is_known(p));
-                        lines.of(row.order_id).upsert(row, pos, product);
+                        lines.of(row.order_id)?.upsert(row, pos, product);
                     }
                     // Moved to another order: it leaves the old one.
                     if let Some(old) = before.as_ref().filter(|b| b.order_id != row.order_id && mine(&b.order_id)) {
-                        lines.of(old.order_id).remove(row.order_detail_id, pos);
+                        lines.of(old.order_id)?.remove(row.order_detail_id, pos);
                     }
                 }
                 Event::Delete { before, source } if mine(&before.order_id) => {
-                    lines.of(before.order_id).remove(before.order_detail_id, source.lsn as i64);
+                    lines.of(before.order_id)?.remove(before.order_detail_id, source.lsn as i64);
                 }
                 Event::Truncate { source } => lines.truncate(source.lsn as i64),
                 Event::Delete { .. } | Event::Tombstone => {}
@@ -229,13 +230,16 @@ impl<'a> Lines<'a> {
         Lines { stored, orders: BTreeMap::new(), truncates: Vec::new() }
     }
 
-    fn of(&mut self, order_id: i32) -> &mut OrderLines {
-        self.orders.entry(order_id).or_insert_with(|| {
-            let mut lines = OrderLines::stored(self.stored.get(&order_id));
-            for &pos in &self.truncates {
-                lines.truncate(pos);
+    fn of(&mut self, order_id: i32) -> anyhow::Result<&mut OrderLines> {
+        Ok(match self.orders.entry(order_id) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(first) => {
+                let mut lines = OrderLines::stored(self.stored.get(&order_id))?;
+                for &pos in &self.truncates {
+                    lines.truncate(pos);
+                }
+                first.insert(lines)
             }
-            lines
         })
     }
 
@@ -271,16 +275,20 @@ struct OrderLines {
 }
 
 impl OrderLines {
-    /// An order's lines as read, to be changed (as documents: only these orders' are ever decoded).
-    fn stored(order: Option<&RawDocumentBuf>) -> Self {
-        let array = |name| -> Vec<Document> {
-            order
-                .and_then(|o| o.get_array(name).ok())
-                .map(|a| a.into_iter().filter_map(|b| Document::try_from(b.ok()?.as_document()?).ok()).collect())
-                .unwrap_or_default()
+    /// An order's lines as read, to be changed (decoded here: only the orders a batch changes ever are).
+    fn stored(order: Option<&RawDocumentBuf>) -> anyhow::Result<Self> {
+        let mut order =
+            order.map(|o| Document::try_from(o.as_ref())).transpose().context("an order that is not BSON")?;
+        let version = order.as_ref().and_then(|o| o.get_i64("_lv").ok());
+        let mut array = |name| -> Vec<Document> {
+            match order.as_mut().and_then(|o| o.remove(name)) {
+                Some(Bson::Array(items)) => {
+                    items.into_iter().filter_map(|b| if let Bson::Document(d) = b { Some(d) } else { None }).collect()
+                }
+                _ => Vec::new(),
+            }
         };
-        let version = order.and_then(|o| o.get_i64("_lv").ok());
-        OrderLines { lines: array("lines"), removed: array("_removed"), version, changed: false }
+        Ok(OrderLines { lines: array("lines"), removed: array("_removed"), version, changed: false })
     }
 
     /// The newest position this order knows for line `id` (present or removed), -1 if none.
@@ -501,7 +509,7 @@ mod tests {
 
     #[test]
     fn lines_stay_sorted_and_only_newer_changes_apply() {
-        let mut lines = OrderLines::stored(None);
+        let mut lines = OrderLines::stored(None).unwrap();
         lines.upsert(&line(2, "10.00", 3, "0.150"), 20, None);
         lines.upsert(&line(1, "2.50", 2, "0"), 10, None);
         assert_eq!(ids(&lines), [1, 2]);
@@ -523,21 +531,23 @@ mod tests {
     fn a_product_copy_keeps_the_newer_of_read_and_stored_even_on_replay() {
         let product = |price: &str, v: i64| doc! { "name": "Tent", "price": decimal(price.parse().unwrap()), "_v": v };
         let copy = |lines: &OrderLines| lines.lines[0].get_document("product").unwrap().get_i64("_v").unwrap();
-        let mut lines = OrderLines::stored(None);
+        let mut lines = OrderLines::stored(None).unwrap();
         lines.upsert(&line(1, "10.00", 1, "0"), 10, Some(&encode(&product("19.90", 5))));
         // A fan-out wrote a newer copy meanwhile; a newer change of the line read the older product.
         lines.lines[0].insert("product", product("21.00", 8));
         lines.upsert(&line(1, "10.00", 2, "0"), 20, Some(&encode(&product("19.90", 5))));
         assert_eq!((lines.lines[0].get_i32("quantity").unwrap(), copy(&lines)), (2, 8));
         // A replay (not newer than the line) with a newer product mends the copy, and only the copy.
-        let mut replay = OrderLines::stored(Some(&encode(&doc! { "lines": lines.lines.clone(), "_removed": [] })));
+        let mut replay =
+            OrderLines::stored(Some(&encode(&doc! { "lines": lines.lines.clone(), "_removed": [] }))).unwrap();
         replay.upsert(&line(1, "99.00", 9, "0"), 20, Some(&encode(&product("22.00", 9))));
         assert_eq!((replay.lines[0].get_i32("quantity").unwrap(), copy(&replay)), (2, 9));
         assert!(replay.changed);
         // A line not known to a product yet (null copy) is mended by a replay too.
-        let mut unknown = OrderLines::stored(None);
+        let mut unknown = OrderLines::stored(None).unwrap();
         unknown.upsert(&line(2, "1.00", 1, "0"), 30, None);
-        let mut replay = OrderLines::stored(Some(&encode(&doc! { "lines": unknown.lines.clone(), "_removed": [] })));
+        let mut replay =
+            OrderLines::stored(Some(&encode(&doc! { "lines": unknown.lines.clone(), "_removed": [] }))).unwrap();
         replay.upsert(&line(2, "1.00", 1, "0"), 30, Some(&encode(&product("19.90", 5))));
         assert_eq!(copy(&replay), 5);
     }
@@ -545,7 +555,7 @@ mod tests {
     #[test]
     fn totals_match_the_contract_and_a_known_product_is_embedded() {
         let product = doc! { "name": "Tent", "price": decimal("498.80".parse().unwrap()), "_v": 5_i64, "_touch": 3 };
-        let mut lines = OrderLines::stored(None);
+        let mut lines = OrderLines::stored(None).unwrap();
         let rows = [line(1, "10.00", 3, "0.150"), line(2, "2.50", 2, "0"), line(3, "0.05", 1, "0.500")];
         for (i, row) in rows.iter().enumerate() {
             lines.upsert(row, 10 + i as i64, Some(&encode(&product)));
@@ -556,7 +566,7 @@ mod tests {
         assert_eq!(embedded, &doc! { "name": "Tent", "price": decimal("498.80".parse().unwrap()), "_v": 5_i64 });
         // Unchanged lines write nothing.
         let stored = doc! { "lines": lines.lines.clone(), "_removed": [] };
-        let mut again = OrderLines::stored(Some(&encode(&stored)));
+        let mut again = OrderLines::stored(Some(&encode(&stored))).unwrap();
         again.upsert(&rows[0], 10, None);
         assert!(again.statement(7).unwrap().is_none());
     }
