@@ -113,10 +113,11 @@ impl Job for OrderDetailsJob {
             let pos = now.get_i64("_v")?;
             let name_changed = copied.is_none_or(|p| field(p, "name") != field(now, "name"));
             let price_changed = copied.is_some_and(|p| field(p, "price") != field(now, "price"));
-            let (name, price) = (value(now, "name"), value(now, "price"));
-            if name_changed || price_changed {
-                again.push(fan_out(Collection::Orders, *id, &name, &price, pos));
+            if !(name_changed || price_changed) {
+                continue; // most products: decode nothing
             }
+            let (name, price) = (value(now, "name"), value(now, "price"));
+            again.push(fan_out(Collection::Orders, *id, &name, &price, pos));
             if name_changed {
                 again.push(fan_out(Collection::OrderDetails, *id, &name, &price, pos));
             }
