@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use bson::{Bson, Document, RawDocument, doc};
+use bson::{Bson, Document, RawDocument, RawDocumentBuf, doc};
 use rust_decimal::Decimal;
 
 use super::{Collection, Write, decimal, decimal_of, field, guarded_replace, literal, tombstone, truncate_all};
@@ -44,18 +44,35 @@ pub fn changes_embedded(event: &Event<Product>, written: Option<(&str, Option<De
     Reach { lines: !(name && price), details: !name }
 }
 
+/// Which copies change `event` (at `pos`) reaches, judged against its product's document as read: none
+/// when the document is newer, all when it is this change (a replay) or ahead of its copies (`_fanned:
+/// false`), else by name and price ([`changes_embedded`]).
+fn reach_from_document(event: &Event<Product>, pos: i64, document: Option<&RawDocumentBuf>) -> Reach {
+    let stored_v = document.and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
+    // Documents written before the mark existed (or by first_load) have their copies in step.
+    let copies_in_step = document.is_none_or(|d| d.get_bool("_fanned").unwrap_or(true));
+    if pos < stored_v {
+        Reach::default()
+    } else if pos == stored_v || !copies_in_step {
+        Reach::ALL
+    } else {
+        changes_embedded(event, document.and_then(|d| written(d)))
+    }
+}
+
 /// The name and price a `products` document holds, as read (`None` for a tombstone).
 fn written(document: &RawDocument) -> Option<(&str, Option<Decimal>)> {
     let price = field(document, "price").and_then(|b| decimal_of(&Bson::try_from(b).ok()?));
     Some((document.get_str("name").ok()?, price))
 }
 
-/// The write of one product change to its document.
-pub fn project(event: &Event<Product>) -> Option<Write> {
+/// The write of one product change to its document; `fanned_out`: whether its embedded copies already hold
+/// its name and price (else `_fanned: false` until its fan-out is done).
+pub fn project(event: &Event<Product>, fanned_out: bool) -> Option<Write> {
     let statement = match event {
         Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
-            guarded_replace(id, pos, document(row, pos))
+            guarded_replace(id, pos, document(row, pos, fanned_out))
         }
         Event::Delete { before, source } => {
             let (id, pos) = (before.product_id, source.lsn as i64);
@@ -94,7 +111,7 @@ pub fn fan_out(collection: Collection, id: i32, name: &Bson, price: &Bson, pos: 
 
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
 /// (TOASTed, unchanged) description, which keeps the stored one.
-fn document(row: &Product, pos: i64) -> Document {
+fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
     let description = match &row.description {
         Some(Toasted::Value(text)) => Some(text.as_str()),
         _ => None,
@@ -106,6 +123,7 @@ fn document(row: &Product, pos: i64) -> Document {
         expr.insert("description", "$description");
     }
     expr.insert("_v", literal(pos));
+    expr.insert("_fanned", literal(fanned_out));
     expr
 }
 
@@ -125,21 +143,21 @@ impl crate::runtime::Job for ProductsJob {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
-        let stored = store.fields(Collection::Products, &ids, doc! { "name": 1, "price": 1, "_v": 1 }).await?;
+        let projection = doc! { "name": 1, "price": 1, "_v": 1, "_fanned": 1 };
+        let stored = store.fields(Collection::Products, &ids, projection).await?;
         // Which changes reach embedded copies: judged against what an earlier event of the same product (a
-        // kept one) leaves behind. A change the document already holds is a replay: a crash may have come
-        // between its write and its fan-out, so it fans out again (guarded, it changes nothing twice).
+        // kept one) leaves behind, or the document when its copies hold what it does. A change the
+        // document already holds is a replay, and a document marked `_fanned: false` is ahead of its
+        // copies: a crash came between its write and its fan-out (and the replayed batch may have reduced
+        // that change away under a later one), so it fans out again (guarded, it changes nothing twice).
         let mut current: HashMap<i32, (&str, Option<Decimal>)> = HashMap::new();
         let mut fanned: HashMap<i32, (&Product, i64, Reach)> = HashMap::new();
         for event in events {
             let Event::Upsert { row, source, .. } = event else { continue };
             let (id, pos) = (row.product_id, source.lsn as i64);
-            let stored_v = stored.get(&id).and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
             let reach = match current.get(&id) {
                 Some(&before) => changes_embedded(event, Some(before)),
-                None if pos < stored_v => Reach::default(),
-                None if pos == stored_v => Reach::ALL,
-                None => changes_embedded(event, stored.get(&id).and_then(|d| written(d))),
+                None => reach_from_document(event, pos, stored.get(&id)),
             };
             if reach != Reach::default() {
                 let earlier = fanned.get(&id).map_or(Reach::default(), |&(_, _, r)| r);
@@ -147,7 +165,8 @@ impl crate::runtime::Job for ProductsJob {
             }
             current.insert(id, (&row.name, Some(row.price)));
         }
-        store.write(events.iter().filter_map(project).collect()).await?;
+        let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
+        store.write(events.iter().filter_map(|e| project(e, fanned_out(e))).collect()).await?;
         // Only where the product is embedded, looked for after its document is written: a fan-out that
         // matches nothing still costs a lookup. An order line has its order_details document (written
         // before it), whose index answers for both far more cheaply than the lines' multikey one.
@@ -165,7 +184,13 @@ impl crate::runtime::Job for ProductsJob {
                 }
             }
         }
-        store.write(writes).await
+        store.write(writes).await?;
+        // The copies hold these versions now: the next change is judged against the document again.
+        let done = fanned.iter().map(|(&id, &(_, pos, _))| {
+            let mark = doc! { "q": { "_id": id, "_v": pos }, "u": { "$set": { "_fanned": true } } };
+            Write::new(Collection::Products, mark)
+        });
+        store.write(done.collect()).await
     }
 }
 
@@ -185,6 +210,26 @@ mod tests {
         };
         let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, table: "products".into(), snapshot: false };
         Event::Upsert { row, before: None, source }
+    }
+
+    #[test]
+    fn a_document_ahead_of_its_copies_fans_out_any_later_change() {
+        let stored = |fanned: Option<bool>| {
+            let mut d = doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()), "_v": 5_i64 };
+            if let Some(fanned) = fanned {
+                d.insert("_fanned", fanned);
+            }
+            encode(&d)
+        };
+        let stock_change = change("Tent", "19.90");
+        // Copies in step (marked, or written before the mark existed): a stock change reaches none.
+        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(Some(true)))), Reach::default());
+        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(None))), Reach::default());
+        // Written, then a crash before its fan-out: the replay may hold only this later change.
+        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(Some(false)))), Reach::ALL);
+        // The document's own change replayed; an older one.
+        assert_eq!(reach_from_document(&stock_change, 5, Some(&stored(Some(true)))), Reach::ALL);
+        assert_eq!(reach_from_document(&stock_change, 3, Some(&stored(Some(false)))), Reach::default());
     }
 
     #[test]
