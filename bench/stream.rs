@@ -136,23 +136,39 @@ pub async fn run(args: Args) -> Result<()> {
         kafka_bytes / 1_000_000
     );
     eprintln!("bench: limit, {total} bulk upserts by _id into MongoDB");
-    let mongo_limit = upsert_raw(&mongo, total).await?;
+    let (mongo_limit, upsert_cpu) = upsert_raw(&mongo, total).await?;
+    // The server's CPU per upsert: what a record costs MongoDB at best, steadier than rates on a shared machine.
+    let upsert_micros = upsert_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / total.max(1) as f64);
     println!(
-        "  limit: MongoDB upserts   {:>7.1} s {:>10.0} upserts/s  (by _id, 10,000 per update command, 4 in flight)",
+        "  limit: MongoDB upserts   {:>7.1} s {:>10.0} upserts/s  (by _id, 10,000 per update command, 4 in flight){}",
         mongo_limit.secs(),
-        mongo_limit.per_sec()
+        mongo_limit.per_sec(),
+        upsert_micros.map_or(String::new(), |us| format!("; MongoDB CPU {us:.0} us per upsert"))
     );
     let limit = kafka_limit.per_sec().min(mongo_limit.per_sec());
     println!("  catch-up (from the first offset into empty collections; steady = after the first batch;");
-    println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0}):");
+    println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0};");
+    println!("  \"MongoDB us/rec\" = the server's CPU per record, \"x upsert\" = that / the same for one raw upsert):");
     println!(
-        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8}",
-        "", "records", "s", "records/s", "steady/s", "CPU s", "CPU %", "peak RSS", "of limit"
+        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8}",
+        "",
+        "records",
+        "s",
+        "records/s",
+        "steady/s",
+        "CPU s",
+        "CPU %",
+        "peak RSS",
+        "of limit",
+        "MongoDB us/rec",
+        "x upsert"
     );
     let report = |name: &str, records: u64, run: &JobRun| {
         let rate = Rate::new(records, run.elapsed);
+        let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
+        let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}%",
+            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8}",
             name,
             records,
             rate.secs(),
@@ -162,6 +178,8 @@ pub async fn run(args: Args) -> Result<()> {
             100.0 * run.cpu_secs() / rate.secs(),
             run.peak_rss_mb(),
             100.0 * rate.per_sec() / limit,
+            cost(micros, 0),
+            cost(micros.zip(upsert_micros).map(|(job, upsert)| job / upsert), 1),
         );
     };
     if !args.together_only {
@@ -396,6 +414,8 @@ struct JobRun {
     /// When the first batch of every job had committed.
     first_batch: Option<(Duration, u64)>,
     stats: Vec<ProcessStats>,
+    /// The MongoDB server's CPU time over the run.
+    server_cpu: Option<Duration>,
     group: String,
 }
 
@@ -512,6 +532,7 @@ impl Jobs<'_> {
         let db = self.mongo.database(NAME);
         db.drop().await?;
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
+        let cpu_before = measure::server_cpu(self.mongo).await?;
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
         let ends: Ends = which
@@ -540,9 +561,10 @@ impl Jobs<'_> {
             running.check_alive()?;
         }
         let elapsed = started.elapsed();
+        let server_cpu = cpu_since(self.mongo, cpu_before).await?;
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         running.stop();
-        Ok(JobRun { elapsed, first_batch, stats, group })
+        Ok(JobRun { elapsed, first_batch, stats, server_cpu, group })
     }
 
     /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
@@ -754,14 +776,20 @@ fn read_raw(brokers: &str, topics: &[String], ends: &Ends) -> Result<(Rate, u64)
     Ok((Rate::new(read, started.elapsed()), bytes))
 }
 
+/// The MongoDB server's CPU time since reading `before` (`None` if it does not report it).
+async fn cpu_since(mongo: &mongodb::Client, before: Option<Duration>) -> Result<Option<Duration>> {
+    Ok(measure::server_cpu(mongo).await?.zip(before).map(|(now, before)| now.saturating_sub(before)))
+}
+
 /// `count` upserts by `_id` of documents the size of an order line's (an `update` statement per event,
 /// like the jobs write, but no transaction, no guard, unordered, 10,000 per command, 4 commands in flight).
 /// Keys repeat, so some are inserts and most replace an existing document, as in a change stream.
-async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<Rate> {
+async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<(Rate, Option<Duration>)> {
     const PER_COMMAND: u64 = 10_000;
     let db = mongo.database(RAW_DATABASE);
     db.drop().await?;
     let keys = (count / 3).max(1);
+    let cpu_before = measure::server_cpu(mongo).await?;
     let started = Instant::now();
     futures::stream::iter((0..count).step_by(PER_COMMAND as usize))
         .map(|start| {
@@ -792,6 +820,7 @@ async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<Rate> {
         .try_collect::<Vec<()>>()
         .await?;
     let rate = Rate::new(count, started.elapsed());
+    let cpu = cpu_since(mongo, cpu_before).await?;
     db.drop().await?;
-    Ok(rate)
+    Ok((rate, cpu))
 }
