@@ -418,8 +418,8 @@ fn detail_statement(
     row_fields.append(bson::cstr!("_deleted"), false);
     // The copy is ours when the document points at the same source and ours is newer, or points at another
     // and the row is ours.
-    let copy = |name: &str,
-                version: &str,
+    let copy = |name: &bson::raw::CStr,
+                version: &bson::raw::CStr,
                 source: &str,
                 source_id: i32,
                 read: Option<(Option<RawBsonRef>, Option<RawBsonRef>)>| {
@@ -431,21 +431,33 @@ fn detail_statement(
             { "$gt": [ v, { "$ifNull": [ format!("${version}"), -1_i64 ] } ] },
             "$$row",
         ] };
-        (
-            rawdoc! { "$cond": [ ours.clone(), { "$literal": value }, format!("${name}") ] },
-            rawdoc! { "$cond": [ ours, v, format!("${version}") ] },
-        )
+        let mut mine = RawDocumentBuf::new();
+        mine.append(name, value);
+        mine.append(version, v);
+        let mut stored = RawDocumentBuf::new();
+        stored.append(name, format!("${}", name.as_str()));
+        stored.append(version, format!("${}", version.as_str()));
+        rawdoc! { "$cond": [ ours, { "$literal": mine }, stored ] }
     };
-    let (product_name, pv) =
-        copy("product_name", "_pv", "product_id", row.product_id, product.map(|p| (field(p, "name"), field(p, "_v"))));
-    let (order_status, ov) =
-        copy("order_status", "_ov", "order_id", row.order_id, order.map(|o| (field(o, "status"), field(o, "_v"))));
-    let copies = rawdoc! { "product_name": product_name, "_pv": pv, "order_status": order_status, "_ov": ov };
+    let product_copy = copy(
+        bson::cstr!("product_name"),
+        bson::cstr!("_pv"),
+        "product_id",
+        row.product_id,
+        product.map(|p| (field(p, "name"), field(p, "_v"))),
+    );
+    let order_copy = copy(
+        bson::cstr!("order_status"),
+        bson::cstr!("_ov"),
+        "order_id",
+        row.order_id,
+        order.map(|o| (field(o, "status"), field(o, "_v"))),
+    );
     rawdoc! {
         "q": { "_id": row.order_detail_id },
         "u": [ { "$replaceWith": { "$let": {
             "vars": { "row": { "$gt": [ pos, { "$ifNull": [ "$_v", -1_i64 ] } ] } },
-            "in": { "$mergeObjects": [ { "$cond": [ "$$row", row_fields, "$$ROOT" ] }, copies ] },
+            "in": { "$mergeObjects": [ { "$cond": [ "$$row", { "$literal": row_fields }, "$$ROOT" ] }, product_copy, order_copy ] },
         } } } ],
         "upsert": true,
     }
