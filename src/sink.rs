@@ -314,6 +314,34 @@ impl ReadModels<'_> {
         Ok(values.iter().filter_map(|v| v.as_i32()).filter(|id| ids.binary_search(id).is_ok()).collect())
     }
 
+    /// The orders whose lines hold each of products `ids` (sorted), by product, found through the
+    /// `order_details` documents (each line has one, written before the line): where a product's change
+    /// must be fanned out to. Answered from the `(product_id, order_id)` index alone.
+    pub async fn holders(&self, ids: &[i32]) -> Result<HashMap<i32, Vec<i32>>> {
+        let mut out: HashMap<i32, Vec<i32>> = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let mut cursor = self
+            .db
+            .collection::<RawDocumentBuf>(Collection::OrderDetails.name())
+            .find(doc! { "product_id": { "$in": ids } })
+            .projection(doc! { "_id": 0, "product_id": 1, "order_id": 1 })
+            .await
+            .map_err(anyhow::Error::new)?;
+        while cursor.advance().await? {
+            let d = cursor.current();
+            if let (Ok(product), Ok(order)) = (d.get_i32("product_id"), d.get_i32("order_id")) {
+                out.entry(product).or_default().push(order);
+            }
+        }
+        for orders in out.values_mut() {
+            orders.sort_unstable();
+            orders.dedup();
+        }
+        Ok(out)
+    }
+
     /// The documents of `collection` with these `_id`s (tombstones included), only the fields of
     /// `projection` (e.g. `{name: 1}`). Kept as BSON bytes: order_details reads thousands of orders with
     /// their lines per batch, and as `Document` trees they were a catch-up's largest allocation.
@@ -344,15 +372,30 @@ impl ReadModels<'_> {
     }
 }
 
-/// Creates `collection`'s indexes on the MongoDB collection `name` (a rebuild's shadow has another name).
+/// MongoDB's error code for dropping an index that is not there.
+const INDEX_NOT_FOUND: i32 = 27;
+
+/// Creates `collection`'s indexes on the MongoDB collection `name` (a rebuild's shadow has another name), and
+/// drops the ones it no longer has.
 pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -> Result<()> {
     let indexes: Vec<IndexModel> =
         collection.indexes().into_iter().map(|keys| IndexModel::builder().keys(keys).build()).collect();
+    let target = db.collection::<Document>(name);
     if !indexes.is_empty() {
-        db.collection::<Document>(name)
-            .create_indexes(indexes)
-            .await
-            .with_context(|| format!("creating the indexes of {name}"))?;
+        target.create_indexes(indexes).await.with_context(|| format!("creating the indexes of {name}"))?;
+    }
+    let retired = collection.retired_indexes();
+    if !retired.is_empty() {
+        let existing = target.list_index_names().await.with_context(|| format!("listing the indexes of {name}"))?;
+        for index in retired.iter().filter(|r| existing.iter().any(|e| e == *r)) {
+            // Another job starting at the same time may have dropped it first.
+            match target.drop_index(*index).await {
+                Err(e) if !matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == INDEX_NOT_FOUND) => {
+                    return Err(e).with_context(|| format!("dropping the retired index {index} of {name}"));
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }

@@ -47,6 +47,15 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
         .unwrap();
     sqlx::query("UPDATE products SET price = 10.49 WHERE product_id = 100002").execute(&mut cap.pg).await.unwrap();
 
+    // Read models an earlier version indexed: the job drops the indexes no query uses any more.
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    let db = mongo.database(&cap.name);
+    let index = |keys| mongodb::IndexModel::builder().keys(keys).build();
+    let (orders, details) =
+        (db.collection::<bson::Document>("orders"), db.collection::<bson::Document>("order_details"));
+    orders.create_index(index(bson::doc! { "lines.product_id": 1 })).await.unwrap();
+    details.create_index(index(bson::doc! { "product_id": 1 })).await.unwrap();
+
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let job = cap.spawn_job_with(
         "stream_products",
@@ -54,6 +63,14 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
         &[("CDC_METRICS_ADDR", &format!("127.0.0.1:{metrics_port}"))],
     );
     cap.converge(&["products"], CONVERGE).await;
+    let sorted = |mut names: Vec<String>| {
+        names.sort();
+        names
+    };
+    let (orders_indexes, details_indexes) =
+        (orders.list_index_names().await.unwrap(), details.list_index_names().await.unwrap());
+    assert_eq!(sorted(orders_indexes), ["_id_", "customer_name_1__id_1", "status_1__id_1"]);
+    assert_eq!(sorted(details_indexes), ["_id_", "order_id_1", "product_id_1_order_id_1"]);
     // The writes are visible before their batch's checkpoints commit and its metrics count them: wait for
     // the counts. At least a statement per product (fan-outs go only where a product is embedded: here,
     // nowhere).

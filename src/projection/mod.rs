@@ -39,12 +39,20 @@ impl Collection {
     pub fn indexes(self) -> Vec<Document> {
         match self {
             Collection::Products => Vec::new(),
-            Collection::Orders => vec![
-                doc! { "lines.product_id": 1 },
-                doc! { "customer_name": 1, "_id": 1 },
-                doc! { "status": 1, "_id": 1 },
-            ],
-            Collection::OrderDetails => vec![doc! { "order_id": 1 }, doc! { "product_id": 1 }],
+            Collection::Orders => vec![doc! { "customer_name": 1, "_id": 1 }, doc! { "status": 1, "_id": 1 }],
+            // (product_id, order_id): the orders a product's change fans out to, from the index alone.
+            Collection::OrderDetails => vec![doc! { "order_id": 1 }, doc! { "product_id": 1, "order_id": 1 }],
+        }
+    }
+
+    /// Indexes earlier versions created and no query uses any more (every write pays for an index): dropped
+    /// where found. `lines.product_id` (multikey, rewritten with every order's lines) gave way to
+    /// `order_details`' (product_id, order_id).
+    pub fn retired_indexes(self) -> &'static [&'static str] {
+        match self {
+            Collection::Products => &[],
+            Collection::Orders => &["lines.product_id_1"],
+            Collection::OrderDetails => &["product_id_1"],
         }
     }
 

@@ -26,7 +26,7 @@ use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, doc
 use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
-use super::products::fan_out;
+use super::products::{details_fan_out, lines_fan_out};
 use super::{Collection, Write, decimal_of, encode, field, guarded_replace, tombstone, truncate_all, value};
 use crate::envelope::Event;
 use crate::readmodel;
@@ -58,10 +58,13 @@ impl Job for OrderDetailsJob {
 
     async fn apply(&self, events: &[Event<OrderDetail>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let (mut product_ids, mut status_ids, mut order_ids) = (Vec::new(), Vec::new(), Vec::new());
+        // The orders this batch copies each product into: where its re-check fans a change out to.
+        let mut holders: HashMap<i32, Vec<i32>> = HashMap::new();
         for event in events {
             match event {
                 Event::Upsert { row, before, .. } => {
                     product_ids.push(row.product_id);
+                    holders.entry(row.product_id).or_default().push(row.order_id);
                     status_ids.push(row.order_id);
                     order_ids.push(row.order_id);
                     order_ids.extend(before.as_ref().map(|b| b.order_id));
@@ -104,8 +107,10 @@ impl Job for OrderDetailsJob {
         store.write(writes).await?;
         write_lines(events, order_ids, &products, &statuses, store).await?;
 
-        // The copies read before the writes, read again: what changed meanwhile is fanned out again (to
-        // every copy older than it, including the ones just written).
+        // The copies read before the writes, read again: what changed meanwhile is fanned out again to the
+        // copies this batch wrote (the products job's own fan-out, which looks for copies after writing the
+        // product, sees every copy written before that; a copy written after it is one this re-check sees
+        // the change for).
         let (products_now, statuses_now) = copied(store, &product_ids, &status_ids, order_fields(false)).await?;
         let mut again = Vec::new();
         for (id, now) in products_now.iter().filter(|(_, p)| is_known(p)) {
@@ -117,9 +122,12 @@ impl Job for OrderDetailsJob {
                 continue; // most products: decode nothing
             }
             let (name, price) = (value(now, "name"), value(now, "price"));
-            again.push(fan_out(Collection::Orders, *id, &name, &price, pos));
+            let mut orders = holders.remove(id).unwrap_or_default();
+            orders.sort_unstable();
+            orders.dedup();
+            again.extend(lines_fan_out(*id, &name, &price, pos, &orders));
             if name_changed {
-                again.push(fan_out(Collection::OrderDetails, *id, &name, &price, pos));
+                again.push(details_fan_out(*id, &name, pos));
             }
         }
         for (id, now) in statuses_now.iter().filter(|(_, o)| field(o, "status").is_some()) {

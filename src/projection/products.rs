@@ -84,29 +84,40 @@ pub fn project(event: &Event<Product>, fanned_out: bool) -> Option<Write> {
     Some(Write::new(Collection::Products, statement))
 }
 
-/// The update of the copies of product `id`'s `name` and `price` (as of `pos`) in `collection` (orders'
-/// lines or order_details), each guarded by the version it was copied at. Order documents it changes get
-/// a new `_lv`, which the order_details job's read-modify-write of lines checks.
-pub fn fan_out(collection: Collection, id: i32, name: &Bson, price: &Bson, pos: i64) -> Write {
-    // A copy at `path` older than `pos`, or one that has no version (not known when it was copied).
+/// Orders per fan-out statement: a product in a great many orders is fanned out in several, each well under
+/// MongoDB's 16 MB statement limit.
+const ORDERS_PER_FAN_OUT: usize = 10_000;
+
+/// The updates of the copies of product `id`'s `name` and `price` (as of `pos`) in the lines of `orders`
+/// (the orders holding it, as found through `order_details`: the orders' lines have no index of their own,
+/// which every write of lines would pay for), each copy guarded by the version it was copied at. Order
+/// documents it changes get a new `_lv`, which the order_details job's read-modify-write of lines checks.
+pub fn lines_fan_out(id: i32, name: &Bson, price: &Bson, pos: i64, orders: &[i32]) -> Vec<Write> {
+    // A copy older than `pos`, or one that has no version (not known when it was copied).
     let older = |path: &str| bson::bson!([ { path: { "$lt": pos } }, { path: { "$exists": false } } ]);
-    let statement = match collection {
-        Collection::Orders => doc! {
-            "q": { "lines": { "$elemMatch": { "product_id": id, "$or": older("product._v") } } },
+    let statement = |orders: &[i32]| {
+        doc! {
+            "q": { "_id": { "$in": orders }, "lines": { "$elemMatch": { "product_id": id, "$or": older("product._v") } } },
             "u": {
                 "$set": { "lines.$[line].product": { "name": name, "price": price, "_v": pos } },
                 "$inc": { "_lv": 1_i64 },
             },
             "arrayFilters": [ { "line.product_id": id, "$or": older("line.product._v") } ],
             "multi": true,
-        },
-        _ => doc! {
-            "q": { "product_id": id, "_pv": { "$not": { "$gte": pos } } },
-            "u": { "$set": { "product_name": name, "_pv": pos } },
-            "multi": true,
-        },
+        }
     };
-    Write::new(collection, statement)
+    orders.chunks(ORDERS_PER_FAN_OUT).map(|chunk| Write::new(Collection::Orders, statement(chunk))).collect()
+}
+
+/// The update of the copies of product `id`'s `name` (as of `pos`) in `order_details` (which hold no price),
+/// each guarded by the version it was copied at.
+pub fn details_fan_out(id: i32, name: &Bson, pos: i64) -> Write {
+    let statement = doc! {
+        "q": { "product_id": id, "_pv": { "$not": { "$gte": pos } } },
+        "u": { "$set": { "product_name": name, "_pv": pos } },
+        "multi": true,
+    };
+    Write::new(Collection::OrderDetails, statement)
 }
 
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
@@ -167,21 +178,21 @@ impl crate::runtime::Job for ProductsJob {
         }
         let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
         store.write(events.iter().filter_map(|e| project(e, fanned_out(e))).collect()).await?;
-        // Only where the product is embedded, looked for after its document is written: a fan-out that
-        // matches nothing still costs a lookup. An order line has its order_details document (written
-        // before it), whose index answers for both far more cheaply than the lines' multikey one.
+        // Only where the product is embedded, looked for after its document is written: an order line has
+        // its order_details document, written before it, and that collection's index on (product_id,
+        // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
         let mut targets: Vec<i32> = fanned.keys().copied().collect();
         targets.sort_unstable();
-        let holders = store.present(Collection::OrderDetails, "product_id", &targets).await?;
+        let holders = store.holders(&targets).await?;
         let mut writes = Vec::new();
-        for id in targets.into_iter().filter(|id| holders.contains(id)) {
-            let (row, pos, reach) = fanned[&id];
+        for (id, orders) in &holders {
+            let (row, pos, reach) = fanned[id];
             let (name, price) = (Bson::String(row.name.clone()), decimal(row.price));
-            for (collection, reached) in [(Collection::Orders, reach.lines), (Collection::OrderDetails, reach.details)]
-            {
-                if reached {
-                    writes.push(fan_out(collection, id, &name, &price, pos));
-                }
+            if reach.lines {
+                writes.extend(lines_fan_out(*id, &name, &price, pos, orders));
+            }
+            if reach.details {
+                writes.push(details_fan_out(*id, &name, pos));
             }
         }
         store.write(writes).await?;
@@ -230,6 +241,21 @@ mod tests {
         // The document's own change replayed; an older one.
         assert_eq!(reach_from_document(&stock_change, 5, Some(&stored(Some(true)))), Reach::ALL);
         assert_eq!(reach_from_document(&stock_change, 3, Some(&stored(Some(false)))), Reach::default());
+    }
+
+    #[test]
+    fn a_product_in_many_orders_fans_out_in_statements_of_bounded_size() {
+        let orders: Vec<i32> = (1..=25_000).collect();
+        let writes = lines_fan_out(7, &Bson::from("Tent"), &decimal("19.90".parse().unwrap()), 10, &orders);
+        let sizes: Vec<usize> = writes
+            .iter()
+            .map(|w| {
+                let statement = Document::try_from(w.statement.as_ref()).unwrap();
+                statement.get_document("q").unwrap().get_document("_id").unwrap().get_array("$in").unwrap().len()
+            })
+            .collect();
+        assert_eq!(sizes, [10_000, 10_000, 5_000]);
+        assert!(writes.iter().all(|w| w.collection == Collection::Orders));
     }
 
     #[test]
