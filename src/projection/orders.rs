@@ -28,18 +28,20 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
                 row.order_date,
                 row.status.as_deref(),
             );
-            let mut set: Document = header.into_iter().map(|(k, v)| (k, literal(v))).collect();
-            set.insert("_v", literal(pos));
+            let mut set = header;
+            set.insert("_v", pos);
             set.insert("_deleted", false);
             // A new document starts with no lines; lines the order_details job wrote first are kept.
-            set.insert("lines", doc! { "$ifNull": [ "$lines", [] ] });
-            set.insert("totals", doc! { "$ifNull": [ "$totals", literal(readmodel::order_totals(&[])) ] });
-            guarded_merge(row.order_id, pos, set)
+            let lines = doc! {
+                "lines": { "$ifNull": [ "$lines", [] ] },
+                "totals": { "$ifNull": [ "$totals", literal(readmodel::order_totals(&[])) ] },
+            };
+            guarded_merge(row.order_id, pos, vec![literal(set), lines.into()])
         }
         // Lines stay until their own deletes (the cascade) arrive.
         Event::Delete { before, source } => {
             let pos = source.lsn as i64;
-            guarded_merge(before.order_id, pos, doc! { "_deleted": true, "_v": literal(pos) })
+            guarded_merge(before.order_id, pos, vec![literal(doc! { "_deleted": true, "_v": pos })])
         }
         Event::Truncate { source } => {
             let pos = source.lsn as i64;
@@ -54,12 +56,15 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
     Some(Write::new(Collection::Orders, statement))
 }
 
-/// Sets the fields of `set` (aggregation expressions) in order `id`'s document if `pos` is newer than its
-/// `_v`, else leaves it.
-fn guarded_merge(id: i32, pos: i64, set: Document) -> Document {
+/// Sets the fields of the documents `set` (aggregation expressions; values as one `$literal` where they can
+/// be: mongod parses every statement's pipeline, field by field) in order `id`'s document if `pos` is newer
+/// than its `_v`, else leaves it.
+fn guarded_merge(id: i32, pos: i64, set: Vec<Bson>) -> Document {
+    let mut merged = vec![Bson::from("$$ROOT")];
+    merged.extend(set);
     doc! {
         "q": { "_id": id },
-        "u": [ { "$replaceWith": { "$cond": [ newer(pos, "$_v"), { "$mergeObjects": [ "$$ROOT", set ] }, "$$ROOT" ] } } ],
+        "u": [ { "$replaceWith": { "$cond": [ newer(pos, "$_v"), { "$mergeObjects": merged }, "$$ROOT" ] } } ],
         "upsert": true,
     }
 }
