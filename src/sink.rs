@@ -293,10 +293,24 @@ impl ReadModels<'_> {
         statements: Vec<RawDocumentBuf>,
     ) -> Result<Vec<usize>> {
         let count = statements.len();
-        let lost = update(self.db, None, collection.name(), statements, false).await?;
+        let lost = update(self.db, None, collection.name(), statements, false).await?.lost;
         self.statements.fetch_add(count - lost.len(), Ordering::Relaxed);
         self.raced.fetch_add(lost.len(), Ordering::Relaxed);
         Ok(lost)
+    }
+
+    /// Applies upserts of `collection` that write only when they insert (`$setOnInsert` by `_id`: no
+    /// pipeline for MongoDB to parse), and returns the positions of those whose document already existed,
+    /// which changed nothing and need the projection's guarded write.
+    pub async fn insert_new(&self, collection: Collection, statements: Vec<RawDocumentBuf>) -> Result<Vec<usize>> {
+        let count = statements.len();
+        let inserted = update(self.db, None, collection.name(), statements, false).await?.inserted;
+        self.statements.fetch_add(inserted.len(), Ordering::Relaxed);
+        let mut existed = vec![true; count];
+        for i in inserted {
+            existed[i] = false;
+        }
+        Ok((0..count).filter(|&i| existed[i]).collect())
     }
 
     /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
@@ -435,7 +449,7 @@ pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Resul
 }
 
 /// Runs `update` commands for `statements`, in the session's transaction if one is given. `ordered`: any
-/// write error fails the batch; unordered: every statement runs, and the positions of those refused as
+/// write error fails the batch; unordered: every statement runs, the positions of those refused as
 /// duplicate keys (a conditional upsert that lost a race) are returned, any other error fails the batch.
 async fn update(
     db: &Database,
@@ -443,9 +457,9 @@ async fn update(
     collection: &str,
     statements: Vec<RawDocumentBuf>,
     ordered: bool,
-) -> Result<Vec<usize>> {
+) -> Result<Updated> {
     const DUPLICATE_KEY: i32 = 11000;
-    let mut lost = Vec::new();
+    let (mut lost, mut inserted) = (Vec::new(), Vec::new());
     let mut statements = statements.into_iter().peekable();
     let mut n = 0;
     while statements.peek().is_some() {
@@ -479,7 +493,18 @@ async fn update(
             }
             lost.push(n * STATEMENTS_PER_COMMAND + index);
         }
+        for upserted in reply.get_array("upserted").map(|u| u.as_slice()).unwrap_or_default() {
+            let index = upserted.as_document().and_then(|u| u.get_i32("index").ok());
+            inserted.push(n * STATEMENTS_PER_COMMAND + index.context("an upserted entry without an index")? as usize);
+        }
         n += 1;
     }
-    Ok(lost)
+    Ok(Updated { lost, inserted })
+}
+
+/// What an `update` command did besides its plain writes: the positions of the statements that lost a race
+/// (a duplicate key, unordered commands only) and of those that inserted their document.
+struct Updated {
+    lost: Vec<usize>,
+    inserted: Vec<usize>,
 }
