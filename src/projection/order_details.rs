@@ -22,7 +22,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
-use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, doc, rawdoc};
+use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
 use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
@@ -443,18 +443,18 @@ fn detail_statement(
 ) -> RawDocumentBuf {
     // The row's fields in the read model's shape (its null copies are overridden by `copies` below).
     let mut row_fields = encode(&readmodel::order_detail(row, None, None));
-    row_fields.append(bson::cstr!("_v"), pos);
-    row_fields.append(bson::cstr!("_deleted"), false);
+    row_fields.append(cstr!("_v"), pos);
+    row_fields.append(cstr!("_deleted"), false);
     // The copy is ours when the document points at the same source and ours is newer, or points at another
     // and the row is ours.
     let copy = |name: &bson::raw::CStr,
                 version: &bson::raw::CStr,
                 source: &str,
                 source_id: i32,
-                read: Option<(Option<RawBsonRef>, Option<RawBsonRef>)>| {
-        let (value, v) = read.map_or((RawBson::Null, -1), |(value, v)| {
-            (value.map_or(RawBson::Null, RawBson::from), v.and_then(RawBsonRef::as_i64).unwrap_or(-1))
-        });
+                read: Option<&RawDocumentBuf>,
+                key: &str| {
+        let value = read.and_then(|r| field(r, key)).map_or(RawBson::Null, RawBson::from);
+        let v = version_read(read);
         let ours = rawdoc! { "$cond": [
             { "$eq": [ format!("${source}"), source_id ] },
             { "$gt": [ v, { "$ifNull": [ format!("${version}"), -1_i64 ] } ] },
@@ -468,20 +468,8 @@ fn detail_statement(
         stored.append(version, format!("${}", version.as_str()));
         rawdoc! { "$cond": [ ours, { "$literal": mine }, stored ] }
     };
-    let product_copy = copy(
-        bson::cstr!("product_name"),
-        bson::cstr!("_pv"),
-        "product_id",
-        row.product_id,
-        product.map(|p| (field(p, "name"), field(p, "_v"))),
-    );
-    let order_copy = copy(
-        bson::cstr!("order_status"),
-        bson::cstr!("_ov"),
-        "order_id",
-        row.order_id,
-        order.map(|o| (field(o, "status"), field(o, "_v"))),
-    );
+    let product_copy = copy(cstr!("product_name"), cstr!("_pv"), "product_id", row.product_id, product, "name");
+    let order_copy = copy(cstr!("order_status"), cstr!("_ov"), "order_id", row.order_id, order, "status");
     rawdoc! {
         "q": { "_id": row.order_detail_id },
         "u": [ { "$replaceWith": { "$let": {
@@ -490,6 +478,11 @@ fn detail_statement(
         } } } ],
         "upsert": true,
     }
+}
+
+/// The version of a product or order as read, for its copy (-1 when not read: older than any).
+fn version_read(read: Option<&RawDocumentBuf>) -> i64 {
+    read.and_then(|r| field(r, "_v")).and_then(RawBsonRef::as_i64).unwrap_or(-1)
 }
 
 /// The insert of `row` (as of `pos`) as a new `order_details` document, its copies as read: what
@@ -501,17 +494,10 @@ fn detail_insert(
     product: Option<&RawDocumentBuf>,
     order: Option<&RawDocumentBuf>,
 ) -> RawDocumentBuf {
-    let copy = |read: Option<&RawDocumentBuf>, key| {
-        read.map_or((Bson::Null, -1_i64), |r| {
-            (value(r, key), field(r, "_v").and_then(RawBsonRef::as_i64).unwrap_or(-1))
-        })
-    };
-    let ((product_name, pv), (order_status, ov)) = (copy(product, "name"), copy(order, "status"));
-    let mut document = readmodel::order_detail(row, None, None);
+    let (name, status) = (product.and_then(|p| p.get_str("name").ok()), order.and_then(|o| o.get_str("status").ok()));
+    let mut document = readmodel::order_detail(row, name, status);
     document.remove("_id");
-    document.insert("product_name", product_name);
-    document.insert("order_status", order_status);
-    document.extend(doc! { "_v": pos, "_deleted": false, "_pv": pv, "_ov": ov });
+    document.extend(doc! { "_v": pos, "_deleted": false, "_pv": version_read(product), "_ov": version_read(order) });
     encode(&doc! { "q": { "_id": row.order_detail_id }, "u": { "$setOnInsert": document }, "upsert": true })
 }
 
