@@ -7,6 +7,8 @@
 //! write is a no-op and not an error. Guarded writes of one document commute and a replay changes nothing,
 //! which is what lets the sink write them outside transactions (see [`crate::sink`]); the one
 //! read-modify-write, an order's lines, is conditional on the version it read (see [`order_details`]).
+//! A document that does not exist yet is inserted instead ([`Existing`]): where there is none, the guarded
+//! write would write exactly that, and an insert that finds its `_id` taken falls back to it.
 //! Deletes leave a tombstone document (`_deleted: true` with its `_v`) so that a replayed older insert
 //! cannot resurrect the row; readers and `verify` skip tombstones and every field whose name starts with `_`
 //! other than `_id`.
@@ -20,7 +22,12 @@ pub mod order_details;
 pub mod orders;
 pub mod products;
 
+use std::collections::HashSet;
+
 use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
+
+use crate::envelope::Event;
+use crate::sink::ReadModels;
 
 /// A read collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
@@ -82,6 +89,39 @@ impl Write {
 /// A statement as BSON bytes.
 pub fn encode(statement: &Document) -> RawDocumentBuf {
     RawDocumentBuf::try_from(statement).expect("statements have constant keys, and constant keys hold no NUL")
+}
+
+/// Which of a batch's documents exist: one that does not is inserted whole (an `insert` costs MongoDB a third
+/// of a guarded upsert), the others get their guarded write. An insert writes exactly what the guarded
+/// write would where no document exists, and one that finds its `_id` taken falls back to it (see
+/// [`ReadModels::write_or_insert`]). A batch holding a TRUNCATE inserts nothing: its writes must stay in
+/// order with it.
+pub struct Existing(Option<HashSet<i32>>);
+
+impl Existing {
+    /// Reads which of `ids` (sorted) have a document in `collection`, unless `events` hold a TRUNCATE.
+    pub async fn read<R>(
+        store: &ReadModels<'_>,
+        collection: Collection,
+        ids: &[i32],
+        events: &[Event<R>],
+    ) -> anyhow::Result<Existing> {
+        if events.iter().any(|e| matches!(e, Event::Truncate { .. })) {
+            return Ok(Existing(None));
+        }
+        Ok(Existing(Some(store.existing(collection, ids).await?)))
+    }
+
+    /// Existing as already read (`ids`), unless `events` hold a TRUNCATE.
+    pub fn known<R>(ids: impl IntoIterator<Item = i32>, events: &[Event<R>]) -> Existing {
+        let truncates = events.iter().any(|e| matches!(e, Event::Truncate { .. }));
+        Existing((!truncates).then(|| ids.into_iter().collect()))
+    }
+
+    /// Whether `id`'s document is to be inserted.
+    pub fn is_new(&self, id: i32) -> bool {
+        self.0.as_ref().is_some_and(|existing| !existing.contains(&id))
+    }
 }
 
 /// `{$literal: v}`: a value inside an aggregation expression that must never be read as a field path or

@@ -27,7 +27,7 @@ use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
 use super::products::{details_fan_out, lines_fan_out};
-use super::{Collection, Write, decimal_of, encode, field, guarded_replace, tombstone, truncate_all, value};
+use super::{Collection, Existing, Write, decimal_of, encode, field, guarded_replace, tombstone, truncate_all, value};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
@@ -73,38 +73,45 @@ impl Job for OrderDetailsJob {
                 Event::Truncate { .. } | Event::Tombstone => {}
             }
         }
-        for ids in [&mut product_ids, &mut status_ids, &mut order_ids] {
+        let mut detail_ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(Self::key)).collect();
+        for ids in [&mut product_ids, &mut status_ids, &mut order_ids, &mut detail_ids] {
             ids.sort_unstable();
             ids.dedup();
         }
-        // What is copied in, as it is before the writes, and the lines the batch changes (one read of orders).
-        let (products, statuses) = copied(store, &product_ids, &order_ids, order_fields(true)).await?;
+        // What is copied in, as it is before the writes, the lines the batch changes (one read of orders),
+        // and which documents exist (most of a catch-up's do not: they are inserted).
+        let ((products, statuses), existing) = tokio::try_join!(
+            copied(store, &product_ids, &order_ids, order_fields(true)),
+            Existing::read(store, Collection::OrderDetails, &detail_ids, events),
+        )?;
 
         let copies = |row: &OrderDetail| {
             let product = products.get(&row.product_id).filter(|p| is_known(p));
             (product, statuses.get(&row.order_id).filter(|o| field(o, "status").is_some()))
         };
-        // A document that does not exist yet is inserted whole, with no pipeline for MongoDB to parse (most
-        // of a catch-up); the rows whose document exists get the guarded write after all. Not in a batch
-        // with a TRUNCATE, which must stay in order with the writes.
-        let insert_first = !events.iter().any(|e| matches!(e, Event::Truncate { .. }));
-        let (mut inserts, mut inserted_rows) = (Vec::new(), Vec::new());
-        let mut writes = Vec::with_capacity(events.len());
+        let guarded = |event: &Event<OrderDetail>| match event {
+            Event::Upsert { row, source, .. } => {
+                let (product, order) = copies(row);
+                Some(Write {
+                    collection: Collection::OrderDetails,
+                    statement: detail_statement(row, source.lsn as i64, product, order),
+                })
+            }
+            Event::Delete { before, source } => {
+                let (id, pos) = (before.order_detail_id, source.lsn as i64);
+                Some(Write::new(Collection::OrderDetails, guarded_replace(id, pos, tombstone(id, pos))))
+            }
+            Event::Truncate { .. } | Event::Tombstone => None,
+        };
+        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
         for event in events {
             match event {
-                Event::Upsert { row, source, .. } if insert_first => {
+                Event::Upsert { row, source, .. } if existing.is_new(row.order_detail_id) => {
                     let (product, order) = copies(row);
-                    inserts.push(detail_insert(row, source.lsn as i64, product, order));
-                    inserted_rows.push((row, source.lsn as i64));
+                    inserts.push((event, new_detail(row, source.lsn as i64, product, order)));
                 }
-                Event::Upsert { row, source, .. } => {
-                    let (product, order) = copies(row);
-                    let statement = detail_statement(row, source.lsn as i64, product, order);
-                    writes.push(Write { collection: Collection::OrderDetails, statement });
-                }
-                Event::Delete { before, source } => {
-                    let (id, pos) = (before.order_detail_id, source.lsn as i64);
-                    writes.push(Write::new(Collection::OrderDetails, guarded_replace(id, pos, tombstone(id, pos))));
+                Event::Delete { before, source } if existing.is_new(before.order_detail_id) => {
+                    inserts.push((event, encode(&tombstone(before.order_detail_id, source.lsn as i64))));
                 }
                 Event::Truncate { source } => {
                     let pos = source.lsn as i64;
@@ -112,20 +119,12 @@ impl Job for OrderDetailsJob {
                     // Every order's lines older than it (it bumps their `_lv`: the lines below are redone).
                     writes.push(Write::new(Collection::Orders, remove_all_lines(pos)));
                 }
-                Event::Tombstone => {}
+                _ => writes.extend(guarded(event)),
             }
-        }
-        for i in store.insert_new(Collection::OrderDetails, inserts).await? {
-            let (row, pos) = inserted_rows[i];
-            let (product, order) = copies(row);
-            writes.push(Write {
-                collection: Collection::OrderDetails,
-                statement: detail_statement(row, pos, product, order),
-            });
         }
         // The documents, then the lines (at once, a catch-up's peak RSS was 15-25 MB higher for no measured
         // gain in throughput: the server is the bottleneck).
-        store.write(writes).await?;
+        store.write_or_insert(writes, Collection::OrderDetails, inserts, |e| guarded(e)).await?;
         write_lines(events, order_ids, &products, &statuses, store).await?;
 
         // The copies read before the writes, read again: what changed meanwhile is fanned out again to the
@@ -231,9 +230,12 @@ async fn write_lines(
                 Event::Delete { .. } | Event::Tombstone => {}
             }
         }
-        let (written, statements) = lines.into_statements()?;
-        let lost = store.write_if_unchanged(Collection::Orders, statements).await?;
-        ids = lost.into_iter().map(|i| written[i]).collect();
+        let ((updated, updates), (inserted, documents)) = lines.into_writes()?;
+        let (lost, taken) = tokio::try_join!(
+            store.write_if_unchanged(Collection::Orders, updates),
+            store.insert(Collection::Orders, documents),
+        )?;
+        ids = lost.into_iter().map(|i| updated[i]).chain(taken.into_iter().map(|i| inserted[i])).collect();
         ids.sort_unstable();
         if !ids.is_empty() && attempt % 5 == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(1..=20 * attempt as u64))).await;
@@ -280,27 +282,47 @@ impl<'a> Lines<'a> {
         }
     }
 
-    /// One conditional `$set` of lines, `_removed` and totals per order whose lines changed, with the
-    /// orders' ids.
-    fn into_statements(self) -> anyhow::Result<(Vec<i32>, Vec<RawDocumentBuf>)> {
-        let (mut ids, mut statements) = (Vec::new(), Vec::new());
+    /// The writes of the orders whose lines changed, with the orders' ids: a conditional `$set` of lines,
+    /// `_removed` and totals where the order's document was read, a new document where there was none.
+    fn into_writes(self) -> anyhow::Result<(Changed, Changed)> {
+        let (mut updated, mut inserted): (Changed, Changed) = Default::default();
         for (order_id, lines) in self.orders {
-            if let Some(statement) = lines.statement(order_id)? {
-                ids.push(order_id);
-                statements.push(encode(&statement));
+            match lines.write(order_id)? {
+                Some(LinesWrite::Update(statement)) => {
+                    updated.0.push(order_id);
+                    updated.1.push(encode(&statement));
+                }
+                Some(LinesWrite::Insert(document)) => {
+                    inserted.0.push(order_id);
+                    inserted.1.push(encode(&document));
+                }
+                None => {}
             }
         }
-        Ok((ids, statements))
+        Ok((updated, inserted))
     }
 }
 
+/// Orders and their writes, in the same order.
+type Changed = (Vec<i32>, Vec<RawDocumentBuf>);
+
+/// How an order's changed lines are written.
+enum LinesWrite {
+    /// An update of the document read, conditional on its lines being the ones read.
+    Update(Document),
+    /// A new document (none was read).
+    Insert(Document),
+}
+
 /// One order's `lines` (sorted by `order_detail_id`) and `_removed` (`{order_detail_id, _v}` of lines gone),
-/// changed only by events newer than what the order knows of that line; `version` is the `_lv` read.
+/// changed only by events newer than what the order knows of that line; `version` is the `_lv` read, and
+/// `exists` whether a document was.
 #[derive(Debug, Default)]
 struct OrderLines {
     lines: Vec<Document>,
     removed: Vec<Document>,
     version: Option<i64>,
+    exists: bool,
     changed: bool,
 }
 
@@ -309,7 +331,7 @@ impl OrderLines {
     fn stored(order: Option<&RawDocumentBuf>) -> anyhow::Result<Self> {
         let mut order =
             order.map(|o| Document::try_from(o.as_ref())).transpose().context("an order that is not BSON")?;
-        let version = order.as_ref().and_then(|o| o.get_i64("_lv").ok());
+        let (version, exists) = (order.as_ref().and_then(|o| o.get_i64("_lv").ok()), order.is_some());
         let mut array = |name| -> Vec<Document> {
             match order.as_mut().and_then(|o| o.remove(name)) {
                 Some(Bson::Array(items)) => {
@@ -318,7 +340,7 @@ impl OrderLines {
                 _ => Vec::new(),
             }
         };
-        Ok(OrderLines { lines: array("lines"), removed: array("_removed"), version, changed: false })
+        Ok(OrderLines { lines: array("lines"), removed: array("_removed"), version, exists, changed: false })
     }
 
     /// The newest position this order knows for line `id` (present or removed), -1 if none.
@@ -408,22 +430,28 @@ impl OrderLines {
         Ok(readmodel::totals(self.lines.len() as i32, quantity, subtotal, total))
     }
 
-    /// The update writing these lines back, if any changed, and if the lines are still the ones read (else
-    /// the upsert collides with the document: a duplicate key).
-    fn statement(self, order_id: i32) -> anyhow::Result<Option<Document>> {
+    /// The write of these lines, if any changed: a new document when none was read, else an update if the
+    /// lines are still the ones read (else the upsert collides with the document: a duplicate key, as an
+    /// insert does when another writer created the document first).
+    fn write(self, order_id: i32) -> anyhow::Result<Option<LinesWrite>> {
         if !self.changed {
             return Ok(None);
         }
         let totals = self.totals()?;
+        if !self.exists {
+            let document =
+                doc! { "_id": order_id, "lines": self.lines, "_removed": self.removed, "totals": totals, "_lv": 1_i64 };
+            return Ok(Some(LinesWrite::Insert(document)));
+        }
         let unchanged = match self.version {
             Some(v) => Bson::Int64(v),
             None => Bson::Document(doc! { "$exists": false }),
         };
-        Ok(Some(doc! {
+        Ok(Some(LinesWrite::Update(doc! {
             "q": { "_id": order_id, "_lv": unchanged },
             "u": { "$set": { "lines": self.lines, "_removed": self.removed, "totals": totals }, "$inc": { "_lv": 1_i64 } },
             "upsert": true,
-        }))
+        })))
     }
 }
 
@@ -485,10 +513,9 @@ fn version_read(read: Option<&RawDocumentBuf>) -> i64 {
     read.and_then(|r| field(r, "_v")).and_then(RawBsonRef::as_i64).unwrap_or(-1)
 }
 
-/// The insert of `row` (as of `pos`) as a new `order_details` document, its copies as read: what
-/// [`detail_statement`] writes where no document exists, as a `$setOnInsert` (no pipeline). Where one
-/// exists it changes nothing, and that row gets `detail_statement`.
-fn detail_insert(
+/// `row` (as of `pos`) as a new `order_details` document, its copies as read: what [`detail_statement`]
+/// writes where no document exists.
+fn new_detail(
     row: &OrderDetail,
     pos: i64,
     product: Option<&RawDocumentBuf>,
@@ -496,9 +523,8 @@ fn detail_insert(
 ) -> RawDocumentBuf {
     let (name, status) = (product.and_then(|p| p.get_str("name").ok()), order.and_then(|o| o.get_str("status").ok()));
     let mut document = readmodel::order_detail(row, name, status);
-    document.remove("_id");
     document.extend(doc! { "_v": pos, "_deleted": false, "_pv": version_read(product), "_ov": version_read(order) });
-    encode(&doc! { "q": { "_id": row.order_detail_id }, "u": { "$setOnInsert": document }, "upsert": true })
+    encode(&document)
 }
 
 /// Totals from the lines, in cents (sums of two-decimal amounts; "0.00" fixes the scale of an empty sum).
@@ -562,13 +588,11 @@ mod tests {
     fn a_new_document_is_the_row_with_the_copies_as_read_and_their_versions() {
         let row = line(3, "10.00", 2, "0.100");
         let product = encode(&doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()), "_v": 8_i64 });
-        let statement = Document::try_from(detail_insert(&row, 40, Some(&product), None).as_ref()).unwrap();
-        assert_eq!(statement.get_document("q").unwrap(), &doc! { "_id": 3 });
-        assert!(statement.get_bool("upsert").unwrap());
+        let document = Document::try_from(new_detail(&row, 40, Some(&product), None).as_ref()).unwrap();
         let mut expected = readmodel::order_detail(&row, Some("Tent"), None);
-        expected.remove("_id");
         expected.extend(doc! { "_v": 40_i64, "_deleted": false, "_pv": 8_i64, "_ov": -1_i64 });
-        assert_eq!(statement.get_document("u").unwrap(), &doc! { "$setOnInsert": expected });
+        assert_eq!(document, expected);
+        assert_eq!(document.keys().next().map(String::as_str), Some("_id"));
     }
 
     #[test]
@@ -632,6 +656,6 @@ mod tests {
         let stored = doc! { "lines": lines.lines.clone(), "_removed": [] };
         let mut again = OrderLines::stored(Some(&encode(&stored))).unwrap();
         again.upsert(&rows[0], 10, None);
-        assert!(again.statement(7).unwrap().is_none());
+        assert!(again.write(7).unwrap().is_none());
     }
 }

@@ -7,7 +7,7 @@
 
 use bson::{Bson, Document, doc};
 
-use super::{Collection, Write, literal, newer};
+use super::{Collection, Existing, Write, encode, literal, newer, tombstone};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
@@ -21,22 +21,12 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
     let statement = match event {
         Event::Upsert { row, source, .. } => {
             let pos = source.lsn as i64;
-            let header = readmodel::order_header(
-                &row.customer_name,
-                &row.address,
-                &row.phone,
-                row.order_date,
-                row.status.as_deref(),
-            );
-            let mut set = header;
-            set.insert("_v", pos);
-            set.insert("_deleted", false);
             // A new document starts with no lines; lines the order_details job wrote first are kept.
             let lines = doc! {
                 "lines": { "$ifNull": [ "$lines", [] ] },
                 "totals": { "$ifNull": [ "$totals", literal(readmodel::order_totals(&[])) ] },
             };
-            guarded_merge(row.order_id, pos, vec![literal(set), lines.into()])
+            guarded_merge(row.order_id, pos, vec![literal(header(row, pos)), lines.into()])
         }
         // Lines stay until their own deletes (the cascade) arrive.
         Event::Delete { before, source } => {
@@ -54,6 +44,28 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
         Event::Tombstone => return None,
     };
     Some(Write::new(Collection::Orders, statement))
+}
+
+/// The document [`project`] writes where the order has none: its header and no lines, or a tombstone.
+pub fn new_document(event: &Event<Order>) -> Option<Document> {
+    match event {
+        Event::Upsert { row, source, .. } => {
+            let mut document = doc! { "_id": row.order_id };
+            document.extend(header(row, source.lsn as i64));
+            document.extend(doc! { "lines": [], "totals": readmodel::order_totals(&[]) });
+            Some(document)
+        }
+        Event::Delete { before, source } => Some(tombstone(before.order_id, source.lsn as i64)),
+        Event::Truncate { .. } | Event::Tombstone => None,
+    }
+}
+
+/// The header fields of `row` as of `pos`, with its version.
+fn header(row: &Order, pos: i64) -> Document {
+    let mut header =
+        readmodel::order_header(&row.customer_name, &row.address, &row.phone, row.order_date, row.status.as_deref());
+    header.extend(doc! { "_v": pos, "_deleted": false });
+    header
 }
 
 /// Sets the fields of the documents `set` (aggregation expressions; values as one `$literal` where they can
@@ -95,7 +107,18 @@ impl Job for OrdersJob {
     }
 
     async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
-        store.write(events.iter().filter_map(project).collect()).await?;
+        let mut rows: Vec<i32> = events.iter().filter_map(|e| e.row().map(Self::key)).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let existing = Existing::read(store, Collection::Orders, &rows, events).await?;
+        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
+        for event in events {
+            match event.row().filter(|r| existing.is_new(r.order_id)).and_then(|_| new_document(event)) {
+                Some(document) => inserts.push((event, encode(&document))),
+                None => writes.extend(project(event)),
+            }
+        }
+        store.write_or_insert(writes, Collection::Orders, inserts, |e| project(e)).await?;
         // The status goes to the order's order_details documents, looked for after the order's is written.
         // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.
         let mut ids: Vec<i32> = events

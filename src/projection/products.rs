@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use bson::{Bson, Document, RawDocument, RawDocumentBuf, doc};
 use rust_decimal::Decimal;
 
-use super::{Collection, Write, decimal, decimal_of, field, guarded_replace, literal, tombstone, truncate_all};
+use super::{
+    Collection, Existing, Write, decimal, decimal_of, encode, field, guarded_replace, literal, tombstone, truncate_all,
+};
 use crate::envelope::{Event, Toasted};
 use crate::readmodel;
 use crate::rows::Product;
@@ -123,19 +125,38 @@ pub fn details_fan_out(id: i32, name: &Bson, pos: i64) -> Write {
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
 /// (TOASTed, unchanged) description, which keeps the stored one.
 fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
+    let mut expr: Document = new_document(row, pos, fanned_out)
+        .into_iter()
+        .map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) })
+        .collect();
+    if row.description == Some(Toasted::Unavailable) {
+        expr.insert("description", "$description");
+    }
+    expr
+}
+
+/// The `products` document of `row` as of `pos` where there is none: what [`document`] makes of it then
+/// (an unavailable description, kept from a stored document that does not exist, is left out).
+fn new_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
     let description = match &row.description {
         Some(Toasted::Value(text)) => Some(text.as_str()),
         _ => None,
     };
-    let plain = readmodel::product(row.product_id, &row.name, description, row.price, row.stock_quantity);
-    let mut expr: Document =
-        plain.into_iter().map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) }).collect();
+    let mut document = readmodel::product(row.product_id, &row.name, description, row.price, row.stock_quantity);
     if row.description == Some(Toasted::Unavailable) {
-        expr.insert("description", "$description");
+        document.remove("description");
     }
-    expr.insert("_v", literal(pos));
-    expr.insert("_fanned", literal(fanned_out));
-    expr
+    document.extend(doc! { "_v": pos, "_fanned": fanned_out });
+    document
+}
+
+/// What [`project`] writes where the product has no document: the document, or a tombstone.
+fn inserted(event: &Event<Product>, fanned_out: bool) -> Option<Document> {
+    match event {
+        Event::Upsert { row, source, .. } => Some(new_document(row, source.lsn as i64, fanned_out)),
+        Event::Delete { before, source } => Some(tombstone(before.product_id, source.lsn as i64)),
+        Event::Truncate { .. } | Event::Tombstone => None,
+    }
 }
 
 /// The `stream_products` job.
@@ -177,7 +198,16 @@ impl crate::runtime::Job for ProductsJob {
             current.insert(id, (&row.name, Some(row.price)));
         }
         let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
-        store.write(events.iter().filter_map(|e| project(e, fanned_out(e))).collect()).await?;
+        let existing = Existing::known(stored.keys().copied(), events);
+        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
+        for event in events {
+            let new = event.row().filter(|r| existing.is_new(r.product_id));
+            match new.and_then(|_| inserted(event, fanned_out(event))) {
+                Some(document) => inserts.push((event, encode(&document))),
+                None => writes.extend(project(event, fanned_out(event))),
+            }
+        }
+        store.write_or_insert(writes, Collection::Products, inserts, |e| project(e, fanned_out(e))).await?;
         // Only where the product is embedded, looked for after its document is written: an order line has
         // its order_details document, written before it, and that collection's index on (product_id,
         // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
