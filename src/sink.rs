@@ -329,21 +329,7 @@ impl ReadModels<'_> {
     /// Which of `ids` have a document in `collection`, tombstones included: those a projection writes with
     /// a guarded update, the others it inserts. Answered from the `_id` index alone (~1 us an id).
     pub async fn existing(&self, collection: Collection, ids: &[i32]) -> Result<HashSet<i32>> {
-        let mut out = HashSet::with_capacity(ids.len());
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let mut cursor = self
-            .db
-            .collection::<RawDocumentBuf>(collection.name())
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "_id": 1 })
-            .await
-            .map_err(anyhow::Error::new)?;
-        while cursor.advance().await? {
-            out.extend(cursor.current().get_i32("_id").ok());
-        }
-        Ok(out)
+        Ok(self.fields(collection, ids, doc! { "_id": 1 }).await?.into_keys().collect())
     }
 
     /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
