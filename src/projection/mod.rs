@@ -122,6 +122,25 @@ impl Existing {
     pub fn is_new(&self, id: i32) -> bool {
         self.0.as_ref().is_some_and(|existing| !existing.contains(&id))
     }
+
+    /// `events` as written: the document `new` makes of an event whose row (by `key`) has none yet, with
+    /// the event (for [`ReadModels::write_or_insert`]'s fallback), and the `guarded` writes of the others.
+    pub fn split<'e, R, W: IntoIterator<Item = Write>>(
+        &self,
+        events: &'e [Event<R>],
+        key: impl Fn(&R) -> i32,
+        new: impl Fn(&Event<R>) -> Option<RawDocumentBuf>,
+        guarded: impl Fn(&Event<R>) -> W,
+    ) -> (Vec<(&'e Event<R>, RawDocumentBuf)>, Vec<Write>) {
+        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
+        for event in events {
+            match event.row().filter(|r| self.is_new(key(r))).and_then(|_| new(event)) {
+                Some(document) => inserts.push((event, document)),
+                None => writes.extend(guarded(event)),
+            }
+        }
+        (inserts, writes)
+    }
 }
 
 /// `{$literal: v}`: a value inside an aggregation expression that must never be read as a field path or

@@ -89,39 +89,36 @@ impl Job for OrderDetailsJob {
             let product = products.get(&row.product_id).filter(|p| is_known(p));
             (product, statuses.get(&row.order_id).filter(|o| field(o, "status").is_some()))
         };
+        // The guarded write of a change (a TRUNCATE's two), or the document it makes where there is none.
         let guarded = |event: &Event<OrderDetail>| match event {
             Event::Upsert { row, source, .. } => {
                 let (product, order) = copies(row);
-                Some(Write {
-                    collection: Collection::OrderDetails,
-                    statement: detail_statement(row, source.lsn as i64, product, order),
-                })
+                let statement = detail_statement(row, source.lsn as i64, product, order);
+                vec![Write { collection: Collection::OrderDetails, statement }]
             }
             Event::Delete { before, source } => {
                 let (id, pos) = (before.order_detail_id, source.lsn as i64);
-                Some(Write::new(Collection::OrderDetails, guarded_replace(id, pos, tombstone(id, pos))))
+                vec![Write::new(Collection::OrderDetails, guarded_replace(id, pos, tombstone(id, pos)))]
             }
+            Event::Truncate { source } => {
+                let pos = source.lsn as i64;
+                // Every order's lines older than it too (it bumps their `_lv`: the lines below are redone).
+                vec![
+                    Write::new(Collection::OrderDetails, truncate_all(pos)),
+                    Write::new(Collection::Orders, remove_all_lines(pos)),
+                ]
+            }
+            Event::Tombstone => Vec::new(),
+        };
+        let new = |event: &Event<OrderDetail>| match event {
+            Event::Upsert { row, source, .. } => {
+                let (product, order) = copies(row);
+                Some(new_detail(row, source.lsn as i64, product, order))
+            }
+            Event::Delete { before, source } => Some(encode(&tombstone(before.order_detail_id, source.lsn as i64))),
             Event::Truncate { .. } | Event::Tombstone => None,
         };
-        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
-        for event in events {
-            match event {
-                Event::Upsert { row, source, .. } if existing.is_new(row.order_detail_id) => {
-                    let (product, order) = copies(row);
-                    inserts.push((event, new_detail(row, source.lsn as i64, product, order)));
-                }
-                Event::Delete { before, source } if existing.is_new(before.order_detail_id) => {
-                    inserts.push((event, encode(&tombstone(before.order_detail_id, source.lsn as i64))));
-                }
-                Event::Truncate { source } => {
-                    let pos = source.lsn as i64;
-                    writes.push(Write::new(Collection::OrderDetails, truncate_all(pos)));
-                    // Every order's lines older than it (it bumps their `_lv`: the lines below are redone).
-                    writes.push(Write::new(Collection::Orders, remove_all_lines(pos)));
-                }
-                _ => writes.extend(guarded(event)),
-            }
-        }
+        let (inserts, writes) = existing.split(events, Self::key, new, guarded);
         // The documents, then the lines (at once, a catch-up's peak RSS was 15-25 MB higher for no measured
         // gain in throughput: the server is the bottleneck).
         store.write_or_insert(writes, Collection::OrderDetails, inserts, |e| guarded(e)).await?;

@@ -111,13 +111,8 @@ impl Job for OrdersJob {
         rows.sort_unstable();
         rows.dedup();
         let existing = Existing::read(store, Collection::Orders, &rows, events).await?;
-        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
-        for event in events {
-            match event.row().filter(|r| existing.is_new(r.order_id)).and_then(|_| new_document(event)) {
-                Some(document) => inserts.push((event, encode(&document))),
-                None => writes.extend(project(event)),
-            }
-        }
+        let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
+        let (inserts, writes) = existing.split(events, Self::key, new, project);
         store.write_or_insert(writes, Collection::Orders, inserts, |e| project(e)).await?;
         // The status goes to the order's order_details documents, looked for after the order's is written.
         // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.

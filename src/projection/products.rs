@@ -125,7 +125,7 @@ pub fn details_fan_out(id: i32, name: &Bson, pos: i64) -> Write {
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
 /// (TOASTed, unchanged) description, which keeps the stored one.
 fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
-    let mut expr: Document = new_document(row, pos, fanned_out)
+    let mut expr: Document = plain_document(row, pos, fanned_out)
         .into_iter()
         .map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) })
         .collect();
@@ -137,7 +137,7 @@ fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
 
 /// The `products` document of `row` as of `pos` where there is none: what [`document`] makes of it then
 /// (an unavailable description, kept from a stored document that does not exist, is left out).
-fn new_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
+fn plain_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
     let description = match &row.description {
         Some(Toasted::Value(text)) => Some(text.as_str()),
         _ => None,
@@ -151,9 +151,9 @@ fn new_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
 }
 
 /// What [`project`] writes where the product has no document: the document, or a tombstone.
-fn inserted(event: &Event<Product>, fanned_out: bool) -> Option<Document> {
+fn new_document(event: &Event<Product>, fanned_out: bool) -> Option<Document> {
     match event {
-        Event::Upsert { row, source, .. } => Some(new_document(row, source.lsn as i64, fanned_out)),
+        Event::Upsert { row, source, .. } => Some(plain_document(row, source.lsn as i64, fanned_out)),
         Event::Delete { before, source } => Some(tombstone(before.product_id, source.lsn as i64)),
         Event::Truncate { .. } | Event::Tombstone => None,
     }
@@ -199,15 +199,10 @@ impl crate::runtime::Job for ProductsJob {
         }
         let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
         let existing = Existing::known(stored.keys().copied(), events);
-        let (mut inserts, mut writes) = (Vec::new(), Vec::with_capacity(events.len()));
-        for event in events {
-            let new = event.row().filter(|r| existing.is_new(r.product_id));
-            match new.and_then(|_| inserted(event, fanned_out(event))) {
-                Some(document) => inserts.push((event, encode(&document))),
-                None => writes.extend(project(event, fanned_out(event))),
-            }
-        }
-        store.write_or_insert(writes, Collection::Products, inserts, |e| project(e, fanned_out(e))).await?;
+        let new = |e: &Event<Product>| new_document(e, fanned_out(e)).map(|d| encode(&d));
+        let guarded = |e: &Event<Product>| project(e, fanned_out(e));
+        let (inserts, writes) = existing.split(events, Self::key, new, guarded);
+        store.write_or_insert(writes, Collection::Products, inserts, |e| guarded(e)).await?;
         // Only where the product is embedded, looked for after its document is written: an order line has
         // its order_details document, written before it, and that collection's index on (product_id,
         // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
