@@ -94,8 +94,8 @@ pub fn encode(statement: &Document) -> RawDocumentBuf {
 /// Which of a batch's documents exist: one that does not is inserted whole (an `insert` costs MongoDB a third
 /// of a guarded upsert), the others get their guarded write. An insert writes exactly what the guarded
 /// write would where no document exists, and one that finds its `_id` taken falls back to it (see
-/// [`ReadModels::write_or_insert`]). A batch holding a TRUNCATE inserts nothing: its writes must stay in
-/// order with it.
+/// [`ReadModels::write_or_insert`]). A batch holding a TRUNCATE inserts none of its table's documents: their
+/// writes must stay in order with it.
 pub struct Existing(Option<HashSet<i32>>);
 
 impl Existing {
