@@ -99,23 +99,26 @@ pub fn encode(statement: &Document) -> RawDocumentBuf {
 pub struct Existing(Option<HashSet<i32>>);
 
 impl Existing {
-    /// Reads which of `ids` (sorted) have a document in `collection`, unless `events` hold a TRUNCATE.
+    /// Reads which of `events`' rows (by `key`) have a document in `collection`, unless `events` hold a
+    /// TRUNCATE.
     pub async fn read<R>(
         store: &ReadModels<'_>,
         collection: Collection,
-        ids: &[i32],
         events: &[Event<R>],
+        key: impl Fn(&R) -> i32,
     ) -> anyhow::Result<Existing> {
-        if events.iter().any(|e| matches!(e, Event::Truncate { .. })) {
+        if truncates(events) {
             return Ok(Existing(None));
         }
-        Ok(Existing(Some(store.existing(collection, ids).await?)))
+        let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(&key)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Existing(Some(store.existing(collection, &ids).await?)))
     }
 
     /// Existing as already read (`ids`), unless `events` hold a TRUNCATE.
     pub fn known<R>(ids: impl IntoIterator<Item = i32>, events: &[Event<R>]) -> Existing {
-        let truncates = events.iter().any(|e| matches!(e, Event::Truncate { .. }));
-        Existing((!truncates).then(|| ids.into_iter().collect()))
+        Existing((!truncates(events)).then(|| ids.into_iter().collect()))
     }
 
     /// Whether `id`'s document is to be inserted.
@@ -141,6 +144,11 @@ impl Existing {
         }
         (inserts, writes)
     }
+}
+
+/// Whether `events` hold a TRUNCATE.
+fn truncates<R>(events: &[Event<R>]) -> bool {
+    events.iter().any(|e| matches!(e, Event::Truncate { .. }))
 }
 
 /// `{$literal: v}`: a value inside an aggregation expression that must never be read as a field path or

@@ -73,8 +73,7 @@ impl Job for OrderDetailsJob {
                 Event::Truncate { .. } | Event::Tombstone => {}
             }
         }
-        let mut detail_ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(Self::key)).collect();
-        for ids in [&mut product_ids, &mut status_ids, &mut order_ids, &mut detail_ids] {
+        for ids in [&mut product_ids, &mut status_ids, &mut order_ids] {
             ids.sort_unstable();
             ids.dedup();
         }
@@ -82,7 +81,7 @@ impl Job for OrderDetailsJob {
         // and which documents exist (most of a catch-up's do not: they are inserted).
         let ((products, statuses), existing) = tokio::try_join!(
             copied(store, &product_ids, &order_ids, order_fields(true)),
-            Existing::read(store, Collection::OrderDetails, &detail_ids, events),
+            Existing::read(store, Collection::OrderDetails, events, Self::key),
         )?;
 
         let copies = |row: &OrderDetail| {

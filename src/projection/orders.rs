@@ -107,10 +107,7 @@ impl Job for OrdersJob {
     }
 
     async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
-        let mut rows: Vec<i32> = events.iter().filter_map(|e| e.row().map(Self::key)).collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let existing = Existing::read(store, Collection::Orders, &rows, events).await?;
+        let existing = Existing::read(store, Collection::Orders, events, Self::key).await?;
         let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
         let (inserts, writes) = existing.split(events, Self::key, new, project);
         store.write_or_insert(writes, Collection::Orders, inserts, |e| project(e)).await?;
