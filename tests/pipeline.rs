@@ -1,16 +1,18 @@
 //! The capture path end to end against the real services: setup_pg_db (twice), register_connector,
 //! insert_sample_data with a seed, then every Debezium event of the three topics read back from Kafka and
 //! checked: op, key, before/after, exact decimals, tombstones, and the final state they describe equal to
-//! the tables.
+//! the tables; and the slot moving past WAL written elsewhere while the tables are idle.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdc_cqrs::config::PgArgs;
 use cdc_cqrs::postgres;
 use common::{Record, Stack, success, unique};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
@@ -101,8 +103,59 @@ async fn debezium_streams_every_change_of_the_sample_workload() {
         }
     }
 
+    slot_passes_a_position_with_other_wal_after_the_last_change(&mut conn, &stack, &name).await;
+
     drop(conn);
     common::teardown(&stack, &name).await;
+}
+
+/// cqrs_api's read-your-writes waits for the slot to pass the WAL position read after a command's commit.
+/// Debezium confirms only commits it decodes from this database, so WAL written elsewhere after the last
+/// change here would hold the slot short of such a position until the next change. The connector's
+/// heartbeat commits a logical message here every second, which moves it on; the message never reaches
+/// Kafka.
+async fn slot_passes_a_position_with_other_wal_after_the_last_change(
+    conn: &mut PgConnection,
+    stack: &Stack,
+    name: &str,
+) {
+    let other = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
+    let mut other = postgres::connect(&other, "postgres").await.expect("connect");
+    sqlx::query("SELECT pg_logical_emit_message(false, 'elsewhere', repeat('x', 1000))")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let position: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut *conn).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let confirmed: String =
+            sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        let passed: bool = sqlx::query_scalar("SELECT $1::pg_lsn >= $2::pg_lsn")
+            .bind(&confirmed)
+            .bind(&position)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        if passed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed at {confirmed}, short of {position}, for 30 s with no change in the captured tables"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let message_topic = format!("{name}.message");
+    assert!(
+        !metadata.topics().iter().any(|t| t.name() == message_topic),
+        "the heartbeat's messages reached Kafka ({message_topic})"
+    );
 }
 
 /// Per-event checks on every record.
