@@ -97,7 +97,7 @@ struct Watermark {
 /// Why no store could serve a query.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
-    #[error("no read store is up")]
+    #[error("no read store answered")]
     NoStore,
     #[error("no read store caught up to source position {0} within {1:?}")]
     NotCaughtUp(Lsn, Duration),
@@ -242,13 +242,15 @@ impl ReadStores {
     }
 
     /// The store for the next query: round-robin over the healthy ones; when none is, the up store least
-    /// behind. `exclude` are stores that just failed this query.
+    /// behind; when none is up, a store anyway. The watch's verdict can be a moment old (a starved
+    /// service counts every store down at once), and the query's own timeout bounds the try: only a
+    /// store that fails this query (`exclude`) is never picked again for it.
     pub async fn pick(&self, exclude: &[usize]) -> Result<(usize, StoreStatus), Unavailable> {
         let status = self.status().await;
         let candidates: Vec<usize> = (0..status.len()).filter(|i| !exclude.contains(i)).collect();
         let healthy: Vec<usize> = candidates.iter().copied().filter(|&i| status[i].healthy).collect();
         let chosen = if healthy.is_empty() {
-            candidates.into_iter().filter(|&i| status[i].up).min_by_key(|&i| status[i].behind_ms)
+            candidates.into_iter().min_by_key(|&i| (!status[i].up, status[i].behind_ms))
         } else {
             Some(healthy[self.next.fetch_add(1, Ordering::Relaxed) % healthy.len()])
         };
@@ -396,6 +398,7 @@ fn topic_ends(consumer: &BaseConsumer, topics: &[String]) -> Result<Offsets> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MongoArgs;
 
     #[test]
     fn lsn_parses_orders_and_prints_back() {
@@ -405,6 +408,26 @@ mod tests {
         assert_eq!(a.to_string(), "0/16B3748");
         assert_eq!(b.0, 1 << 32);
         assert!("16B3748".parse::<Lsn>().is_err());
+    }
+
+    #[tokio::test]
+    async fn when_no_store_is_up_each_is_still_tried_until_it_fails_the_query() {
+        let store = |index: usize| Store {
+            index,
+            name: format!("store{index}"),
+            mongo: MongoArgs { uri: format!("mongodb://127.0.0.1:{}/", index + 1), database: "d".into() },
+        };
+        let kafka = KafkaArgs { brokers: "127.0.0.1:1".into(), topic_prefix: "p".into(), options: vec![] };
+        let stores = ReadStores::new(&[store(0), store(1)], &kafka, "g", Duration::from_secs(5)).await.unwrap();
+        // Store 0 as the watch leaves it when no answer came in time; store 1 up but too far behind.
+        stores.failed(0, "no answer in 1.5s").await;
+        {
+            let mut state = stores.stores[1].state.write().await;
+            (state.up, state.behind) = (true, 7);
+        }
+        assert_eq!(stores.pick(&[]).await.unwrap().0, 1, "the up store first");
+        assert_eq!(stores.pick(&[1]).await.unwrap().0, 0, "then the one counted down");
+        assert!(matches!(stores.pick(&[0, 1]).await, Err(Unavailable::NoStore)));
     }
 
     #[test]
