@@ -108,9 +108,9 @@ pub async fn run(args: Args) -> Result<()> {
     let mongo = mongodb::Client::with_uri_str(&args.endpoints.mongo_uri).await?;
     let jobs = Jobs { args: &args, mongo: &mongo };
 
-    // Kafka Connect is not part of a catch-up, and idle it polls this broker for about a core: paused
-    // (SIGSTOP) until the freshness run, which needs it.
-    let paused = measure::Paused::processes_named("org.apache.kafka.connect.cli.ConnectDistributed");
+    // Kafka Connect is not part of a catch-up (and a distributed worker idles polling its internal
+    // topics): paused (SIGSTOP) until the freshness run, which needs it.
+    let paused = measure::Paused::processes_named("org.apache.kafka.connect.cli.Connect");
     let pids = paused.pids().to_vec();
     tokio::spawn(async move {
         // Interrupted: never leave Connect stopped.
@@ -196,7 +196,7 @@ pub async fn run(args: Args) -> Result<()> {
     let together = jobs.catch_up(&[0, 1, 2], &ends, "together").await?;
     report("all three together", total, &together);
     if !paused.pids().is_empty() {
-        println!("  (Kafka Connect paused during catch-up and limits: idle, it polls the broker for about a core)");
+        println!("  (Kafka Connect paused during catch-up and limits)");
     }
     drop(paused);
 
