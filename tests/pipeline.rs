@@ -128,18 +128,15 @@ async fn slot_passes_a_position_with_other_wal_after_the_last_change(
     let position: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut *conn).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let confirmed: String =
-            sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(name)
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-        let passed: bool = sqlx::query_scalar("SELECT $1::pg_lsn >= $2::pg_lsn")
-            .bind(&confirmed)
-            .bind(&position)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+        let (confirmed, passed): (String, bool) = sqlx::query_as(
+            "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots \
+             WHERE slot_name = $1",
+        )
+        .bind(name)
+        .bind(&position)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
         if passed {
             break;
         }
