@@ -126,9 +126,25 @@ impl Existing {
         self.0.as_ref().is_some_and(|existing| !existing.contains(&id))
     }
 
+    /// Writes `events` to `collection`: the document `new` makes of an event whose row (by `key`) has none
+    /// yet is inserted, the others get their `guarded` writes, all at once (see
+    /// [`ReadModels::write_or_insert`]); an insert that finds its `_id` taken gets the same guarded write.
+    pub async fn write<R: Sync, W: IntoIterator<Item = Write>>(
+        &self,
+        store: &ReadModels<'_>,
+        collection: Collection,
+        events: &[Event<R>],
+        key: impl Fn(&R) -> i32,
+        new: impl Fn(&Event<R>) -> Option<RawDocumentBuf>,
+        guarded: impl Fn(&Event<R>) -> W,
+    ) -> anyhow::Result<()> {
+        let (inserts, writes) = self.split(events, key, new, &guarded);
+        store.write_or_insert(writes, collection, inserts, |e| guarded(e)).await
+    }
+
     /// `events` as written: the document `new` makes of an event whose row (by `key`) has none yet, with
-    /// the event (for [`ReadModels::write_or_insert`]'s fallback), and the `guarded` writes of the others.
-    pub fn split<'e, R, W: IntoIterator<Item = Write>>(
+    /// the event (for the insert's fallback), and the `guarded` writes of the others.
+    fn split<'e, R, W: IntoIterator<Item = Write>>(
         &self,
         events: &'e [Event<R>],
         key: impl Fn(&R) -> i32,

@@ -109,8 +109,7 @@ impl Job for OrdersJob {
     async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let existing = Existing::read(store, Collection::Orders, events, Self::key).await?;
         let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
-        let (inserts, writes) = existing.split(events, Self::key, new, project);
-        store.write_or_insert(writes, Collection::Orders, inserts, |e| project(e)).await?;
+        existing.write(store, Collection::Orders, events, Self::key, new, project).await?;
         // The status goes to the order's order_details documents, looked for after the order's is written.
         // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.
         let mut ids: Vec<i32> = events

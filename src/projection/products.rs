@@ -201,8 +201,7 @@ impl crate::runtime::Job for ProductsJob {
         let existing = Existing::known(stored.keys().copied(), events);
         let new = |e: &Event<Product>| new_document(e, fanned_out(e)).map(|d| encode(&d));
         let guarded = |e: &Event<Product>| project(e, fanned_out(e));
-        let (inserts, writes) = existing.split(events, Self::key, new, guarded);
-        store.write_or_insert(writes, Collection::Products, inserts, |e| guarded(e)).await?;
+        existing.write(store, Collection::Products, events, Self::key, new, guarded).await?;
         // Only where the product is embedded, looked for after its document is written: an order line has
         // its order_details document, written before it, and that collection's index on (product_id,
         // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
