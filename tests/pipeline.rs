@@ -8,8 +8,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use cdc_cqrs::config::PgArgs;
-use cdc_cqrs::postgres;
 use common::{Record, Stack, success, unique};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -41,8 +39,7 @@ async fn debezium_streams_every_change_of_the_sample_workload() {
     let registered = success("register_connector", &stack.run("register_connector", &connect_args));
     assert!(registered.contains("RUNNING"), "{registered}");
 
-    let pg = PgArgs { url: stack.pg_url.clone(), database: name.clone() };
-    let mut conn = postgres::connect(&pg, &name).await.expect("connect");
+    let mut conn = stack.connect(&name).await.expect("connect");
     common::wait_for_streaming_slot(&mut conn, &name).await;
 
     // A deterministic probe first: exact values to look for in the stream.
@@ -119,8 +116,7 @@ async fn slot_passes_a_position_with_other_wal_after_the_last_change(
     stack: &Stack,
     name: &str,
 ) {
-    let other = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
-    let mut other = postgres::connect(&other, "postgres").await.expect("connect");
+    let mut other = stack.connect("postgres").await.expect("connect");
     sqlx::query("SELECT pg_logical_emit_message(false, 'elsewhere', repeat('x', 1000))")
         .execute(&mut other)
         .await

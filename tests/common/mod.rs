@@ -52,6 +52,12 @@ impl Stack {
         }
     }
 
+    /// A connection to `database` on this stack's PostgreSQL.
+    pub async fn connect(&self, database: &str) -> anyhow::Result<PgConnection> {
+        let pg = PgArgs { url: self.pg_url.clone(), database: database.to_owned() };
+        postgres::connect(&pg, database).await
+    }
+
     /// Runs one of the project's binaries against this stack.
     pub fn run(&self, bin: &str, args: &[&str]) -> Output {
         self.command(bin).args(args).output().unwrap_or_else(|e| panic!("running {bin}: {e}"))
@@ -242,8 +248,7 @@ pub async fn teardown(stack: &Stack, name: &str) {
         .chain([format!("__debezium-heartbeat.{name}"), format!("{name}.dead_letter")])
         .collect();
     delete_topics(&stack.brokers, &topics.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
-    let Ok(mut conn) = postgres::connect(&pg, "postgres").await else { return };
+    let Ok(mut conn) = stack.connect("postgres").await else { return };
     for _ in 0..60 {
         let dropped = sqlx::query(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
@@ -273,8 +278,7 @@ pub async fn sweep_stale(stack: &Stack) {
             .and_then(|rest| rest.split('_').next())
             .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
     };
-    let pg = PgArgs { url: stack.pg_url.clone(), database: "postgres".into() };
-    let mut conn = postgres::connect(&pg, "postgres").await.expect("connect");
+    let mut conn = stack.connect("postgres").await.expect("connect");
     let mut names: Vec<String> = sqlx::query_scalar(
         "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'it\\_%' \
          UNION SELECT datname::text FROM pg_database WHERE datname LIKE 'it\\_%'",
@@ -326,16 +330,14 @@ impl Capture {
         }
         let args = ["--name", &name, "--database", &name, "--topic-prefix", &name, "--slot", &name, "--timeout", "180"];
         success("register_connector", &stack.run("register_connector", &args));
-        let pg_args = PgArgs { url: stack.pg_url.clone(), database: name.clone() };
-        let mut pg = postgres::connect(&pg_args, &name).await.expect("connect");
+        let mut pg = stack.connect(&name).await.expect("connect");
         wait_for_streaming_slot(&mut pg, &name).await;
         Capture { stack, name, pg }
     }
 
     /// Another connection to this capture's database.
     pub async fn connect(&self) -> PgConnection {
-        let pg_args = PgArgs { url: self.stack.pg_url.clone(), database: self.name.clone() };
-        postgres::connect(&pg_args, &self.name).await.expect("connect")
+        self.stack.connect(&self.name).await.expect("connect")
     }
 
     /// Runs insert_sample_data on this database with extra flags.
