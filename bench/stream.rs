@@ -237,9 +237,13 @@ pub async fn run(args: Args) -> Result<()> {
             nearest_rank(d, 0.99),
             nearest_rank(d, 1.0)
         );
-        for ((job, stats), (batches, conflicts)) in JOBS.iter().zip(&f.stats).zip(&f.batches) {
+        for (((job, stats), (batches, conflicts)), in_job) in
+            JOBS.iter().zip(&f.stats).zip(&f.batches).zip(&f.job_in_job)
+        {
             println!(
-                "    {job:<22} CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
+                "    {job:<22} in the job p50 {:>6.1} ms, p99 {:>6.1} ms; CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
+                in_job.quantile_ms(0.50),
+                in_job.quantile_ms(0.99),
                 stats.cpu_secs,
                 100.0 * stats.cpu_secs / args.freshness_secs as f64,
                 stats.peak_rss_kb / 1024
@@ -443,6 +447,8 @@ struct Freshness {
     stats: Vec<ProcessStats>,
     /// Per job: batches committed and transactions aborted by a write conflict with another job.
     batches: Vec<(u64, u64)>,
+    /// Per job: its share of `in_job` (which job holds the tail).
+    job_in_job: Vec<Histogram>,
     /// Records the jobs had not applied two minutes after the workload ended.
     behind: u64,
     /// Kafka record timestamp -> a plain consumer has it, in milliseconds, sorted: the broker's part of
@@ -611,10 +617,13 @@ impl Jobs<'_> {
         let mut source = Histogram::default();
         let mut in_job = Histogram::default();
         let mut batches = Vec::new();
+        let mut job_in_job = Vec::new();
         for &port in &running.metrics_ports {
             let text = scrape(&http, port).await?;
             source.add(&Histogram::parse(&text, "cdc_freshness_seconds")?);
-            in_job.add(&Histogram::parse(&text, "cdc_in_job_seconds")?);
+            let job = Histogram::parse(&text, "cdc_in_job_seconds")?;
+            in_job.add(&job);
+            job_in_job.push(job);
             let counter = |name| measure::gauge(&text, name).unwrap_or(0.0) as u64;
             batches.push((counter("cdc_batches_total"), counter("cdc_conflicts_total")));
         }
@@ -626,7 +635,16 @@ impl Jobs<'_> {
             .map(|(a, b)| ProcessStats { cpu_secs: a.cpu_secs - b.cpu_secs, peak_rss_kb: a.peak_rss_kb })
             .collect();
         running.stop();
-        Ok(Freshness { source, in_job, tx_per_sec: summary.tx_per_sec(), stats, batches, behind, delivery_ms })
+        Ok(Freshness {
+            source,
+            in_job,
+            tx_per_sec: summary.tx_per_sec(),
+            stats,
+            batches,
+            job_in_job,
+            behind,
+            delivery_ms,
+        })
     }
 }
 
