@@ -33,8 +33,7 @@ use crate::envelope::{self, Event};
 use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
-use crate::projection::FanOut;
-use crate::sink::{Applied, Checkpoint, Finish, LANES, MongoSink, ReadModels};
+use crate::sink::{Applied, Checkpoint, LANES, MongoSink, ReadModels};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
@@ -59,19 +58,11 @@ pub trait Job: Send + Sync + 'static {
         false
     }
 
-    /// What a batch leaves owed to copies of its rows in other jobs' documents (`()`: nothing).
-    type FanOut: FanOut;
-
-    /// Brings the read models' documents of this table up to date with a batch of events, reduced to the
-    /// last one per key (truncates kept, in order), through `store`, and returns the fan-outs it owes to
-    /// copies elsewhere (written later, perhaps with later batches'). Every write must be version-guarded
-    /// (a replay changes nothing), and a value copied from another job's documents must be re-checked after
-    /// it is written (see [`crate::projection`]).
-    fn apply(
-        &self,
-        events: &[Event<Self::Row>],
-        store: &ReadModels<'_>,
-    ) -> impl Future<Output = Result<Self::FanOut>> + Send;
+    /// Brings the read models up to date with a batch of events, reduced to the last one per key (truncates
+    /// kept, in order), through `store`. Every write must be version-guarded (a replay changes nothing),
+    /// and a value copied from another job's documents must be re-checked after it is written (see
+    /// [`crate::projection`]).
+    fn apply(&self, events: &[Event<Self::Row>], store: &ReadModels<'_>) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// What every job is configured with.
@@ -194,22 +185,15 @@ async fn run_store<J: Job>(
     let mut last_epoch_check = Instant::now();
     let mut chunk = args.batch_size;
     let mut prefetched = Vec::new();
-    let mut deferred = Deferred::<J::FanOut>::default();
     loop {
-        // Batches whose checkpoints are deferred are finished (their fan-outs and checkpoints written)
-        // before the job stops.
-        let stopping = *shutdown.borrow();
-        if stopping && deferred.is_empty() {
+        if *shutdown.borrow() {
             break;
         }
         let carried = std::mem::take(&mut prefetched);
-        let batch = if stopping {
-            Vec::new()
-        } else {
-            poll_batch(&consumer, carried, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await
-        };
+        let batch =
+            poll_batch(&consumer, carried, args.batch_size, Duration::from_millis(args.batch_ms), &shutdown).await;
         let now_assigned = assignment(&consumer);
-        if batch.is_empty() && !reload && now_assigned == assigned && deferred.is_empty() {
+        if batch.is_empty() && !reload && now_assigned == assigned {
             // Idle: a first_load epoch may still have moved the checkpoints back.
             if last_epoch_check.elapsed() > Duration::from_secs(1) {
                 last_epoch_check = Instant::now();
@@ -222,8 +206,7 @@ async fn run_store<J: Job>(
         let started = Instant::now();
         let started_ms = now_ms();
         // Partitions handed over by another member come with that member's progress, and a first_load
-        // rebuild may have moved checkpoints back: re-read them and read on from there (batches deferred
-        // meanwhile are read again, and owe their fan-outs again).
+        // rebuild may have moved checkpoints back: re-read them and read on from there.
         if now_assigned != assigned || reload {
             (checkpoints, epoch) = retry("reading checkpoints", &shutdown, || async {
                 let epoch = handoff::read(sink.database(), None).await?.epoch;
@@ -236,17 +219,20 @@ async fn run_store<J: Job>(
             reload = false;
             positions = Positions::default();
             positions.seek_all(&consumer, &topic, &assigned, &checkpoints);
-            deferred = Deferred::default();
         }
         let batch = positions.resume_at_checkpoints(&consumer, &topic, batch, &checkpoints);
-        if batch.is_empty() && deferred.is_empty() {
+        if batch.is_empty() {
             continue;
         }
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         // In the batch's order.
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
+        let mut newest_source_ms = None;
+        // Per change: (source commit, Kafka record timestamp), for the freshness histograms.
+        let mut times: Vec<(i64, Option<i64>)> = Vec::with_capacity(batch.len());
         for m in &batch {
-            let end = deferred.next.entry(m.partition()).or_default();
+            let end = next.entry(m.partition()).or_default();
             *end = (*end).max(m.offset() + 1);
             if checkpoints.get(&m.partition()).is_some_and(|&done| m.offset() < done) {
                 metrics.skipped.inc(1);
@@ -255,8 +241,8 @@ async fn run_store<J: Job>(
             match envelope::decode::<J::Row>(J::TABLE, m.payload()) {
                 Ok(event) => {
                     if let Some(source) = event.source() {
-                        deferred.newest_source_ms = deferred.newest_source_ms.max(Some(source.ts_ms));
-                        deferred.times.push((source.ts_ms, m.timestamp().to_millis()));
+                        newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
+                        times.push((source.ts_ms, m.timestamp().to_millis()));
                     }
                     events.push(event);
                 }
@@ -275,22 +261,10 @@ async fn run_store<J: Job>(
             metrics.dead_lettered.inc(1);
         }
         let reduced = reduce::<J>(events);
-        // Behind (a full batch, more waiting): the batch's fan-outs may wait for later batches', within
-        // bounds; its checkpoints wait with them.
-        let defer = J::FanOut::OWES
-            && !stopping
-            && batch_len >= args.batch_size
-            && deferred.owed.len() < MAX_OWED_KEYS
-            && deferred.since.is_none_or(|since| since.elapsed() < MAX_DEFERRAL);
-        let batch_checkpoints: Vec<Checkpoint> = if defer {
-            Vec::new()
-        } else {
-            deferred
-                .next
-                .iter()
-                .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
-                .collect()
-        };
+        let batch_checkpoints: Vec<Checkpoint> = next
+            .iter()
+            .map(|(&partition, &next_offset)| Checkpoint { topic: topic.clone(), partition, next_offset })
+            .collect();
         let writer = BatchWriter {
             job: job.as_ref(),
             sink: &sink,
@@ -301,14 +275,10 @@ async fn run_store<J: Job>(
             max_chunk: args.batch_size,
         };
         // The next batch's records are fetched while this one is written.
-        let (written, fetched) = while_prefetching(
-            &consumer,
-            args.batch_size,
-            writer.write(reduced, &batch_checkpoints, &deferred.owed, &mut chunk),
-        )
-        .await;
+        let (written, fetched) =
+            while_prefetching(&consumer, args.batch_size, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
         prefetched = fetched;
-        let (written, owes) = match written? {
+        let written = match written? {
             Ok(written) => written,
             Err(Applied::Paused(phase)) => {
                 if last_pause_note.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
@@ -319,7 +289,7 @@ async fn run_store<J: Job>(
                     );
                     last_pause_note = Some(Instant::now());
                 }
-                // Read this batch (and any deferred) again once the load is done.
+                // Read this batch again once the load is done.
                 reload = true;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -332,34 +302,21 @@ async fn run_store<J: Job>(
         };
         last_pause_note = None;
         metrics.written.inc(written as u64);
-        metrics.batches.inc(1);
-        metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-        if defer {
-            deferred.owed.absorb(owes);
-            deferred.since.get_or_insert(started);
-            tracing::debug!(
-                job = J::TABLE,
-                records = batch_len,
-                owed = deferred.owed.len(),
-                took_ms = now_ms() - started_ms,
-                "batch written, its fan-outs and checkpoints deferred"
-            );
-            continue;
-        }
-        let done = std::mem::take(&mut deferred);
 
         let mut tpl = TopicPartitionList::new();
-        for (&partition, &next_offset) in &done.next {
+        for (&partition, &next_offset) in &next {
             checkpoints.insert(partition, next_offset);
             tpl.add_partition_offset(&topic, partition, Offset::Offset(next_offset))?;
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing offsets to Kafka (MongoDB checkpoints are authoritative)");
         }
+        metrics.batches.inc(1);
+        metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         let committed_ms = now_ms();
         if tracing::enabled!(tracing::Level::DEBUG) {
             // Where a change's time in the job went: waiting to be taken into a batch, or the batch's write.
-            let oldest = done.times.iter().filter_map(|&(_, record_ms)| record_ms).min();
+            let oldest = times.iter().filter_map(|&(_, record_ms)| record_ms).min();
             tracing::debug!(
                 job = J::TABLE,
                 records = batch_len,
@@ -368,10 +325,10 @@ async fn run_store<J: Job>(
                 "batch applied"
             );
         }
-        if let Some(ts) = done.newest_source_ms {
+        if let Some(ts) = newest_source_ms {
             metrics.lag_ms.set((committed_ms - ts).max(0));
         }
-        for (source_ms, record_ms) in done.times {
+        for (source_ms, record_ms) in times {
             metrics.freshness.observe_ms(committed_ms - source_ms, 1);
             if let Some(record_ms) = record_ms {
                 metrics.in_job.observe_ms(committed_ms - record_ms, 1);
@@ -384,38 +341,6 @@ async fn run_store<J: Job>(
     }
     tracing::info!(job = J::TABLE, "stopped");
     Ok(())
-}
-
-/// How many keys' fan-outs a job behind may owe before it writes them (a product's owed copy is ~100 bytes).
-const MAX_OWED_KEYS: usize = 50_000;
-
-/// How long a job behind may defer its checkpoints for its fan-outs: what a crash replays at most.
-const MAX_DEFERRAL: Duration = Duration::from_secs(10);
-
-/// Batches written whose checkpoints have not moved yet: the fan-outs they owe, gathered while the job is
-/// behind ([`FanOut`]), and what the checkpoints and the freshness histograms will take in once they are
-/// written. A crash or a rebalance before then replays these batches, which owe their fan-outs again.
-struct Deferred<F> {
-    owed: F,
-    /// Per partition, the next offset to read after these batches.
-    next: BTreeMap<i32, i64>,
-    /// Per change: (source commit, Kafka record timestamp), for the freshness histograms.
-    times: Vec<(i64, Option<i64>)>,
-    newest_source_ms: Option<i64>,
-    /// When the first of these batches started.
-    since: Option<Instant>,
-}
-
-impl<F: Default> Default for Deferred<F> {
-    fn default() -> Self {
-        Deferred { owed: F::default(), next: BTreeMap::new(), times: Vec::new(), newest_source_ms: None, since: None }
-    }
-}
-
-impl<F> Deferred<F> {
-    fn is_empty(&self) -> bool {
-        self.next.is_empty()
-    }
 }
 
 /// Writes a batch's reduced events to one store and moves its checkpoints.
@@ -437,81 +362,54 @@ struct BatchWriter<'a, J: Job> {
     max_chunk: usize,
 }
 
-/// A batch's outcome: write statements committed and the fan-outs still owed (none once checkpoints were
-/// written), or why nothing more was (first_load: paused, new epoch).
-type Outcome<F> = std::result::Result<(usize, F), Applied>;
+/// A batch's outcome: write statements committed, or why nothing more was (first_load: paused, new epoch).
+type Outcome = std::result::Result<usize, Applied>;
 
 impl<J: Job> BatchWriter<'_, J> {
-    /// Writes `events`; with `checkpoints`, also what is `owed` and the events' own fan-outs, then the
-    /// checkpoints. Without, the events' fan-outs come back owed.
     async fn write(
         &self,
         events: Vec<Event<J::Row>>,
         checkpoints: &[Checkpoint],
-        owed: &J::FanOut,
         chunk: &mut usize,
-    ) -> Result<Outcome<J::FanOut>> {
+    ) -> Result<Outcome> {
         let lanes = into_lanes::<J>(events);
         if lanes.len() == 1 {
-            return self.lane(0, &lanes[0], checkpoints, owed, chunk).await;
+            return self.lane(0, &lanes[0], checkpoints, chunk).await;
         }
         let start = *chunk;
-        let nothing_owed = J::FanOut::default();
-        let results = futures::future::join_all(lanes.iter().enumerate().map(|(lane, events)| {
-            let nothing_owed = &nothing_owed;
-            async move {
-                let mut chunk = start;
-                (self.lane(lane, events, &[], nothing_owed, &mut chunk).await, chunk)
-            }
+        let results = futures::future::join_all(lanes.iter().enumerate().map(|(lane, events)| async move {
+            let mut chunk = start;
+            (self.lane(lane, events, &[], &mut chunk).await, chunk)
         }))
         .await;
-        let (mut written, mut lanes_owe) = (0, J::FanOut::default());
+        let mut written = 0;
         for (outcome, lane_chunk) in results {
             *chunk = (*chunk).min(lane_chunk);
             match outcome? {
-                Ok((n, owes)) => {
-                    written += n;
-                    lanes_owe.absorb(owes);
-                }
-                Err(stopped) => return Ok(Err(stopped)),
+                Ok(n) => written += n,
+                stopped => return Ok(stopped),
             }
         }
-        if checkpoints.is_empty() {
-            return Ok(Ok((written, lanes_owe)));
-        }
-        let mut all = owed.clone();
-        all.absorb(lanes_owe);
-        Ok(self.lane(0, &[], checkpoints, &all, chunk).await?.map(|(n, owes)| (written + n, owes)))
+        Ok(self.lane(0, &[], checkpoints, chunk).await?.map(|_| written))
     }
 
-    /// Writes one lane's events in pieces of up to `chunk`, the last with `checkpoints` (and with it
-    /// everything owed: `owed` and the earlier pieces' fan-outs).
+    /// Writes one lane's events in pieces of up to `chunk`, the last with `checkpoints`.
     async fn lane(
         &self,
         lane: usize,
         events: &[Event<J::Row>],
         checkpoints: &[Checkpoint],
-        owed: &J::FanOut,
         chunk: &mut usize,
-    ) -> Result<Outcome<J::FanOut>> {
+    ) -> Result<Outcome> {
         let (mut start, mut written) = (0, 0);
-        let mut pieces_owe = J::FanOut::default();
         let mut conflicts_in_a_row = 0;
         loop {
             let end = (start + *chunk).min(events.len());
             let last = end == events.len();
             let covers = if last { checkpoints } else { &[] };
-            let with_covers = if covers.is_empty() {
-                J::FanOut::default()
-            } else {
-                let mut all = owed.clone();
-                all.absorb(pieces_owe.clone());
-                all
-            };
             let attempt = Instant::now();
-            let finish = Finish { group: self.group, checkpoints: covers, owed: &with_covers };
-            let (applied, owes) = retry("writing the batch to MongoDB", self.shutdown, || {
-                self.sink.apply(self.job, &events[start..end], lane, self.epoch, finish)
+            let applied = retry("writing the batch to MongoDB", self.shutdown, || {
+                self.sink.apply(self.job, &events[start..end], lane, self.group, covers, self.epoch)
             })
             .await?;
             match applied {
@@ -519,11 +417,6 @@ impl<J: Job> BatchWriter<'_, J> {
                     written += statements;
                     self.metrics.conflicts.inc(raced as u64);
                     conflicts_in_a_row = 0;
-                    if covers.is_empty() {
-                        pieces_owe.absorb(owes);
-                    } else {
-                        pieces_owe = J::FanOut::default();
-                    }
                 }
                 Applied::Conflict => {
                     self.metrics.conflicts.inc(1);
@@ -546,7 +439,7 @@ impl<J: Job> BatchWriter<'_, J> {
                 *chunk = (*chunk + *chunk / 4 + 1).min(self.max_chunk);
             }
             if last {
-                return Ok(Ok((written, pieces_owe)));
+                return Ok(Ok(written));
             }
             start = end;
         }

@@ -31,7 +31,7 @@ use mongodb::{Client, ClientSession, Database, IndexModel};
 use crate::config::MongoArgs;
 use crate::envelope::Event;
 use crate::handoff::{self, Gate, Handoff, Phase};
-use crate::projection::{Collection, FanOut, Write};
+use crate::projection::{Collection, Write};
 use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
@@ -65,22 +65,6 @@ pub enum Applied {
     /// change of first_load, another process of the job). Redone by the runtime after a short random pause.
     Conflict,
 }
-
-/// What a write of a batch's events finishes: the checkpoints of `group` it moves (none: it moves nothing,
-/// and the events' fan-outs stay owed), after the fan-outs `owed` by the batches they cover.
-pub struct Finish<'a, F> {
-    pub group: &'a str,
-    pub checkpoints: &'a [Checkpoint],
-    pub owed: &'a F,
-}
-
-impl<F> Clone for Finish<'_, F> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<F> Copy for Finish<'_, F> {}
 
 /// How far a job has applied one partition: the next offset to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,22 +118,19 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Applies `events` with `job` and moves `finish`'s checkpoints forward, in transaction lane `lane`: the
-    /// writes go out while the lane's transaction holds its truncation watermark, the checkpoints are
-    /// committed with it. `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written
-    /// under another. With checkpoints, the fan-outs owed by earlier batches and those of `events` are
-    /// written before them, and nothing is left owed; without, the events' fan-outs are returned, still
-    /// owed. With no events, only what is owed and the checkpoints are written (after lanes that wrote
-    /// without them).
+    /// Applies `events` with `job` and moves `checkpoints` forward, in transaction lane `lane`: the writes go
+    /// out while the lane's transaction holds its truncation watermark, the checkpoints are committed with it.
+    /// `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written under another.
+    /// With no events, only the checkpoints move (after lanes that wrote without them).
     pub async fn apply<J: Job>(
         &self,
         job: &J,
         events: &[Event<J::Row>],
         lane: usize,
+        group: &str,
+        checkpoints: &[Checkpoint],
         epoch: i64,
-        finish: Finish<'_, J::FanOut>,
-    ) -> Result<(Applied, J::FanOut)> {
-        let Finish { group, checkpoints, owed } = finish;
+    ) -> Result<Applied> {
         let checkpoint_updates: Vec<RawDocumentBuf> = checkpoints
             .iter()
             .map(|c| {
@@ -169,28 +150,18 @@ impl MongoSink {
         let result = async {
             let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
                 Gate::Open(handoff) => handoff,
-                Gate::Closed(phase) => return Ok((Applied::Paused(phase), J::FanOut::default())),
-                Gate::Reset => return Ok((Applied::Reset, J::FanOut::default())),
+                Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
+                Gate::Reset => return Ok(Applied::Reset),
             };
             let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
             let store = ReadModels { db: &self.db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0) };
-            let started = std::time::Instant::now();
-            let mut new_owed =
-                if events.is_empty() { J::FanOut::default() } else { job.apply(&events, &store).await? };
-            let fanned_out = if checkpoint_updates.is_empty() {
-                0
-            } else {
-                let mut all = owed.clone();
-                all.absorb(std::mem::take(&mut new_owed));
-                all.write(&store).await?;
-                all.len()
-            };
-            if !events.is_empty() || fanned_out > 0 {
+            if !events.is_empty() {
+                let started = std::time::Instant::now();
+                job.apply(&events, &store).await?;
                 tracing::debug!(
                     job = J::TABLE,
                     lane,
                     events = events.len(),
-                    fanned_out,
                     statements = store.statements.load(Ordering::Relaxed),
                     raced = store.raced.load(Ordering::Relaxed),
                     ms = started.elapsed().as_millis() as u64,
@@ -201,25 +172,21 @@ impl MongoSink {
                 update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
             }
             let (statements, raced) = (store.statements.into_inner(), store.raced.into_inner());
-            Ok::<_, anyhow::Error>((Applied::Written { statements, raced }, new_owed))
+            Ok::<_, anyhow::Error>(Applied::Written { statements, raced })
         }
         .await;
-        let unwritten = || J::FanOut::default();
         match result {
-            Ok((written @ Applied::Written { .. }, new_owed)) => match commit(&mut session).await {
-                Ok(()) => Ok((written, new_owed)),
-                Err(e) => Ok((
-                    self.failed(anyhow::Error::new(e).context("committing the batch"), attempt, events.len())?,
-                    unwritten(),
-                )),
+            Ok(written @ Applied::Written { .. }) => match commit(&mut session).await {
+                Ok(()) => Ok(written),
+                Err(e) => self.failed(anyhow::Error::new(e).context("committing the batch"), attempt, events.len()),
             },
-            Ok((stopped, _)) => {
+            Ok(stopped) => {
                 let _ = session.abort_transaction().await;
-                Ok((stopped, unwritten()))
+                Ok(stopped)
             }
             Err(e) => {
                 let _ = session.abort_transaction().await;
-                Ok((self.failed(e, attempt, events.len())?, unwritten()))
+                self.failed(e, attempt, events.len())
             }
         }
     }

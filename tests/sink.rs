@@ -1,7 +1,6 @@
 //! The MongoDB sink and the jobs' projections against a real mongod, without Kafka: a document that does
 //! not exist is inserted, one that does gets the guarded write, and an insert that finds its `_id` taken
-//! (another writer created the document after the projection looked) falls back to the guarded write; the
-//! fan-outs a batch owes wait for the write that moves the checkpoints, gathered with later batches'.
+//! (another writer created the document after the projection looked) falls back to the guarded write.
 
 mod common;
 
@@ -9,10 +8,10 @@ use bson::{Document, doc};
 use cdc_cqrs::config::MongoArgs;
 use cdc_cqrs::envelope::{Event, Source};
 use cdc_cqrs::projection::orders::OrdersJob;
-use cdc_cqrs::projection::{Collection, FanOut, Write, encode};
+use cdc_cqrs::projection::{Collection, Write, encode};
 use cdc_cqrs::rows::Order;
 use cdc_cqrs::runtime::Job;
-use cdc_cqrs::sink::{Applied, Checkpoint, Finish, MongoSink, ReadModels};
+use cdc_cqrs::sink::{Applied, MongoSink, ReadModels};
 use common::{Stack, unique};
 
 fn source(lsn: u64) -> Source {
@@ -30,11 +29,6 @@ fn order(id: i32, status: &str) -> Order {
     }
 }
 
-/// A write that moves no checkpoint.
-fn nothing_finished<F>(owed: &F) -> Finish<'_, F> {
-    Finish { group: "test", checkpoints: &[], owed }
-}
-
 async fn sink(stack: &Stack, database: &str) -> MongoSink {
     let args = MongoArgs { uri: stack.mongo_uri.clone(), database: database.into() };
     MongoSink::connect(&args).await.expect("mongod of the stack")
@@ -48,7 +42,6 @@ impl Job for InsertsIntoATakenId {
     const TABLE: &'static str = "orders";
     const BIN: &'static str = "test";
     type Row = Order;
-    type FanOut = ();
 
     fn key(row: &Order) -> i32 {
         row.order_id
@@ -73,7 +66,7 @@ async fn an_insert_that_finds_its_id_taken_falls_back_to_the_guarded_write() {
 
     let events: Vec<_> =
         [1, 2].map(|id| Event::Upsert { row: order(id, "new"), before: None, source: source(10) }).into();
-    let applied = sink.apply(&InsertsIntoATakenId, &events, 0, 0, nothing_finished(&())).await.unwrap().0;
+    let applied = sink.apply(&InsertsIntoATakenId, &events, 0, "test", &[], 0).await.unwrap();
     assert_eq!(applied, Applied::Written { statements: 2, raced: 1 });
     assert_eq!(orders.find_one(doc! { "_id": 1 }).await.unwrap(), Some(doc! { "_id": 1 }));
     assert_eq!(
@@ -100,7 +93,7 @@ async fn the_orders_job_inserts_new_orders_and_merges_into_existing_ones() {
         Event::Upsert { row: order(3, "paid"), before: None, source: source(12) },
         Event::Delete { before: order(4, "new"), source: source(13) },
     ];
-    let (applied, _) = sink.apply(&OrdersJob, &events, 0, 0, nothing_finished(&Default::default())).await.unwrap();
+    let applied = sink.apply(&OrdersJob, &events, 0, "test", &[], 0).await.unwrap();
     assert!(matches!(applied, Applied::Written { raced: 0, .. }), "{applied:?}");
 
     let get = |id: i32| {
@@ -118,36 +111,5 @@ async fn the_orders_job_inserts_new_orders_and_merges_into_existing_ones() {
     assert!(second.get_array("lines").unwrap().is_empty());
     assert_eq!(get(3).await.get_str("status").unwrap(), "shipped", "an older change leaves a newer document");
     assert_eq!(get(4).await, doc! { "_id": 4, "_deleted": true, "_v": 13_i64 }, "a delete of an unseen order");
-    sink.database().drop().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn fan_outs_owed_by_several_batches_are_written_once_with_the_checkpoints() {
-    let stack = Stack::from_env();
-    let sink = sink(&stack, &unique("sink_owed")).await;
-    sink.create_indexes().await.unwrap();
-    let details = sink.database().collection::<Document>("order_details");
-    details.insert_one(doc! { "_id": 7, "order_id": 1, "order_status": "pending", "_ov": 5_i64 }).await.unwrap();
-    let status = || async { details.find_one(doc! { "_id": 7 }).await.unwrap().unwrap() };
-
-    // A batch written without checkpoints: its order's document is written, its status is owed.
-    let first = [Event::Upsert { row: order(1, "paid"), before: None, source: source(10) }];
-    let (applied, owed) = sink.apply(&OrdersJob, &first, 0, 0, nothing_finished(&Default::default())).await.unwrap();
-    assert!(matches!(applied, Applied::Written { .. }), "{applied:?}");
-    assert_eq!(owed.len(), 1);
-    assert_eq!(status().await.get_str("order_status").unwrap(), "pending", "the fan-out waits");
-    let orders = sink.database().collection::<Document>("orders");
-    assert_eq!(orders.find_one(doc! { "_id": 1 }).await.unwrap().unwrap().get_str("status").unwrap(), "paid");
-
-    // The next batch moves the checkpoints: what both owe goes first, each order once at its newest status.
-    let second = [Event::Upsert { row: order(1, "shipped"), before: None, source: source(20) }];
-    let checkpoint = Checkpoint { topic: "t".into(), partition: 0, next_offset: 2 };
-    let finish = Finish { group: "test", checkpoints: std::slice::from_ref(&checkpoint), owed: &owed };
-    let (applied, left) = sink.apply(&OrdersJob, &second, 0, 0, finish).await.unwrap();
-    assert!(matches!(applied, Applied::Written { .. }), "{applied:?}");
-    assert!(left.is_empty(), "nothing is left owed once the checkpoints move");
-    let copied = status().await;
-    assert_eq!((copied.get_str("order_status").unwrap(), copied.get_i64("_ov").unwrap()), ("shipped", 20));
-    assert_eq!(sink.checkpoints("test", "t").await.unwrap().get(&0), Some(&2));
     sink.database().drop().await.unwrap();
 }

@@ -1,8 +1,7 @@
 //! The three stream jobs together against the real services: the read models converge to PostgreSQL's
 //! projection (checked by `verify`) through the sample workload's inserts, updates and deletes on all
 //! tables, through a replay from the first offset, with the jobs started far apart (lines before their
-//! orders and products), and while every job is killed (SIGKILL) and restarted in the middle of writes,
-//! with batches small enough that a job is often behind and gathers its fan-outs over several batches.
+//! orders and products), and while every job is killed (SIGKILL) and restarted in the middle of writes.
 
 mod common;
 
@@ -13,8 +12,6 @@ use common::Capture;
 const ALL: [&str; 3] = ["products", "orders", "order_details"];
 const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
 const CONVERGE: Duration = Duration::from_secs(240);
-/// Full batches mean a job is behind: products and orders then defer their fan-outs and checkpoints.
-const SMALL_BATCHES: &[(&str, &str)] = &[("CDC_BATCH_SIZE", "10")];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_read_models_converge_and_survive_a_replay() {
@@ -91,12 +88,11 @@ async fn jobs_far_apart_and_killed_mid_stream_still_converge() {
     cap.workload(&["--products", "25", "--orders", "80", "--changes", "300", "--seed", "21", "--connections", "2"]);
 
     // order_details alone first: every line arrives before its order's header and its product.
-    let spawn = |i: usize| cap.spawn_job_with(JOBS[i], JOBS[i], SMALL_BATCHES);
-    let details = spawn(2);
+    let details = cap.spawn_job("stream_order_details", "stream_order_details");
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let orders = spawn(1);
+    let orders = cap.spawn_job("stream_orders", "stream_orders");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let products = spawn(0);
+    let products = cap.spawn_job("stream_products", "stream_products");
     cap.converge(&ALL, CONVERGE).await;
 
     // Writes go on while each job is killed at an arbitrary moment and restarted, several times.
@@ -118,7 +114,7 @@ async fn jobs_far_apart_and_killed_mid_stream_still_converge() {
         let i = round % 3;
         running[i].take().unwrap().kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        running[i] = Some(spawn(i));
+        running[i] = Some(cap.spawn_job(JOBS[i], JOBS[i]));
     }
     assert!(writer.wait().unwrap().success(), "the workload failed");
     cap.converge(&ALL, CONVERGE).await;

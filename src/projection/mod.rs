@@ -17,59 +17,17 @@
 //! is written by both sides: the job that owns the data writes its document and then fans the change out
 //! to the copies it finds; the job that copies writes the copy and then reads the data again, and fans it
 //! out itself when it changed meanwhile. Whatever the interleaving, one of the two sees the other.
-//! The owner's fan-outs are what a batch leaves owed ([`FanOut`]): the runtime may gather them over several
-//! batches while the job is behind, and writes them before the checkpoints that cover those batches move.
 
 pub mod order_details;
 pub mod orders;
 pub mod products;
 
 use std::collections::HashSet;
-use std::future::Future;
 
 use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
 
 use crate::envelope::Event;
 use crate::sink::ReadModels;
-
-/// The copies a job's batches leave owed in other documents: a product's name and price in the lines of the
-/// orders holding it, an order's status in its `order_details`. Derived from the events (and, for products,
-/// a mark on the document), so a replayed batch owes them again: the runtime may gather them over several
-/// batches while the job is behind, each key fanned out once at its newest change instead of once a batch
-/// (a popular product's price reaches thousands of orders), as long as it writes them before the
-/// checkpoints that cover those batches move.
-pub trait FanOut: Default + Clone + Send + Sync + 'static {
-    /// Whether the job can owe anything at all (a job that copies nothing out never defers a checkpoint).
-    const OWES: bool = true;
-
-    /// Takes in what a later batch owes: per key, the newer change wins.
-    fn absorb(&mut self, later: Self);
-
-    /// Keys owed (what bounds how much is gathered).
-    fn len(&self) -> usize;
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Writes the copies, after the documents of the changes they come from.
-    fn write(&self, store: &ReadModels<'_>) -> impl Future<Output = anyhow::Result<()>> + Send;
-}
-
-/// Nothing owed: the order_details job copies its rows into no other job's documents.
-impl FanOut for () {
-    const OWES: bool = false;
-
-    fn absorb(&mut self, _later: ()) {}
-
-    fn len(&self) -> usize {
-        0
-    }
-
-    async fn write(&self, _store: &ReadModels<'_>) -> anyhow::Result<()> {
-        Ok(())
-    }
-}
 
 /// A read collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]

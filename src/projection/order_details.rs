@@ -56,8 +56,6 @@ impl Job for OrderDetailsJob {
         matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
     }
 
-    type FanOut = ();
-
     async fn apply(&self, events: &[Event<OrderDetail>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let (mut product_ids, mut status_ids, mut order_ids) = (Vec::new(), Vec::new(), Vec::new());
         // The orders this batch copies each product into: where its re-check fans a change out to.

@@ -5,11 +5,9 @@
 //! job writes a document first and reads the order after (its re-check), so one it copies an older status
 //! into is either seen here or sees the new status there.
 
-use std::collections::HashMap;
-
 use bson::{Bson, Document, doc};
 
-use super::{Collection, Existing, FanOut, Write, encode, literal, newer, tombstone};
+use super::{Collection, Existing, Write, encode, literal, newer, tombstone};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
@@ -108,57 +106,26 @@ impl Job for OrdersJob {
         row.order_id
     }
 
-    type FanOut = StatusFanOut;
-
-    async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<StatusFanOut> {
+    async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let existing = Existing::read(store, Collection::Orders, events, Self::key).await?;
         let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
         existing.write(store, Collection::Orders, events, Self::key, new, project).await?;
-        // Every change owes its status to the order's order_details documents, not only newer ones: a
-        // replay may follow a crash before its fan-out.
-        let mut owed = StatusFanOut::default();
-        for event in events {
-            if let Event::Upsert { row, source, .. } = event {
-                owed.owe(row.order_id, row.status.as_deref().map_or(Bson::Null, Bson::from), source.lsn as i64);
-            }
-        }
-        Ok(owed)
-    }
-}
-
-/// Orders whose status (as of a position) is owed to their `order_details` documents.
-#[derive(Debug, Clone, Default)]
-pub struct StatusFanOut(HashMap<i32, (Bson, i64)>);
-
-impl StatusFanOut {
-    fn owe(&mut self, id: i32, status: Bson, pos: i64) {
-        let owed = self.0.entry(id).or_insert((Bson::Null, i64::MIN));
-        if pos > owed.1 {
-            *owed = (status, pos);
-        }
-    }
-}
-
-impl FanOut for StatusFanOut {
-    fn absorb(&mut self, later: StatusFanOut) {
-        for (id, (status, pos)) in later.0 {
-            self.owe(id, status, pos);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Only to orders that have order_details documents, looked for after the orders' documents are
-    /// written.
-    async fn write(&self, store: &ReadModels<'_>) -> anyhow::Result<()> {
-        let mut ids: Vec<i32> = self.0.keys().copied().collect();
+        // The status goes to the order's order_details documents, looked for after the order's is written.
+        // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.
+        let mut ids: Vec<i32> = events
+            .iter()
+            .filter_map(|e| if let Event::Upsert { row, .. } = e { Some(row.order_id) } else { None })
+            .collect();
         ids.sort_unstable();
+        ids.dedup();
         let with_details = store.present(Collection::OrderDetails, "order_id", &ids).await?;
-        let fan_outs = with_details.iter().map(|id| {
-            let (status, pos) = &self.0[id];
-            status_fan_out(*id, status, *pos)
+        let fan_outs = events.iter().filter_map(|e| match e {
+            Event::Upsert { row, source, .. } if with_details.contains(&row.order_id) => Some(status_fan_out(
+                row.order_id,
+                &row.status.as_deref().map_or(Bson::Null, Bson::from),
+                source.lsn as i64,
+            )),
+            _ => None,
         });
         store.write(fan_outs.collect()).await
     }

@@ -11,8 +11,7 @@ use bson::{Bson, Document, RawDocument, RawDocumentBuf, doc};
 use rust_decimal::Decimal;
 
 use super::{
-    Collection, Existing, FanOut, Write, decimal, decimal_of, encode, field, guarded_replace, literal, tombstone,
-    truncate_all,
+    Collection, Existing, Write, decimal, decimal_of, encode, field, guarded_replace, literal, tombstone, truncate_all,
 };
 use crate::envelope::{Event, Toasted};
 use crate::readmodel;
@@ -172,9 +171,7 @@ impl crate::runtime::Job for ProductsJob {
         row.product_id
     }
 
-    type FanOut = ProductFanOut;
-
-    async fn apply(&self, events: &[Event<Product>], store: &ReadModels<'_>) -> anyhow::Result<ProductFanOut> {
+    async fn apply(&self, events: &[Event<Product>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -183,11 +180,10 @@ impl crate::runtime::Job for ProductsJob {
         // Which changes reach embedded copies: judged against what an earlier event of the same product (a
         // kept one) leaves behind, or the document when its copies hold what it does. A change the
         // document already holds is a replay, and a document marked `_fanned: false` is ahead of its
-        // copies: a crash came between its write and its fan-out, or its fan-out is still owed (the
-        // replayed batch may have reduced that change away under a later one), so it fans out again
-        // (guarded, it changes nothing twice).
+        // copies: a crash came between its write and its fan-out (and the replayed batch may have reduced
+        // that change away under a later one), so it fans out again (guarded, it changes nothing twice).
         let mut current: HashMap<i32, (&str, Option<Decimal>)> = HashMap::new();
-        let mut owed = ProductFanOut::default();
+        let mut fanned: HashMap<i32, (&Product, i64, Reach)> = HashMap::new();
         for event in events {
             let Event::Upsert { row, source, .. } = event else { continue };
             let (id, pos) = (row.product_id, source.lsn as i64);
@@ -196,83 +192,37 @@ impl crate::runtime::Job for ProductsJob {
                 None => reach_from_document(event, pos, stored.get(&id)),
             };
             if reach != Reach::default() {
-                owed.owe(id, ProductCopy { name: row.name.clone(), price: row.price, pos, reach });
+                let earlier = fanned.get(&id).map_or(Reach::default(), |&(_, _, r)| r);
+                fanned.insert(id, (row, pos, reach.or(earlier)));
             }
             current.insert(id, (&row.name, Some(row.price)));
         }
-        let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !owed.0.contains_key(&r.product_id));
+        let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
         let existing = Existing::known(stored.keys().copied(), events);
         let new = |e: &Event<Product>| new_document(e, fanned_out(e)).map(|d| encode(&d));
         let guarded = |e: &Event<Product>| project(e, fanned_out(e));
         existing.write(store, Collection::Products, events, Self::key, new, guarded).await?;
-        Ok(owed)
-    }
-}
-
-/// The name and price of a product as of `pos`, owed to the copies `reach` names.
-#[derive(Debug, Clone)]
-pub struct ProductCopy {
-    name: String,
-    price: Decimal,
-    pos: i64,
-    reach: Reach,
-}
-
-/// Products whose documents are written (marked `_fanned: false`) and whose copies are not yet.
-#[derive(Debug, Clone, Default)]
-pub struct ProductFanOut(HashMap<i32, ProductCopy>);
-
-impl ProductFanOut {
-    /// Owes `copy` of product `id`: the newer of it and what is owed already, to the copies either reaches.
-    fn owe(&mut self, id: i32, copy: ProductCopy) {
-        match self.0.get_mut(&id) {
-            Some(owed) => {
-                let reach = owed.reach.or(copy.reach);
-                if copy.pos > owed.pos {
-                    *owed = copy;
-                }
-                owed.reach = reach;
-            }
-            None => {
-                self.0.insert(id, copy);
-            }
-        }
-    }
-}
-
-impl FanOut for ProductFanOut {
-    fn absorb(&mut self, later: ProductFanOut) {
-        for (id, copy) in later.0 {
-            self.owe(id, copy);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    async fn write(&self, store: &ReadModels<'_>) -> anyhow::Result<()> {
         // Only where the product is embedded, looked for after its document is written: an order line has
         // its order_details document, written before it, and that collection's index on (product_id,
         // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
-        let mut targets: Vec<i32> = self.0.keys().copied().collect();
+        let mut targets: Vec<i32> = fanned.keys().copied().collect();
         targets.sort_unstable();
         let holders = store.holders(&targets).await?;
         let mut writes = Vec::new();
         for (id, orders) in &holders {
-            let copy = &self.0[id];
-            let (name, price) = (Bson::String(copy.name.clone()), decimal(copy.price));
-            if copy.reach.lines {
-                writes.extend(lines_fan_out(*id, &name, &price, copy.pos, orders));
+            let (row, pos, reach) = fanned[id];
+            let (name, price) = (Bson::String(row.name.clone()), decimal(row.price));
+            if reach.lines {
+                writes.extend(lines_fan_out(*id, &name, &price, pos, orders));
             }
-            if copy.reach.details {
-                writes.push(details_fan_out(*id, &name, copy.pos));
+            if reach.details {
+                writes.push(details_fan_out(*id, &name, pos));
             }
         }
         store.write(writes).await?;
         // The copies hold these versions now: the next change is judged against the document again.
-        let done = self.0.iter().map(|(&id, copy)| {
-            let mark = doc! { "q": { "_id": id, "_v": copy.pos }, "u": { "$set": { "_fanned": true } } };
+        let done = fanned.iter().map(|(&id, &(_, pos, _))| {
+            let mark = doc! { "q": { "_id": id, "_v": pos }, "u": { "$set": { "_fanned": true } } };
             Write::new(Collection::Products, mark)
         });
         store.write(done.collect()).await
