@@ -27,6 +27,9 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         // at most 4 MB (librdkafka asks for 50 MB at a time by default).
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "4194304")
+        // Once that prefetch is full, look again soon: librdkafka waits 1 s by default, and a job drains 8 MB
+        // in a few hundred ms when catching up (measured: the orders job stood idle ~0.7 s every ~3 batches).
+        .set("fetch.queue.backoff.ms", "10")
         // noida-db ignores fetch.max.bytes: a fetch from far behind answers with everything up to the
         // partition end (169 MB for 260,000 records). A broker that honours it never sends more than it.
         .set("receive.message.max.bytes", "1073741824")
