@@ -1,6 +1,7 @@
 //! Measuring what the benchmarks report: rates, a child process's wall time, CPU and peak memory, latency
 //! quantiles from a job's Prometheus histogram, and the machine they ran on.
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,51 @@ pub async fn server_cpu(mongo: &mongodb::Client) -> Result<Option<Duration>> {
         _ => None,
     };
     Ok(micros("user_time_us").zip(micros("system_time_us")).map(|(u, s)| Duration::from_micros(u + s)))
+}
+
+/// The kinds of operation `top` times per collection, as this benchmark names them.
+const TOP_KINDS: [(&str, &str); 6] = [
+    ("insert", "insert"),
+    ("update", "update"),
+    ("remove", "remove"),
+    ("queries", "find"),
+    ("getmore", "find"),
+    ("commands", "other"),
+];
+
+/// Time the MongoDB server has spent on each collection of `database`, by kind of operation (`top`:
+/// microseconds since the server started, of wall time holding the collection): a difference of two
+/// readings says where a piece of work's server time went. Keys are `collection kind`, e.g.
+/// `order_details update`; `other` holds the commands `top` does not name (findAndModify, distinct, ...).
+pub async fn server_top(mongo: &mongodb::Client, database: &str) -> Result<BTreeMap<String, u64>> {
+    let top = mongo.database("admin").run_command(bson::doc! { "top": 1 }).await?;
+    let mut out = BTreeMap::new();
+    let prefix = format!("{database}.");
+    for (namespace, entry) in top.get_document("totals")? {
+        let (Some(collection), Some(entry)) = (namespace.strip_prefix(&prefix), entry.as_document()) else {
+            continue;
+        };
+        for (field, kind) in TOP_KINDS {
+            let time = entry.get_document(field).ok().and_then(|d| d.get("time")).and_then(|t| match t {
+                bson::Bson::Int64(n) => Some(*n as u64),
+                bson::Bson::Int32(n) => Some(*n as u64),
+                _ => None,
+            });
+            *out.entry(format!("{collection} {kind}")).or_default() += time.unwrap_or(0);
+        }
+    }
+    Ok(out)
+}
+
+/// What `after` adds to `before` (two [`server_top`] readings), largest first, without the zeros.
+pub fn top_since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut spent: Vec<(String, u64)> = after
+        .iter()
+        .map(|(key, &t)| (key.clone(), t.saturating_sub(before.get(key).copied().unwrap_or(0))))
+        .filter(|&(_, t)| t > 0)
+        .collect();
+    spent.sort_by_key(|s| std::cmp::Reverse(s.1));
+    spent
 }
 
 /// The value of an unlabelled-or-single-series gauge in a Prometheus text exposition.

@@ -148,7 +148,10 @@ pub async fn run(args: Args) -> Result<()> {
     let limit = kafka_limit.per_sec().min(mongo_limit.per_sec());
     println!("  catch-up (from the first offset into empty collections; steady = after the first batch;");
     println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0};");
-    println!("  \"MongoDB us/rec\" = the server's CPU per record, \"x upsert\" = that / the same for one raw upsert):");
+    println!("  \"MongoDB us/rec\" = the server's CPU per record, \"x upsert\" = that / the same for one raw upsert;");
+    println!(
+        "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation):"
+    );
     println!(
         "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8}",
         "",
@@ -181,6 +184,14 @@ pub async fn run(args: Args) -> Result<()> {
             cost(micros, 0),
             cost(micros.zip(upsert_micros).map(|(job, upsert)| job / upsert), 1),
         );
+        let spent: Vec<String> = run
+            .server_top
+            .iter()
+            .map(|(what, micros)| format!("{what} {:.1}", *micros as f64 / records.max(1) as f64))
+            .collect();
+        if !spent.is_empty() {
+            println!("      MongoDB time, us per record: {}", spent.join(", "));
+        }
     };
     if !args.together_only {
         for (i, job) in JOBS.iter().enumerate() {
@@ -420,6 +431,8 @@ struct JobRun {
     stats: Vec<ProcessStats>,
     /// The MongoDB server's CPU time over the run.
     server_cpu: Option<Duration>,
+    /// Where the server's time went over the run, by collection and kind of operation ([`measure::server_top`]).
+    server_top: Vec<(String, u64)>,
     group: String,
 }
 
@@ -539,6 +552,7 @@ impl Jobs<'_> {
         db.drop().await?;
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
         let cpu_before = measure::server_cpu(self.mongo).await?;
+        let top_before = measure::server_top(self.mongo, NAME).await?;
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
         let ends: Ends = which
@@ -568,9 +582,10 @@ impl Jobs<'_> {
         }
         let elapsed = started.elapsed();
         let server_cpu = cpu_since(self.mongo, cpu_before).await?;
+        let server_top = measure::top_since(&top_before, &measure::server_top(self.mongo, NAME).await?);
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         running.stop();
-        Ok(JobRun { elapsed, first_batch, stats, server_cpu, group })
+        Ok(JobRun { elapsed, first_batch, stats, server_cpu, server_top, group })
     }
 
     /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
