@@ -5,7 +5,6 @@ fn main() -> std::process::ExitCode {
     cdc_cqrs::runtime::main(
         cdc_cqrs::projection::order_details::OrderDetailsJob,
         "Stream the changes of `order_details` into the MongoDB read models: the `order_details` documents \
-         (with product name and order status) and each order's embedded `lines` and `totals`. Exactly-once \
-         per batch (writes and checkpoint in one MongoDB transaction); stops cleanly on SIGTERM.",
+         (with product name and order status) and each order's embedded `lines` and `totals`.",
     )
 }

@@ -5,7 +5,6 @@ fn main() -> std::process::ExitCode {
     cdc_cqrs::runtime::main(
         cdc_cqrs::projection::orders::OrdersJob,
         "Stream the changes of `orders` into the MongoDB read models: the header fields of the `orders` \
-         documents (never their lines) and `order_details.order_status`. Exactly-once per batch (writes and \
-         checkpoint in one MongoDB transaction); stops cleanly on SIGTERM.",
+         documents (never their lines) and `order_details.order_status`.",
     )
 }

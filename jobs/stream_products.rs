@@ -5,7 +5,6 @@ fn main() -> std::process::ExitCode {
     cdc_cqrs::runtime::main(
         cdc_cqrs::projection::products::ProductsJob,
         "Stream the changes of `products` into the MongoDB read models: the `products` documents, the \
-         product name and price embedded in order lines, and `order_details.product_name`. Exactly-once per \
-         batch (writes and checkpoint in one MongoDB transaction); stops cleanly on SIGTERM.",
+         product name and price embedded in order lines, and `order_details.product_name`.",
     )
 }
