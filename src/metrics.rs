@@ -108,6 +108,7 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub batches: Counter,
     pub conflicts: Counter,
+    pub partition_pauses: Counter,
     pub batch_seconds: Summary,
     pub lag_records: Gauge,
     pub lag_ms: Gauge,
@@ -121,7 +122,7 @@ pub struct Metrics {
 /// One plain series: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&Metrics) -> String);
 
-const SERIES: [Series; 11] = [
+const SERIES: [Series; 12] = [
     ("cdc_records_in_total", "counter", "Kafka records polled.", |m| m.records_in.get().to_string()),
     ("cdc_records_skipped_total", "counter", "Records below the checkpoint (already applied).", |m| {
         m.skipped.get().to_string()
@@ -136,6 +137,12 @@ const SERIES: [Series; 11] = [
         "counter",
         "Writes redone: another job changed the document between read and write, or a batch met a TRUNCATE or first_load.",
         |m| m.conflicts.get().to_string(),
+    ),
+    (
+        "cdc_partition_pauses_total",
+        "counter",
+        "Partitions paused while catching up: the job held half a batch of records of it, ahead of the others.",
+        |m| m.partition_pauses.get().to_string(),
     ),
     ("cdc_batch_seconds_sum", "counter", "Time spent on committed batches.", |m| {
         format!("{:.6}", m.batch_seconds.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
@@ -172,6 +179,7 @@ impl Metrics {
             dead_lettered: Counter::default(),
             batches: Counter::default(),
             conflicts: Counter::default(),
+            partition_pauses: Counter::default(),
             batch_seconds: Summary::default(),
             lag_records: Gauge::default(),
             lag_ms: Gauge::default(),

@@ -1,7 +1,8 @@
 //! The three stream jobs together against the real services: the read models converge to PostgreSQL's
 //! projection (checked by `verify`) through the sample workload's inserts, updates and deletes on all
 //! tables, through a replay from the first offset, with the jobs started far apart (lines before their
-//! orders and products), and while every job is killed (SIGKILL) and restarted in the middle of writes.
+//! orders and products), while every job is killed (SIGKILL) and restarted in the middle of writes, and
+//! with order_details catching up in slices of time (records carried between batches, partitions paused).
 
 mod common;
 
@@ -119,6 +120,45 @@ async fn jobs_far_apart_and_killed_mid_stream_still_converge() {
     assert!(writer.wait().unwrap().success(), "the workload failed");
     cap.converge(&ALL, CONVERGE).await;
     for job in running.into_iter().flatten() {
+        job.stop();
+    }
+    cap.teardown().await;
+}
+
+/// order_details catching up writes the oldest records in hand across partitions and carries the rest to
+/// the next batch, pausing the partitions it holds half a batch of: nothing may be lost or doubled. Batches
+/// of 40 records make it carry records and pause partitions over and over; the read models must still
+/// equal PostgreSQL's projection.
+#[tokio::test(flavor = "multi_thread")]
+async fn order_details_catching_up_in_slices_of_time_converges() {
+    let cap = Capture::start("slices").await;
+    cap.workload(&[
+        "--products",
+        "20",
+        "--orders",
+        "300",
+        "--orders-per-tx",
+        "10",
+        "--changes",
+        "300",
+        "--seed",
+        "31",
+        "--connections",
+        "2",
+    ]);
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut jobs: Vec<_> = JOBS[..2].iter().map(|j| cap.spawn_job(j, j)).collect();
+    jobs.push(cap.spawn_job_with(
+        "stream_order_details",
+        "stream_order_details",
+        &[("CDC_BATCH_SIZE", "40"), ("CDC_METRICS_ADDR", &addr)],
+    ));
+    cap.converge(&ALL, CONVERGE).await;
+    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    let pauses = common::metric(&metrics, "cdc_partition_pauses_total").expect("the pauses metric");
+    assert!(pauses > 0.0, "order_details never paused a partition ahead of the others:\n{metrics}");
+    for job in jobs {
         job.stop();
     }
     cap.teardown().await;

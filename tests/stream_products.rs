@@ -56,7 +56,7 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     orders.create_index(index(bson::doc! { "lines.product_id": 1 })).await.unwrap();
     details.create_index(index(bson::doc! { "product_id": 1 })).await.unwrap();
 
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_port = common::free_port();
     let job = cap.spawn_job_with(
         "stream_products",
         "products",
@@ -78,13 +78,7 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     loop {
         let metrics =
             reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
-        let value = |name: &str| -> f64 {
-            let line = metrics
-                .lines()
-                .find(|l| l.starts_with(&format!("{name}{{")))
-                .unwrap_or_else(|| panic!("{name} in {metrics}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
-        };
+        let value = |name: &str| common::metric(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"));
         let counted = value("cdc_records_in_total") >= 300.0
             && value("cdc_batches_total") >= 1.0
             && value("cdc_writes_total") >= 100.0;

@@ -51,6 +51,9 @@ impl Job for OrderDetailsJob {
         row.order_id
     }
 
+    /// An order's lines are keyed by line, so a transaction's lines of one order are in several partitions.
+    const BATCHES_BY_TIME: bool = true;
+
     /// A move to another order must reach the old order even when a later change of the line follows.
     fn must_keep(event: &Event<OrderDetail>) -> bool {
         matches!(event, Event::Upsert { row, before: Some(b), .. } if b.order_id != row.order_id)
