@@ -167,15 +167,6 @@ pub fn top_since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) 
     spent
 }
 
-/// The value of an unlabelled-or-single-series gauge in a Prometheus text exposition.
-pub fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.split(['{', ' ']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// A Prometheus histogram read back: cumulative counts per upper bound (milliseconds), and the max.
 #[derive(Debug, Clone, Default)]
 pub struct Histogram {
@@ -197,7 +188,7 @@ impl Histogram {
         if buckets.is_empty() {
             bail!("no histogram {name} in the metrics");
         }
-        let max_ms = gauge(text, &format!("{name}_max")).unwrap_or(0.0) * 1e3;
+        let max_ms = cdc_cqrs::metrics::value(text, &format!("{name}_max")).unwrap_or(0.0) * 1e3;
         Ok(Histogram { buckets, max_ms })
     }
 

@@ -600,7 +600,7 @@ impl Jobs<'_> {
             // Every job holds its partition, so no change waits for a group join.
             loop {
                 let text = scrape(&http, port).await.unwrap_or_default();
-                if measure::gauge(&text, "cdc_assigned_partitions").is_some_and(|n| n > 0.0) {
+                if cdc_cqrs::metrics::value(&text, "cdc_assigned_partitions").is_some_and(|n| n > 0.0) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -639,7 +639,7 @@ impl Jobs<'_> {
             let job = Histogram::parse(&text, "cdc_in_job_seconds")?;
             in_job.add(&job);
             job_in_job.push(job);
-            let counter = |name| measure::gauge(&text, name).unwrap_or(0.0) as u64;
+            let counter = |name| cdc_cqrs::metrics::value(&text, name).unwrap_or(0.0) as u64;
             batches.push((counter("cdc_batches_total"), counter("cdc_conflicts_total")));
         }
         let after: Vec<ProcessStats> =

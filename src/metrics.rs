@@ -217,6 +217,16 @@ pub fn render(all: &[Arc<Metrics>]) -> String {
     out
 }
 
+/// The value of series `name` (its first, when labelled) in a Prometheus text exposition such as
+/// [`render`]'s: what the benchmarks and tests read back from a job's `/metrics`.
+pub fn value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split(['{', ' ']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Serves `GET /metrics` on `addr` in the background.
 pub async fn serve(addr: SocketAddr, metrics: Vec<Arc<Metrics>>) -> anyhow::Result<()> {
     let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics))));

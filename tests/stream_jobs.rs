@@ -156,7 +156,7 @@ async fn order_details_catching_up_in_slices_of_time_converges() {
     ));
     cap.converge(&ALL, CONVERGE).await;
     let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
-    let pauses = common::metric(&metrics, "cdc_partition_pauses_total").expect("the pauses metric");
+    let pauses = cdc_cqrs::metrics::value(&metrics, "cdc_partition_pauses_total").expect("the pauses metric");
     assert!(pauses > 0.0, "order_details never paused a partition ahead of the others:\n{metrics}");
     for job in jobs {
         job.stop();

@@ -78,7 +78,8 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     loop {
         let metrics =
             reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
-        let value = |name: &str| common::metric(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        let value =
+            |name: &str| cdc_cqrs::metrics::value(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"));
         let counted = value("cdc_records_in_total") >= 300.0
             && value("cdc_batches_total") >= 1.0
             && value("cdc_writes_total") >= 100.0;

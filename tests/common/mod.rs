@@ -113,17 +113,12 @@ pub fn success(bin: &str, out: &Output) -> String {
     stdout
 }
 
-/// A name no other test run uses: `it_<pid>_<what>` (lowercase: it names databases, slots and topics).
-/// The value of metric `name` (its first series) in a job's Prometheus text, if it has one.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(&format!("{name}{{")))?.rsplit(' ').next()?.parse().ok()
-}
-
 /// A free loopback port, for a job's metrics endpoint.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A name no other test run uses: `it_<pid>_<what>` (lowercase: it names databases, slots and topics).
 pub fn unique(what: &str) -> String {
     format!("it_{}_{}", std::process::id(), what)
 }
