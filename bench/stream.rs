@@ -515,7 +515,7 @@ impl Jobs<'_> {
     fn start(&self, which: &[usize], group: &str) -> Result<Running> {
         let mut running = Running { children: Vec::new(), metrics_ports: Vec::new() };
         for &i in which {
-            let port = free_port()?;
+            let port = cdc_cqrs::metrics::free_port()?;
             let group = format!("{group}-{}", TABLES[i]);
             let mut command = Command::new(measure::sibling_binary(JOBS[i])?);
             // The jobs stop with the benchmark, even when it is interrupted or killed.
@@ -766,10 +766,6 @@ fn regex_escape(s: &str) -> String {
 
 async fn scrape(http: &reqwest::Client, port: u16) -> Result<String> {
     Ok(http.get(format!("http://127.0.0.1:{port}/metrics")).send().await?.error_for_status()?.text().await?)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn now_nanos() -> u128 {

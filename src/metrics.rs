@@ -217,6 +217,20 @@ pub fn render(all: &[Arc<Metrics>]) -> String {
     out
 }
 
+/// A free port for a job's metrics endpoint, for a caller that starts the job and then reads it (the
+/// benchmarks, the tests). Picked below Linux's ephemeral range (32768-60999), which a port the kernel picks
+/// (`bind` to port 0) falls in: a client connection of any process (Kafka, MongoDB) could take that one
+/// between the pick and the job's bind, and did (the job then exits with "Address already in use").
+pub fn free_port() -> anyhow::Result<u16> {
+    // Each call moves on: the port a call returns stays free until its job binds it.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = u64::from(std::process::id()) * 97;
+    (0..12_000)
+        .map(|_| 20_000 + ((start + NEXT.fetch_add(1, Ordering::Relaxed) * 7) % 12_000) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .context("no free port between 20000 and 31999 for a metrics endpoint")
+}
+
 /// The value of series `name` (its first, when labelled) in a Prometheus text exposition such as
 /// [`render`]'s: what the benchmarks and tests read back from a job's `/metrics`.
 pub fn value(text: &str, name: &str) -> Option<f64> {

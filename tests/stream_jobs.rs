@@ -146,7 +146,7 @@ async fn order_details_catching_up_in_slices_of_time_converges() {
         "--connections",
         "2",
     ]);
-    let port = common::free_port();
+    let port = cdc_cqrs::metrics::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let mut jobs: Vec<_> = JOBS[..2].iter().map(|j| cap.spawn_job(j, j)).collect();
     jobs.push(cap.spawn_job_with(

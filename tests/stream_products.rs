@@ -56,7 +56,7 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     orders.create_index(index(bson::doc! { "lines.product_id": 1 })).await.unwrap();
     details.create_index(index(bson::doc! { "product_id": 1 })).await.unwrap();
 
-    let metrics_port = common::free_port();
+    let metrics_port = cdc_cqrs::metrics::free_port().unwrap();
     let job = cap.spawn_job_with(
         "stream_products",
         "products",

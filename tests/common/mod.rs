@@ -113,11 +113,6 @@ pub fn success(bin: &str, out: &Output) -> String {
     stdout
 }
 
-/// A free loopback port, for a job's metrics endpoint.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A name no other test run uses: `it_<pid>_<what>` (lowercase: it names databases, slots and topics).
 pub fn unique(what: &str) -> String {
     format!("it_{}_{}", std::process::id(), what)
