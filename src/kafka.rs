@@ -23,8 +23,8 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("fetch.wait.max.ms", "100")
-        // Prefetch enough for a couple of full batches, not librdkafka's 64 MB (a job's RSS), in fetches of
-        // at most 4 MB (librdkafka asks for 50 MB at a time by default).
+        // Prefetch about a full batch and more (10,000 records are ~6 MB), not librdkafka's 64 MB (a job's
+        // RSS), in fetches of at most 4 MB (librdkafka asks for 50 MB at a time by default).
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "4194304")
         // Once that prefetch is full, look again soon: librdkafka waits 1 s by default, and a job drains 8 MB
