@@ -58,7 +58,7 @@ pub trait Job: Send + Sync + 'static {
     /// (order_details: an order's lines). See [`oldest`].
     const BATCHES_BY_TIME: bool = false;
 
-    /// The most records in one batch unless `--batch-size` says otherwise. Larger batches reduce more
+    /// The most records in one batch unless `--batch-size` says otherwise (its default in the job's `--help`). Larger batches reduce more
     /// changes per key and make fewer round trips when catching up; they cost memory (see "bench stream"
     /// in the README for what each job's was measured at).
     const BATCH_SIZE: usize = 10_000;
@@ -94,11 +94,11 @@ pub struct JobArgs {
     #[command(flatten)]
     pub stores: StoresArgs,
 
-    /// Most records in one batch (default: 10000; 5000 for order_details, which holds three batches while it
-    /// catches up). Batches are otherwise as large as what has arrived: one change alone is written at once,
-    /// and under load the records that come while a batch is written make the next one.
+    /// Most records in one batch (each job has its own default). Batches are otherwise as large as what has
+    /// arrived: one change alone is written at once, and under load the records that come while a batch is
+    /// written make the next one.
     #[arg(long, env = "CDC_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch_size: Option<u32>,
+    pub batch_size: u32,
 
     /// Milliseconds to linger for more records once a batch has its first one (0: take what has arrived;
     /// more trades freshness for fewer, larger transactions).
@@ -122,7 +122,10 @@ pub fn main<J: Job>(job: J, about: &'static str) -> std::process::ExitCode {
         "{about} Every write is guarded by the WAL position it reflects and the checkpoints move after the \
          writes, so a crash or a replay never loses, doubles or regresses a change; stops cleanly on SIGTERM."
     );
-    let command = JobArgs::augment_args(clap::Command::new(J::BIN)).about(about).version(env!("CARGO_PKG_VERSION"));
+    let command = JobArgs::augment_args(clap::Command::new(J::BIN))
+        .mut_arg("batch_size", |a| a.default_value(J::BATCH_SIZE.to_string()).required(false))
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"));
     let matches = command.get_matches();
     let args = JobArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // glibc gives each thread that allocates its own arena, and batches are allocated on one worker thread
@@ -199,7 +202,7 @@ async fn run_store<J: Job>(
     let mut last_lag_check = Instant::now() - Duration::from_secs(60);
     let mut last_pause_note: Option<Instant> = None;
     let mut last_epoch_check = Instant::now();
-    let batch_size = args.batch_size.map_or(J::BATCH_SIZE, |n| n as usize);
+    let batch_size = args.batch_size as usize;
     let mut chunk = batch_size;
     // Records in hand, at most: a batch, and the next one fetched while it is written; more for a job whose
     // batches are slices of time, which takes the oldest of them.
