@@ -8,6 +8,8 @@
 //! placeholder into a read model by mistake. Anything malformed is a [`DecodeError`] with the reason the
 //! dead-letter topic records.
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
@@ -43,24 +45,30 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Toasted<T> {
 }
 
 /// Where a change comes from in the source database.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     /// WAL position of the change: for one row, a later change always has a higher one.
     pub lsn: u64,
     /// The writing transaction, to decide whether first_load's snapshot already holds the change.
-    #[serde(rename = "txId")]
     pub tx_id: Option<u64>,
     /// Commit time in the source, epoch milliseconds.
     pub ts_ms: i64,
-    pub table: String,
-    #[serde(default, deserialize_with = "snapshot_flag")]
+    /// Read by Debezium's snapshot rather than from the WAL.
     pub snapshot: bool,
 }
 
-/// Debezium writes `snapshot` as "true", "false", "first", "last", "incremental"...
-fn snapshot_flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    let s: Option<String> = Option::deserialize(d)?;
-    Ok(s.is_some_and(|s| s != "false"))
+/// `source` as Debezium writes it; its text is borrowed from the record (decoding allocates only rows).
+#[derive(Deserialize)]
+struct RawSource<'a> {
+    lsn: u64,
+    #[serde(rename = "txId")]
+    tx_id: Option<u64>,
+    ts_ms: i64,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    /// "true", "false", "first", "last", "incremental"...
+    #[serde(default, borrow)]
+    snapshot: Option<Cow<'a, str>>,
 }
 
 /// One decoded record of a table topic.
@@ -108,23 +116,27 @@ pub enum DecodeError {
 }
 
 #[derive(Deserialize)]
-struct Envelope<R> {
+struct Envelope<'a, R> {
     before: Option<R>,
     after: Option<R>,
-    source: Source,
-    op: String,
+    #[serde(borrow)]
+    source: RawSource<'a>,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
 }
 
 /// Decodes the value of a record from `table`'s topic (`None` for a tombstone).
 pub fn decode<R: DeserializeOwned>(table: &str, value: Option<&[u8]>) -> Result<Event<R>, DecodeError> {
     let Some(bytes) = value else { return Ok(Event::Tombstone) };
     let envelope: Envelope<R> = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if envelope.source.table != table {
-        return Err(DecodeError::WrongTable { expected: table.to_owned(), found: envelope.source.table });
+    let raw = envelope.source;
+    if raw.table != table {
+        return Err(DecodeError::WrongTable { expected: table.to_owned(), found: raw.table.into_owned() });
     }
-    let source = envelope.source;
+    let snapshot = raw.snapshot.is_some_and(|s| s != "false");
+    let source = Source { lsn: raw.lsn, tx_id: raw.tx_id, ts_ms: raw.ts_ms, snapshot };
     let missing = |op: &str, missing| DecodeError::MissingImage { op: op.to_owned(), missing };
-    match envelope.op.as_str() {
+    match envelope.op.as_ref() {
         "c" | "u" | "r" => {
             let row = envelope.after.ok_or_else(|| missing(&envelope.op, "after"))?;
             Ok(Event::Upsert { row, before: envelope.before, source })

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
@@ -58,9 +58,9 @@ pub trait Job: Send + Sync + 'static {
     /// (order_details: an order's lines). See [`oldest`].
     const BATCHES_BY_TIME: bool = false;
 
-    /// The most records in one batch unless `--batch-size` says otherwise (its default in the job's `--help`). Larger batches reduce more
-    /// changes per key and make fewer round trips when catching up; they cost memory (see "bench stream"
-    /// in the README for what each job's was measured at).
+    /// The most records in one batch unless `--batch-size` says otherwise (the job's `--help` shows it).
+    /// Larger batches reduce more changes per key and make fewer round trips when catching up; they cost
+    /// memory (see "bench stream" in the README for what each job's was measured at).
     const BATCH_SIZE: usize = 10_000;
 
     /// Events the per-key reduction must keep even when a later event of the same key follows.
@@ -214,7 +214,8 @@ async fn run_store<J: Job>(
             break;
         }
         let carried = std::mem::take(&mut prefetched);
-        let hand = poll_hand(&consumer, carried, hand_size, Duration::from_millis(args.batch_ms), &shutdown).await;
+        let linger = Duration::from_millis(args.batch_ms);
+        let hand = poll_hand::<J::Row>(&consumer, J::TABLE, carried, hand_size, linger, &shutdown).await;
         let now_assigned = assignment(&consumer);
         if hand.is_empty() {
             // Nothing in hand, so no partition is ahead of another.
@@ -264,31 +265,33 @@ async fn run_store<J: Job>(
         let mut newest_source_ms = None;
         // Per change: (source commit, Kafka record timestamp), for the freshness histograms.
         let mut times: Vec<(i64, Option<i64>)> = Vec::with_capacity(batch.len());
-        for m in &batch {
-            let end = next.entry(m.partition()).or_default();
-            *end = (*end).max(m.offset() + 1);
-            if checkpoints.get(&m.partition()).is_some_and(|&done| m.offset() < done) {
+        let batch_len = batch.len();
+        for record in batch {
+            let (partition, offset) = (record.partition, record.offset);
+            let end = next.entry(partition).or_default();
+            *end = (*end).max(offset + 1);
+            if checkpoints.get(&partition).is_some_and(|&done| offset < done) {
                 metrics.skipped.inc(1);
                 continue; // applied before a crash or a rebalance
             }
-            match envelope::decode::<J::Row>(J::TABLE, m.payload()) {
+            match record.change {
                 Ok(event) => {
                     if let Some(source) = event.source() {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
-                        times.push((source.ts_ms, m.timestamp().to_millis()));
+                        times.push((source.ts_ms, record.timestamp));
                     }
                     events.push(event);
                 }
-                Err(reason) => dead.push((m, reason.to_string())),
+                Err(rejected) => dead.push((partition, offset, rejected)),
             }
         }
-        metrics.records_in.inc(batch.len() as u64);
-        let batch_len = batch.len();
+        metrics.records_in.inc(batch_len as u64);
 
-        for (m, reason) in &dead {
-            tracing::warn!(job = J::TABLE, partition = m.partition(), offset = m.offset(), %reason, "dead-lettering a record");
+        for (partition, offset, rejected) in &dead {
+            let reason = &rejected.reason;
+            tracing::warn!(job = J::TABLE, partition, offset, %reason, "dead-lettering a record");
             retry("writing to the dead-letter topic", &shutdown, || {
-                dead_letter(&producer, &dead_letter_topic, m, reason)
+                dead_letter(&producer, &dead_letter_topic, &topic, (*partition, *offset), rejected)
             })
             .await?;
             metrics.dead_lettered.inc(1);
@@ -310,7 +313,7 @@ async fn run_store<J: Job>(
         // The next batch's records are fetched while this one is written.
         let room = hand_size.saturating_sub(held.len());
         let (written, fetched) =
-            while_prefetching(&consumer, room, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
+            while_prefetching(&consumer, J::TABLE, room, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
         prefetched = held;
         prefetched.extend(fetched);
         let written = match written? {
@@ -502,6 +505,35 @@ fn into_lanes<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Vec<Event<J::Row>>> {
     lanes
 }
 
+/// A record as a job holds it from the topic to its batch: where it is, and its change decoded as it
+/// arrives. A job holds a batch and the next one (order_details three), and a Kafka message's JSON is
+/// several times its decoded change.
+struct Record<R> {
+    partition: i32,
+    offset: i64,
+    /// The Kafka record timestamp, epoch milliseconds.
+    timestamp: Option<i64>,
+    change: Result<Event<R>, Box<Rejected>>,
+}
+
+/// A record that did not decode: kept whole, for the dead-letter topic.
+struct Rejected {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    reason: String,
+}
+
+impl<R: DeserializeOwned> Record<R> {
+    /// Decodes a message of `table`'s topic, as it comes from the consumer.
+    fn take(table: &str, m: &BorrowedMessage<'_>) -> Self {
+        let change = envelope::decode::<R>(table, m.payload()).map_err(|reason| {
+            let (key, payload) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
+            Box::new(Rejected { key, payload, reason: reason.to_string() })
+        });
+        Record { partition: m.partition(), offset: m.offset(), timestamp: m.timestamp().to_millis(), change }
+    }
+}
+
 /// How many batches' worth of records a job whose batches are slices of time keeps in hand, to take the
 /// oldest of: enough to hold every partition when a broker answers each fetch from one partition (tansu:
 /// ~7,000 records of one partition per 4 MB fetch).
@@ -517,17 +549,17 @@ const HAND_BATCHES: usize = 3;
 /// batches the others, and each rewrites the order (measured: 1.9 order writes per (order, transaction)
 /// for order_details' catch-up). A batch that is one slice of time holds them together. Records of one
 /// partition come in timestamp order (Kafka Connect's producer stamps them as it sends them).
-fn oldest(hand: Vec<OwnedMessage>, size: usize) -> (Vec<OwnedMessage>, Vec<OwnedMessage>) {
+fn oldest<R>(hand: Vec<Record<R>>, size: usize) -> (Vec<Record<R>>, Vec<Record<R>>) {
     if hand.len() <= size {
         return (hand, Vec::new());
     }
     // Each partition's records in hand, as positions in `hand`, in arrival (offset) order.
     let mut partitions: BTreeMap<i32, VecDeque<usize>> = BTreeMap::new();
-    for (i, m) in hand.iter().enumerate() {
-        partitions.entry(m.partition()).or_default().push_back(i);
+    for (i, r) in hand.iter().enumerate() {
+        partitions.entry(r.partition).or_default().push_back(i);
     }
     // Oldest first; records without a timestamp keep their arrival order.
-    let stamp = |i: usize| (hand[i].timestamp().to_millis().unwrap_or(i64::MIN), i);
+    let stamp = |i: usize| (hand[i].timestamp.unwrap_or(i64::MIN), i);
     let mut take = vec![false; hand.len()];
     for _ in 0..size {
         let oldest_head = partitions.iter().filter_map(|(&p, queue)| Some((stamp(*queue.front()?), p))).min();
@@ -555,10 +587,10 @@ struct Ahead {
 impl Ahead {
     /// Pauses the partitions `held` (carried to the next batch) has half a batch or more of, resumes the
     /// other paused ones; returns how many it paused.
-    fn pace(&mut self, consumer: &StreamConsumer, topic: &str, held: &[OwnedMessage], size: usize) -> usize {
+    fn pace<R>(&mut self, consumer: &StreamConsumer, topic: &str, held: &[Record<R>], size: usize) -> usize {
         let mut counts: HashMap<i32, usize> = HashMap::new();
-        for m in held {
-            *counts.entry(m.partition()).or_default() += 1;
+        for r in held {
+            *counts.entry(r.partition).or_default() += 1;
         }
         let is_ahead = |p: &i32| counts.get(p).is_some_and(|&n| n >= size / 2);
         let pause: Vec<i32> = counts.keys().filter(|p| is_ahead(p) && !self.paused.contains(p)).copied().collect();
@@ -606,18 +638,19 @@ fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
 
 /// Runs `work` (a batch's write) while taking the records that arrive meanwhile, up to `max`: the next
 /// batch is in hand when the write is done.
-async fn while_prefetching<T>(
+async fn while_prefetching<R: DeserializeOwned, T>(
     consumer: &StreamConsumer,
+    table: &str,
     max: usize,
     work: impl Future<Output = T>,
-) -> (T, Vec<OwnedMessage>) {
+) -> (T, Vec<Record<R>>) {
     tokio::pin!(work);
     let mut fetched = Vec::new();
     loop {
         tokio::select! {
             biased;
             out = &mut work => return (out, fetched),
-            Ok(m) = consumer.recv(), if fetched.len() < max => fetched.push(m.detach()),
+            Ok(m) = consumer.recv(), if fetched.len() < max => fetched.push(Record::take(table, &m)),
         }
     }
 }
@@ -637,46 +670,48 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// fetched, up to `size`, lingering up to `linger` for more. Batches adapt to the load by themselves: a lone
 /// change is written at once, and under load the records that arrive while a batch is written make the
 /// next one.
-async fn poll_hand(
+async fn poll_hand<R: DeserializeOwned>(
     consumer: &StreamConsumer,
-    carried: Vec<OwnedMessage>,
+    table: &str,
+    carried: Vec<Record<R>>,
     size: usize,
     linger: Duration,
     shutdown: &watch::Receiver<bool>,
-) -> Vec<OwnedMessage> {
+) -> Vec<Record<R>> {
     let mut shutdown = shutdown.clone();
     let mut hand = carried;
     if hand.is_empty() {
         let first_by = tokio::time::Instant::now() + IDLE_WAIT;
-        let Some(first) = next_record(consumer, first_by, &mut shutdown).await else { return hand };
+        let Some(first) = next_record(consumer, table, first_by, &mut shutdown).await else { return hand };
         hand.push(first);
     }
     let linger_until = tokio::time::Instant::now() + linger;
     while hand.len() < size {
-        let m = match consumer.recv().now_or_never() {
-            Some(Ok(m)) => m.detach(),
+        let record = match consumer.recv().now_or_never() {
+            Some(Ok(m)) => Record::take(table, &m),
             // Nothing ready (an error is reported by the next wait).
             _ if linger.is_zero() => break,
-            _ => match next_record(consumer, linger_until, &mut shutdown).await {
-                Some(m) => m,
+            _ => match next_record(consumer, table, linger_until, &mut shutdown).await {
+                Some(record) => record,
                 None => break,
             },
         };
-        hand.push(m);
+        hand.push(record);
     }
     hand
 }
 
 /// The next record, or `None` at `deadline` or shutdown; poll errors are logged and waited out.
-async fn next_record(
+async fn next_record<R: DeserializeOwned>(
     consumer: &StreamConsumer,
+    table: &str,
     deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<OwnedMessage> {
+) -> Option<Record<R>> {
     loop {
         tokio::select! {
             received = consumer.recv() => match received {
-                Ok(m) => return Some(m.detach()),
+                Ok(m) => return Some(Record::take(table, &m)),
                 Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => {
                     tracing::info!("waiting for the topic to be created (Debezium creates it with the first change)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -725,27 +760,27 @@ impl Positions {
 
     /// The records of `batch` to process: those of partitions read from their checkpoint. A partition
     /// read from past its checkpoint is sought back and its records dropped (they come again).
-    fn resume_at_checkpoints(
+    fn resume_at_checkpoints<R>(
         &mut self,
         consumer: &StreamConsumer,
         topic: &str,
-        batch: Vec<OwnedMessage>,
+        batch: Vec<Record<R>>,
         checkpoints: &HashMap<i32, i64>,
-    ) -> Vec<OwnedMessage> {
+    ) -> Vec<Record<R>> {
         let mut sought_now: HashSet<i32> = HashSet::new();
-        for m in &batch {
-            let p = m.partition();
+        for r in &batch {
+            let p = r.partition;
             if self.on_track.contains(&p) || sought_now.contains(&p) {
                 continue;
             }
             let next = resume_offset(checkpoints, p);
-            if m.offset() <= next || self.sought.contains(&p) {
+            if r.offset <= next || self.sought.contains(&p) {
                 self.on_track.insert(p);
                 continue;
             }
             match seek(consumer, topic, p, next) {
                 Ok(()) => {
-                    tracing::info!(partition = p, from = m.offset(), to = next, "moved back to the checkpoint");
+                    tracing::info!(partition = p, from = r.offset, to = next, "moved back to the checkpoint");
                     self.sought.insert(p);
                 }
                 Err(e) => tracing::warn!(partition = p, error = %e, "seeking to the checkpoint failed; retrying"),
@@ -755,7 +790,7 @@ impl Positions {
         if sought_now.is_empty() {
             return batch;
         }
-        batch.into_iter().filter(|m| !sought_now.contains(&m.partition())).collect()
+        batch.into_iter().filter(|r| !sought_now.contains(&r.partition)).collect()
     }
 }
 
@@ -793,18 +828,26 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
         .collect()
 }
 
-async fn dead_letter(producer: &FutureProducer, topic: &str, m: &OwnedMessage, reason: &str) -> Result<()> {
-    let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
+/// Sends a record that did not decode (from `source_topic` at `place`, partition and offset) to `topic`,
+/// whole, with the reason and where it came from in its headers.
+async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    source_topic: &str,
+    place: (i32, i64),
+    rejected: &Rejected,
+) -> Result<()> {
+    let (partition, offset) = (place.0.to_string(), place.1.to_string());
     let headers = OwnedHeaders::new()
-        .insert(Header { key: "reason", value: Some(reason) })
-        .insert(Header { key: "source_topic", value: Some(m.topic()) })
+        .insert(Header { key: "reason", value: Some(&rejected.reason) })
+        .insert(Header { key: "source_topic", value: Some(source_topic) })
         .insert(Header { key: "source_partition", value: Some(&partition) })
         .insert(Header { key: "source_offset", value: Some(&offset) });
     let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-    if let Some(k) = m.key() {
+    if let Some(k) = &rejected.key {
         record = record.key(k);
     }
-    if let Some(p) = m.payload() {
+    if let Some(p) = &rejected.payload {
         record = record.payload(p);
     }
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
@@ -884,7 +927,7 @@ mod tests {
     use crate::rows::OrderDetail;
 
     fn source(lsn: u64) -> Source {
-        Source { lsn, tx_id: Some(lsn), ts_ms: 0, table: "order_details".into(), snapshot: false }
+        Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false }
     }
 
     fn line(id: i32, order_id: i32, lsn: u64) -> Event<OrderDetail> {
@@ -921,13 +964,12 @@ mod tests {
     }
 
     /// A record of partition `p` at `offset`, stamped `ms` (none when negative).
-    fn record(p: i32, offset: i64, ms: i64) -> OwnedMessage {
-        let timestamp = if ms < 0 { rdkafka::Timestamp::NotAvailable } else { rdkafka::Timestamp::CreateTime(ms) };
-        OwnedMessage::new(None, None, "t".into(), timestamp, p, offset, None)
+    fn record(p: i32, offset: i64, ms: i64) -> Record<OrderDetail> {
+        Record { partition: p, offset, timestamp: (ms >= 0).then_some(ms), change: Ok(Event::Tombstone) }
     }
 
-    fn places(records: &[OwnedMessage]) -> Vec<(i32, i64)> {
-        records.iter().map(|m| (m.partition(), m.offset())).collect()
+    fn places(records: &[Record<OrderDetail>]) -> Vec<(i32, i64)> {
+        records.iter().map(|r| (r.partition, r.offset)).collect()
     }
 
     #[test]

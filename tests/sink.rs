@@ -15,7 +15,7 @@ use cdc_cqrs::sink::{Applied, MongoSink, ReadModels};
 use common::{Stack, unique};
 
 fn source(lsn: u64) -> Source {
-    Source { lsn, tx_id: Some(lsn), ts_ms: 0, table: "orders".into(), snapshot: false }
+    Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false }
 }
 
 fn order(id: i32, status: &str) -> Order {

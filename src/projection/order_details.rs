@@ -53,9 +53,6 @@ impl Job for OrderDetailsJob {
 
     /// An order's lines are keyed by line, so a transaction's lines of one order are in several partitions.
     const BATCHES_BY_TIME: bool = true;
-    // Its three batches in hand, and orders read with their lines: 10,000 took its catch-up's peak RSS from
-    // ~75 to 110-117 MB for a few percent.
-    const BATCH_SIZE: usize = 5_000;
 
     /// A move to another order must reach the old order even when a later change of the line follows.
     fn must_keep(event: &Event<OrderDetail>) -> bool {

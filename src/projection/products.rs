@@ -243,7 +243,7 @@ mod tests {
             price: price.parse().unwrap(),
             stock_quantity: 3,
         };
-        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, table: "products".into(), snapshot: false };
+        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, snapshot: false };
         Event::Upsert { row, before: None, source }
     }
 
