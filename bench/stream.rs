@@ -229,6 +229,7 @@ pub async fn run(args: Args) -> Result<()> {
         for (name, h) in [
             ("PostgreSQL commit -> visible in MongoDB", &f.source),
             ("  of which in the jobs (Kafka record ->)", &f.in_job),
+            ("    of which since received (job has it ->)", &f.since_received),
         ] {
             println!(
                 "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
@@ -248,13 +249,15 @@ pub async fn run(args: Args) -> Result<()> {
             nearest_rank(d, 0.99),
             nearest_rank(d, 1.0)
         );
-        for (((job, stats), (batches, conflicts)), in_job) in
+        for (((job, stats), (batches, conflicts)), (in_job, since_received)) in
             JOBS.iter().zip(&f.stats).zip(&f.batches).zip(&f.job_in_job)
         {
             println!(
-                "    {job:<22} in the job p50 {:>6.1} ms, p99 {:>6.1} ms; CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
+                "    {job:<22} in the job p50 {:>6.1} ms, p99 {:>6.1} ms (since received p50 {:>5.1}, p99 {:>5.1}); CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
                 in_job.quantile_ms(0.50),
                 in_job.quantile_ms(0.99),
+                since_received.quantile_ms(0.50),
+                since_received.quantile_ms(0.99),
                 stats.cpu_secs,
                 100.0 * stats.cpu_secs / args.freshness_secs as f64,
                 stats.peak_rss_kb / 1024
@@ -456,12 +459,14 @@ impl JobRun {
 struct Freshness {
     source: Histogram,
     in_job: Histogram,
+    /// The job receiving a record to its MongoDB commit: the part of `in_job` that is the job's own.
+    since_received: Histogram,
     tx_per_sec: f64,
     stats: Vec<ProcessStats>,
     /// Per job: batches committed and transactions aborted by a write conflict with another job.
     batches: Vec<(u64, u64)>,
-    /// Per job: its share of `in_job` (which job holds the tail).
-    job_in_job: Vec<Histogram>,
+    /// Per job: its share of `in_job` (which job holds the tail), and of `since_received`.
+    job_in_job: Vec<(Histogram, Histogram)>,
     /// Records the jobs had not applied two minutes after the workload ended.
     behind: u64,
     /// Kafka record timestamp -> a plain consumer has it, in milliseconds, sorted: the broker's part of
@@ -631,14 +636,17 @@ impl Jobs<'_> {
         let delivery_ms = probe.stop()?;
         let mut source = Histogram::default();
         let mut in_job = Histogram::default();
+        let mut since_received = Histogram::default();
         let mut batches = Vec::new();
         let mut job_in_job = Vec::new();
         for &port in &running.metrics_ports {
             let text = scrape(&http, port).await?;
             source.add(&Histogram::parse(&text, "cdc_freshness_seconds")?);
             let job = Histogram::parse(&text, "cdc_in_job_seconds")?;
+            let job_since_received = Histogram::parse(&text, "cdc_since_received_seconds")?;
             in_job.add(&job);
-            job_in_job.push(job);
+            since_received.add(&job_since_received);
+            job_in_job.push((job, job_since_received));
             let counter = |name| cdc_cqrs::metrics::value(&text, name).unwrap_or(0.0) as u64;
             batches.push((counter("cdc_batches_total"), counter("cdc_conflicts_total")));
         }
@@ -653,6 +661,7 @@ impl Jobs<'_> {
         Ok(Freshness {
             source,
             in_job,
+            since_received,
             tx_per_sec: summary.tx_per_sec(),
             stats,
             batches,

@@ -1,7 +1,7 @@
 //! A job's metrics in the Prometheus text format: records in, written, skipped (below the checkpoint),
 //! dead-lettered, batches and their latency, lag (records behind the topic ends; milliseconds from the
 //! source commit of the newest applied change to now), and freshness histograms: how long a change took
-//! from its PostgreSQL commit, and from its Kafka record, to its MongoDB commit.
+//! from its PostgreSQL commit, from its Kafka record, and from the job receiving it, to its MongoDB commit.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -115,8 +115,11 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     /// PostgreSQL commit (Debezium's `source.ts_ms`) to the MongoDB commit of the batch, per change.
     pub freshness: Histogram,
-    /// Kafka record timestamp to the MongoDB commit: the part of freshness spent in the job.
+    /// Kafka record timestamp to the MongoDB commit: the part of freshness spent in the job, with the
+    /// broker's delivery.
     pub in_job: Histogram,
+    /// The job receiving the record to the MongoDB commit: the part of freshness the job alone decides.
+    pub since_received: Histogram,
 }
 
 /// One plain series: name, type, help, and how to read it.
@@ -164,9 +167,12 @@ const SERIES: [Series; 12] = [
 /// The histograms: name, help, and which one.
 type HistogramSeries = (&'static str, &'static str, fn(&Metrics) -> &Histogram);
 
-const HISTOGRAMS: [HistogramSeries; 2] = [
+const HISTOGRAMS: [HistogramSeries; 3] = [
     ("cdc_freshness_seconds", "PostgreSQL commit of a change to the MongoDB commit that applied it.", |m| &m.freshness),
     ("cdc_in_job_seconds", "Kafka record timestamp of a change to the MongoDB commit that applied it.", |m| &m.in_job),
+    ("cdc_since_received_seconds", "The job receiving a change's record to the MongoDB commit that applied it.", |m| {
+        &m.since_received
+    }),
 ];
 
 impl Metrics {
@@ -186,6 +192,7 @@ impl Metrics {
             assigned_partitions: Gauge::default(),
             freshness: Histogram::default(),
             in_job: Histogram::default(),
+            since_received: Histogram::default(),
         }
     }
 }

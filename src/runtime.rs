@@ -263,8 +263,8 @@ async fn run_store<J: Job>(
         let mut events = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut newest_source_ms = None;
-        // Per change: (source commit, Kafka record timestamp), for the freshness histograms.
-        let mut times: Vec<(i64, Option<i64>)> = Vec::with_capacity(batch.len());
+        // Per change: (source commit, Kafka record timestamp, received), for the freshness histograms.
+        let mut times: Vec<(i64, Option<i64>, i64)> = Vec::with_capacity(batch.len());
         let batch_len = batch.len();
         for record in batch {
             let (partition, offset) = (record.partition, record.offset);
@@ -278,7 +278,7 @@ async fn run_store<J: Job>(
                 Ok(event) => {
                     if let Some(source) = event.source() {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
-                        times.push((source.ts_ms, record.timestamp));
+                        times.push((source.ts_ms, record.timestamp, record.received_ms));
                     }
                     events.push(event);
                 }
@@ -354,7 +354,7 @@ async fn run_store<J: Job>(
         let committed_ms = now_ms();
         if tracing::enabled!(tracing::Level::DEBUG) {
             // Where a change's time in the job went: waiting to be taken into a batch, or the batch's write.
-            let oldest = times.iter().filter_map(|&(_, record_ms)| record_ms).min();
+            let oldest = times.iter().filter_map(|&(_, record_ms, _)| record_ms).min();
             tracing::debug!(
                 job = J::TABLE,
                 records = batch_len,
@@ -366,8 +366,9 @@ async fn run_store<J: Job>(
         if let Some(ts) = newest_source_ms {
             metrics.lag_ms.set((committed_ms - ts).max(0));
         }
-        for (source_ms, record_ms) in times {
+        for (source_ms, record_ms, received_ms) in times {
             metrics.freshness.observe_ms(committed_ms - source_ms, 1);
+            metrics.since_received.observe_ms(committed_ms - received_ms, 1);
             if let Some(record_ms) = record_ms {
                 metrics.in_job.observe_ms(committed_ms - record_ms, 1);
             }
@@ -513,6 +514,8 @@ struct Record<R> {
     offset: i64,
     /// The Kafka record timestamp, epoch milliseconds.
     timestamp: Option<i64>,
+    /// When the job took it from the consumer, epoch milliseconds.
+    received_ms: i64,
     change: Result<Event<R>, Box<Rejected>>,
 }
 
@@ -530,7 +533,8 @@ impl<R: DeserializeOwned> Record<R> {
             let (key, payload) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
             Box::new(Rejected { key, payload, reason: reason.to_string() })
         });
-        Record { partition: m.partition(), offset: m.offset(), timestamp: m.timestamp().to_millis(), change }
+        let (partition, offset, timestamp) = (m.partition(), m.offset(), m.timestamp().to_millis());
+        Record { partition, offset, timestamp, received_ms: now_ms(), change }
     }
 }
 
@@ -965,7 +969,13 @@ mod tests {
 
     /// A record of partition `p` at `offset`, stamped `ms` (none when negative).
     fn record(p: i32, offset: i64, ms: i64) -> Record<OrderDetail> {
-        Record { partition: p, offset, timestamp: (ms >= 0).then_some(ms), change: Ok(Event::Tombstone) }
+        Record {
+            partition: p,
+            offset,
+            timestamp: (ms >= 0).then_some(ms),
+            received_ms: 0,
+            change: Ok(Event::Tombstone),
+        }
     }
 
     fn places(records: &[Record<OrderDetail>]) -> Vec<(i32, i64)> {
