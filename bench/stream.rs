@@ -691,12 +691,15 @@ impl DeliveryProbe {
         consumer.assign(&tpl)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
+        // tansu reports partition ends a few records short (STACK.md): the records stamped before the probe
+        // started are older ones, not the run's.
+        let started_ms = (now_nanos() / 1_000_000) as i64;
         let thread = std::thread::spawn(move || {
             let mut delays = Vec::new();
             while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
-                        if let Some(ts) = m.timestamp().to_millis() {
+                        if let Some(ts) = m.timestamp().to_millis().filter(|&ts| ts >= started_ms) {
                             delays.push((now_nanos() / 1_000_000) as i64 - ts);
                         }
                     }

@@ -22,7 +22,11 @@ pub fn consumer_config(args: &KafkaArgs, group_id: &str) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000")
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("fetch.wait.max.ms", "100")
+        // How long the broker may hold a fetch that finds nothing new. A broker that answers a waiting fetch
+        // as soon as a record arrives (Apache Kafka) makes this only the rate of empty fetches; one that
+        // answers when the wait ends (tansu) adds up to it to every change's freshness (measured, 500 tx/s:
+        // in the jobs p99 207-219 ms at 100, 69-133 ms at 20; idle, tansu 1.5% -> 4% of a core per consumer).
+        .set("fetch.wait.max.ms", "20")
         // Prefetch about a full batch and more (10,000 records are ~6 MB), not librdkafka's 64 MB (a job's
         // RSS), in fetches of at most 4 MB (librdkafka asks for 50 MB at a time by default).
         .set("queued.max.messages.kbytes", "8192")
