@@ -229,7 +229,7 @@ pub async fn run(args: Args) -> Result<()> {
         for (name, h) in [
             ("PostgreSQL commit -> visible in MongoDB", &f.source),
             ("  of which in the jobs (Kafka record ->)", &f.in_job),
-            ("    of which since received (job has it ->)", &f.since_received),
+            ("    of which since the job received it", &f.since_received),
         ] {
             println!(
                 "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
