@@ -80,9 +80,13 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
             reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
         let value =
             |name: &str| cdc_cqrs::metrics::value(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        // Each applied change is timed from its commit, its Kafka record and its receipt by the job.
         let counted = value("cdc_records_in_total") >= 300.0
             && value("cdc_batches_total") >= 1.0
-            && value("cdc_writes_total") >= 100.0;
+            && value("cdc_writes_total") >= 100.0
+            && ["cdc_freshness_seconds_count", "cdc_in_job_seconds_count", "cdc_since_received_seconds_count"]
+                .iter()
+                .all(|h| value(h) >= 1.0);
         if counted {
             assert_eq!(value("cdc_dead_lettered_total"), 0.0);
             break;
