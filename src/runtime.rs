@@ -58,11 +58,6 @@ pub trait Job: Send + Sync + 'static {
     /// (order_details: an order's lines). See [`oldest`].
     const BATCHES_BY_TIME: bool = false;
 
-    /// The most records in one batch unless `--batch-size` says otherwise (the job's `--help` shows it).
-    /// Larger batches reduce more changes per key and make fewer round trips when catching up; they cost
-    /// memory (see "bench stream" in the README for what each job's was measured at).
-    const BATCH_SIZE: usize = 10_000;
-
     /// Events the per-key reduction must keep even when a later event of the same key follows.
     fn must_keep(_event: &Event<Self::Row>) -> bool {
         false
@@ -94,10 +89,11 @@ pub struct JobArgs {
     #[command(flatten)]
     pub stores: StoresArgs,
 
-    /// Most records in one batch (each job has its own default). Batches are otherwise as large as what has
-    /// arrived: one change alone is written at once, and under load the records that come while a batch is
-    /// written make the next one.
-    #[arg(long, env = "CDC_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most records in one batch. Batches are otherwise as large as what has arrived: one change alone is
+    /// written at once, and under load the records that come while a batch is written make the next one.
+    /// Larger batches reduce more changes per key and make fewer round trips when catching up; they cost
+    /// memory (each job's peak RSS is measured in "bench stream", README).
+    #[arg(long, env = "CDC_BATCH_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
 
     /// Milliseconds to linger for more records once a batch has its first one (0: take what has arrived;
@@ -122,10 +118,7 @@ pub fn main<J: Job>(job: J, about: &'static str) -> std::process::ExitCode {
         "{about} Every write is guarded by the WAL position it reflects and the checkpoints move after the \
          writes, so a crash or a replay never loses, doubles or regresses a change; stops cleanly on SIGTERM."
     );
-    let command = JobArgs::augment_args(clap::Command::new(J::BIN))
-        .mut_arg("batch_size", |a| a.default_value(J::BATCH_SIZE.to_string()).required(false))
-        .about(about)
-        .version(env!("CARGO_PKG_VERSION"));
+    let command = JobArgs::augment_args(clap::Command::new(J::BIN)).about(about).version(env!("CARGO_PKG_VERSION"));
     let matches = command.get_matches();
     let args = JobArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // glibc gives each thread that allocates its own arena, and batches are allocated on one worker thread
