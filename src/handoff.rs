@@ -6,17 +6,21 @@
 //! order, not WAL position, decides what a snapshot holds, hence transaction ids and not LSNs.
 //!
 //! The state is one MongoDB document, `_handoff {_id: "first_load"}`: an `epoch` that every load bumps,
-//! a `phase` and the `snapshot`. Jobs read it inside each batch's transaction and write nothing while a
-//! load or a swap is under way. `first_load` changes phase in a transaction that also writes every
-//! table's `_truncations` documents (one per lane), one of which every transaction of every job writes
-//! too: a batch that began under the old state conflicts and is redone under the new one, so none can
-//! commit across a phase change.
+//! a `phase` and the `snapshot`. Jobs consult it inside each batch's transaction and write nothing while a
+//! load or a swap is under way. `first_load` starts a load or a swap in a transaction that also stamps
+//! every table's `_truncations` documents (one per lane) with a new token, and every transaction of every
+//! job writes its lane's one first: a batch that began under the old state conflicts and is redone under
+//! the new one, so none can commit across a phase change. Only [`begin`] leaves [`Phase::Done`] (the
+//! snapshot and the end of a load are recorded while not done), so a job that read `done` under a token
+//! may trust it while its lane's mark carries the same token, and skip the read (see [`crate::sink`]).
 //! A batch started under an older epoch is answered [`Gate::Reset`]: `--rebuild` moved the checkpoints
 //! back to where they stood before its snapshot, and the job must re-read them and seek.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use bson::oid::ObjectId;
 use bson::{Bson, Document, doc};
 use mongodb::{ClientSession, Database};
 
@@ -24,6 +28,8 @@ pub const COLLECTION: &str = "_handoff";
 const ID: &str = "first_load";
 /// The tables whose `_truncations` documents a phase change writes.
 const TABLES: [&str; 3] = ["products", "orders", "order_details"];
+/// The field of a `_truncations` document that [`begin`] sets to a new token.
+pub(crate) const HANDOFF_TOKEN: &str = "handoff";
 
 /// A PostgreSQL snapshot as `pg_current_snapshot()` gives it (64-bit transaction ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +170,7 @@ impl Handoff {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
     /// Apply, skipping what the snapshot holds.
-    Open(Handoff),
+    Open(Arc<Handoff>),
     /// A load or swap is under way: write nothing, try again later.
     Closed(Phase),
     /// A newer epoch: the job's checkpoints may have moved back; re-read them.
@@ -183,16 +189,16 @@ pub async fn read(db: &Database, session: Option<&mut ClientSession>) -> Result<
     found.map_or(Ok(Handoff::none()), |d| Handoff::from_bson(&d).context("reading the first_load handoff state"))
 }
 
-/// The gate for a batch of a job that knows `epoch`, read inside the batch's transaction.
-pub async fn gate(db: &Database, session: &mut ClientSession, epoch: i64) -> Result<Gate> {
-    let handoff = read(db, Some(session)).await?;
-    Ok(if handoff.epoch != epoch {
+/// The gate for a batch of a job that knows `epoch`, under `handoff` (read in the batch's transaction, or
+/// known to be the same, see the module doc).
+pub fn gate(handoff: Arc<Handoff>, epoch: i64) -> Gate {
+    if handoff.epoch != epoch {
         Gate::Reset
     } else if handoff.phase != Phase::Done {
         Gate::Closed(handoff.phase)
     } else {
         Gate::Open(handoff)
-    })
+    }
 }
 
 /// Starts a new epoch in `phase`. With `rewind`, every job checkpoint moves, in the same transaction, to
@@ -221,12 +227,13 @@ pub async fn begin(
             let handoffs = db.collection::<Document>(COLLECTION);
             handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
             let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
+            let token = ObjectId::new();
             for table in TABLES {
                 for lane in 0..crate::sink::LANES {
                     marks
                         .update_one(
                             doc! { "_id": crate::sink::truncation_mark(table, lane) },
-                            doc! { "$inc": { "handoffs": 1_i64 } },
+                            doc! { "$set": { HANDOFF_TOKEN: token } },
                         )
                         .upsert(true)
                         .session(&mut *session)

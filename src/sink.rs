@@ -20,9 +20,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use bson::oid::ObjectId;
 use bson::{Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
@@ -66,6 +68,13 @@ pub enum Applied {
     Conflict,
 }
 
+/// A lane's `_truncations` document as a batch took it: the table's newest TRUNCATE, and the token of the
+/// last first_load phase change.
+struct LaneMark {
+    lsn: i64,
+    token: Option<ObjectId>,
+}
+
 /// How far a job has applied one partition: the next offset to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -77,6 +86,8 @@ pub struct Checkpoint {
 pub struct MongoSink {
     client: Client,
     db: Database,
+    /// The handoff state last read as `done`, with the token of its lane mark.
+    done: Mutex<Option<(Option<ObjectId>, Arc<Handoff>)>>,
 }
 
 impl MongoSink {
@@ -98,7 +109,7 @@ impl MongoSink {
         db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
             anyhow!("cannot reach MongoDB ({e}): start it (`scripts/stack up`) or point CDC_MONGO_URI at it")
         })?;
-        Ok(MongoSink { client, db })
+        Ok(MongoSink { client, db, done: Mutex::new(None) })
     }
 
     pub fn database(&self) -> &Database {
@@ -148,14 +159,18 @@ impl MongoSink {
         let attempt = std::time::Instant::now();
         session.start_transaction().await?;
         let result = async {
-            let handoff = match handoff::gate(&self.db, &mut session, epoch).await? {
+            let mark = self.take_lane::<J>(&mut session, lane).await?;
+            let handoff = match handoff::gate(self.handoff(&mut session, mark.token).await?, epoch) {
                 Gate::Open(handoff) => handoff,
                 Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
                 Gate::Reset => return Ok(Applied::Reset),
             };
-            let events = self.admissible::<J>(&mut session, events, lane, &handoff).await?;
+            let events = self.admissible::<J>(&mut session, events, mark.lsn, &handoff).await?;
             let store = ReadModels { db: &self.db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0) };
-            if !events.is_empty() {
+            let project = async {
+                if events.is_empty() {
+                    return Ok(());
+                }
                 let started = std::time::Instant::now();
                 job.apply(&events, &store).await?;
                 tracing::debug!(
@@ -167,10 +182,19 @@ impl MongoSink {
                     ms = started.elapsed().as_millis() as u64,
                     "batch written"
                 );
-            }
-            if !checkpoint_updates.is_empty() {
-                update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
-            }
+                Ok::<_, anyhow::Error>(())
+            };
+            // The checkpoints go out while the projection writes: they take effect only with the commit,
+            // which waits for both, and the live batch saves a round trip.
+            let checkpoints = async {
+                if !checkpoint_updates.is_empty() {
+                    update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            };
+            // Both run to their end (a session's command is not abandoned half way), then either's error.
+            let (projected, checkpointed) = tokio::join!(project, checkpoints);
+            projected.and(checkpointed)?;
             let (statements, raced) = (store.statements.into_inner(), store.raced.into_inner());
             Ok::<_, anyhow::Error>(Applied::Written { statements, raced })
         }
@@ -210,29 +234,53 @@ impl MongoSink {
 }
 
 impl MongoSink {
+    /// Takes the lane: its `_truncations` document, written first in the batch's transaction so that a
+    /// TRUNCATE or a first_load phase change committed meanwhile conflicts with the batch (both write every
+    /// lane's). A TRUNCATE writes every lane's document, so the lane's own holds the table's newest one.
+    async fn take_lane<J: Job>(&self, session: &mut ClientSession, lane: usize) -> Result<LaneMark> {
+        let own = self
+            .db
+            .collection::<RawDocumentBuf>(TRUNCATIONS)
+            .find_one_and_update(doc! { "_id": truncation_mark(J::TABLE, lane) }, doc! { "$inc": { "batches": 1_i64 } })
+            .upsert(true)
+            .session(session)
+            .await
+            .map_err(anyhow::Error::new)?;
+        Ok(LaneMark {
+            lsn: own.as_ref().and_then(|d| d.get_i64("lsn").ok()).unwrap_or(-1),
+            token: own.as_ref().and_then(|d| d.get_object_id(handoff::HANDOFF_TOKEN).ok()),
+        })
+    }
+
+    /// The handoff state in the batch's transaction, whose lane mark carries `token`: the `done` state last
+    /// read under the same token (only a new token can leave `done`, see [`crate::handoff`]), or read now.
+    async fn handoff(&self, session: &mut ClientSession, token: Option<ObjectId>) -> Result<Arc<Handoff>> {
+        if let Some((known, done)) = &*self.done.lock().expect("handoff cache") {
+            if *known == token {
+                return Ok(done.clone());
+            }
+        }
+        let now = Arc::new(handoff::read(&self.db, Some(session)).await?);
+        if now.phase == Phase::Done {
+            // Lanes may race to store theirs; each pair was read in one transaction, so any is true.
+            *self.done.lock().expect("handoff cache") = Some((token, now.clone()));
+        }
+        Ok(now)
+    }
+
     /// The batch's events that first_load's snapshot does not hold and that are newer than the table's
-    /// last TRUNCATE (older ones describe rows it removed), and the table's truncation watermark moved to
-    /// the batch's newest TRUNCATE. Every batch writes its lane's watermark document and a TRUNCATE writes
-    /// every lane's, so a batch serializes with any TRUNCATE of its table: an older insert from another
-    /// partition cannot slip in after a TRUNCATE that was applied concurrently (and first_load's phase
-    /// changes conflict with every batch, see [`crate::handoff`]).
+    /// last TRUNCATE (`mark`; older ones describe rows it removed), and the table's truncation watermark
+    /// moved to the batch's newest TRUNCATE. Every batch writes its lane's watermark document and a TRUNCATE
+    /// writes every lane's, so a batch serializes with any TRUNCATE of its table: an older insert from
+    /// another partition cannot slip in after a TRUNCATE that was applied concurrently (and first_load's
+    /// phase changes conflict with every batch, see [`crate::handoff`]).
     async fn admissible<'e, J: Job>(
         &self,
         session: &mut ClientSession,
         events: &'e [Event<J::Row>],
-        lane: usize,
+        mark: i64,
         handoff: &Handoff,
     ) -> Result<std::borrow::Cow<'e, [Event<J::Row>]>> {
-        let marks = self.db.collection::<Document>(TRUNCATIONS);
-        // A TRUNCATE writes every lane's document, so the lane's own holds the newest one: one round trip
-        // reads it and takes the lane.
-        let own = marks
-            .find_one_and_update(doc! { "_id": truncation_mark(J::TABLE, lane) }, doc! { "$inc": { "batches": 1_i64 } })
-            .upsert(true)
-            .session(&mut *session)
-            .await
-            .map_err(anyhow::Error::new)?;
-        let mark = own.and_then(|d| d.get_i64("lsn").ok()).unwrap_or(-1);
         let admissible = |e: &Event<J::Row>| e.source().is_none_or(|s| s.lsn as i64 > mark && !handoff.loaded(s.tx_id));
         let newest_truncate = events
             .iter()
