@@ -87,18 +87,45 @@ pub fn bin_path(bin: &str) -> String {
         "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
         "bench" => env!("CARGO_BIN_EXE_bench").to_owned(),
         "cqrs_api" => env!("CARGO_BIN_EXE_cqrs_api").to_owned(),
-        // Another package of the workspace: `cargo test` builds it beside this one's binaries.
+        // Another package of the workspace: `cargo test` builds it beside this one's binaries, but
+        // `cargo test --test NAME` builds only this package's, and an older first_load fails in ways that
+        // look like bugs.
         "first_load" => {
             let path = std::path::Path::new(env!("CARGO_BIN_EXE_verify")).with_file_name("first_load");
+            let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let edited = newest_edit(&[root.join("src"), root.join("jobs/first_load")]);
             assert!(
-                path.exists(),
-                "{} is missing: run the tests with `cargo test` at the workspace root",
+                built.is_some_and(|built| edited.is_none_or(|edited| edited <= built)),
+                "{} is missing or older than its sources: `cargo build -p first_load`, or run the tests with \
+                 `cargo test` at the workspace root",
                 path.display()
             );
             path.to_string_lossy().into_owned()
         }
         other => panic!("no binary {other}"),
     }
+}
+
+/// When the newest Rust source under `dirs` (tests aside) was last changed.
+fn newest_edit(dirs: &[std::path::PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut pending = dirs.to_vec();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let (path, Ok(meta)) = (entry.path(), entry.metadata()) else { continue };
+            if meta.is_dir() {
+                if !path.ends_with("tests") {
+                    pending.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && let Ok(modified) = meta.modified()
+            {
+                newest = newest.max(Some(modified));
+            }
+        }
+    }
+    newest
 }
 
 /// Asserts a binary succeeded, showing its output if not; returns its stdout.
