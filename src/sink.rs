@@ -381,19 +381,27 @@ impl ReadModels<'_> {
         Ok(self.fields(collection, ids, doc! { "_id": 1 }).await?.into_keys().collect())
     }
 
-    /// Which of `ids` (sorted) some document of `collection` holds in `field` (an indexed field): where a
-    /// change must be fanned out to.
-    pub async fn present(&self, collection: Collection, field: &str, ids: &[i32]) -> Result<HashSet<i32>> {
+    /// The ids of the lines embedded in each of orders `ids` that has any: the `order_details` documents an
+    /// order's change must be fanned out to (each is written before its line).
+    pub async fn line_ids(&self, ids: &[i32]) -> Result<HashMap<i32, Vec<i32>>> {
+        let mut out = HashMap::new();
         if ids.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(out);
         }
-        let values = self
+        let mut cursor = self
             .db
-            .collection::<Document>(collection.name())
-            .distinct(field, doc! { field: { "$in": ids } })
+            .collection::<RawDocumentBuf>(Collection::Orders.name())
+            .find(doc! { "_id": { "$in": ids }, "lines.0": { "$exists": true } })
+            .projection(doc! { "lines.order_detail_id": 1 })
             .await
             .map_err(anyhow::Error::new)?;
-        Ok(values.iter().filter_map(|v| v.as_i32()).filter(|id| ids.binary_search(id).is_ok()).collect())
+        while cursor.advance().await? {
+            let d = cursor.current();
+            let (Ok(id), Ok(lines)) = (d.get_i32("_id"), d.get_array("lines")) else { continue };
+            let lines = lines.into_iter().filter_map(|l| l.ok()?.as_document()?.get_i32("order_detail_id").ok());
+            out.insert(id, lines.collect());
+        }
+        Ok(out)
     }
 
     /// The orders whose lines hold each of products `ids` (sorted), by product, found through the

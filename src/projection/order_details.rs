@@ -61,13 +61,16 @@ impl Job for OrderDetailsJob {
 
     async fn apply(&self, events: &[Event<OrderDetail>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let (mut product_ids, mut status_ids, mut order_ids) = (Vec::new(), Vec::new(), Vec::new());
-        // The orders this batch copies each product into: where its re-check fans a change out to.
+        // The orders this batch copies each product into, and the lines it copies each order's status into:
+        // where its re-check fans a change out to.
         let mut holders: HashMap<i32, Vec<i32>> = HashMap::new();
+        let mut lines_of: HashMap<i32, Vec<i32>> = HashMap::new();
         for event in events {
             match event {
                 Event::Upsert { row, before, .. } => {
                     product_ids.push(row.product_id);
                     holders.entry(row.product_id).or_default().push(row.order_id);
+                    lines_of.entry(row.order_id).or_default().push(row.order_detail_id);
                     status_ids.push(row.order_id);
                     order_ids.push(row.order_id);
                     order_ids.extend(before.as_ref().map(|b| b.order_id));
@@ -151,7 +154,10 @@ impl Job for OrderDetailsJob {
         for (id, now) in statuses_now.iter().filter(|(_, o)| field(o, "status").is_some()) {
             let copied = statuses.get(id).filter(|o| field(o, "status").is_some());
             if copied.is_none_or(|o| field(o, "status") != field(now, "status")) {
-                again.push(status_fan_out(*id, &value(now, "status"), now.get_i64("_v")?));
+                let mut details = lines_of.remove(id).unwrap_or_default();
+                details.sort_unstable();
+                details.dedup();
+                again.push(status_fan_out(*id, &details, &value(now, "status"), now.get_i64("_v")?));
             }
         }
         store.write(again).await

@@ -1,9 +1,10 @@
 //! orders -> the header fields of `orders` documents (never their `lines`, which the order_details job
 //! owns), and the order's status into its `order_details` documents.
 //!
-//! The order's document is written before its `order_details` documents are looked for: the order_details
-//! job writes a document first and reads the order after (its re-check), so one it copies an older status
-//! into is either seen here or sees the new status there.
+//! The order's document is written before its `order_details` documents are looked for, by the ids of the
+//! lines it embeds: the order_details job writes a line's document, then the line into its order, and reads
+//! the order after (its re-check), so a document it copies an older status into is either found here or
+//! sees the new status there.
 
 use bson::{Bson, Document, doc};
 
@@ -81,13 +82,14 @@ fn guarded_merge(id: i32, pos: i64, set: Vec<Bson>) -> Document {
     }
 }
 
-/// The copy of order `id`'s `status` (as of `pos`) into its `order_details` documents, each guarded by the
-/// version it was copied at.
-pub fn status_fan_out(id: i32, status: &Bson, pos: i64) -> Write {
+/// The copy of order `id`'s `status` (as of `pos`) into its `order_details` documents `details` (those
+/// still in the order: a line moved to another order keeps that one's), each guarded by the version it was
+/// copied at.
+pub fn status_fan_out(id: i32, details: &[i32], status: &Bson, pos: i64) -> Write {
     Write::new(
         Collection::OrderDetails,
         doc! {
-            "q": { "order_id": id, "_ov": { "$not": { "$gte": pos } } },
+            "q": { "_id": { "$in": details }, "order_id": id, "_ov": { "$not": { "$gte": pos } } },
             "u": { "$set": { "order_status": status, "_ov": pos } },
             "multi": true,
         },
@@ -118,13 +120,12 @@ impl Job for OrdersJob {
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        let with_details = store.present(Collection::OrderDetails, "order_id", &ids).await?;
+        let details = store.line_ids(&ids).await?;
         let fan_outs = events.iter().filter_map(|e| match e {
-            Event::Upsert { row, source, .. } if with_details.contains(&row.order_id) => Some(status_fan_out(
-                row.order_id,
-                &row.status.as_deref().map_or(Bson::Null, Bson::from),
-                source.lsn as i64,
-            )),
+            Event::Upsert { row, source, .. } => details.get(&row.order_id).map(|details| {
+                let status = row.status.as_deref().map_or(Bson::Null, Bson::from);
+                status_fan_out(row.order_id, details, &status, source.lsn as i64)
+            }),
             _ => None,
         });
         store.write(fan_outs.collect()).await
