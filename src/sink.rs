@@ -350,17 +350,19 @@ impl ReadModels<'_> {
 
     /// Applies `writes` and inserts the `new` documents of `collection` (which [`ReadModels::existing`]
     /// found missing) at once; a document whose `_id` was taken meanwhile gets the write `guarded` makes
-    /// from its key instead (its projection's guarded write).
-    pub async fn write_or_insert<K, W: IntoIterator<Item = Write>>(
+    /// from its key instead (its projection's guarded write). Returns the keys of those.
+    pub async fn write_or_insert<K: Copy, W: IntoIterator<Item = Write>>(
         &self,
         writes: Vec<Write>,
         collection: Collection,
         new: Vec<(K, RawDocumentBuf)>,
         guarded: impl Fn(&K) -> W,
-    ) -> Result<()> {
+    ) -> Result<Vec<K>> {
         let (keys, documents): (Vec<K>, Vec<RawDocumentBuf>) = new.into_iter().unzip();
         let (taken, ()) = tokio::try_join!(self.insert(collection, documents), self.write(writes))?;
-        self.write(taken.iter().flat_map(|&i| guarded(&keys[i])).collect()).await
+        let taken: Vec<K> = taken.into_iter().map(|i| keys[i]).collect();
+        self.write(taken.iter().flat_map(&guarded).collect()).await?;
+        Ok(taken)
     }
 
     /// Inserts `documents`, which the projection found missing (see [`ReadModels::existing`]), each on its

@@ -53,7 +53,7 @@ impl Job for InsertsIntoATakenId {
             let mark = doc! { "q": { "_id": *id }, "u": { "$set": { "fell_back": true } }, "upsert": true };
             Some(Write::new(Collection::Orders, mark))
         };
-        store.write_or_insert(Vec::new(), Collection::Orders, new.collect(), fallback).await
+        store.write_or_insert(Vec::new(), Collection::Orders, new.collect(), fallback).await.map(drop)
     }
 }
 

@@ -131,15 +131,16 @@ impl Existing {
     /// Writes `events` to `collection`: the document `new` makes of an event whose row (by `key`) has none
     /// yet is inserted, the others get their `guarded` writes, all at once (see
     /// [`ReadModels::write_or_insert`]); an insert that finds its `_id` taken gets the same guarded write.
-    pub async fn write<R: Sync, W: IntoIterator<Item = Write>>(
+    /// Returns the events whose insert found the `_id` taken.
+    pub async fn write<'e, R: Sync, W: IntoIterator<Item = Write>>(
         &self,
         store: &ReadModels<'_>,
         collection: Collection,
-        events: &[Event<R>],
+        events: &'e [Event<R>],
         key: impl Fn(&R) -> i32,
         new: impl Fn(&Event<R>) -> Option<RawDocumentBuf>,
         guarded: impl Fn(&Event<R>) -> W,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<&'e Event<R>>> {
         let (inserts, writes) = self.split(events, key, new, &guarded);
         store.write_or_insert(writes, collection, inserts, |e| guarded(e)).await
     }

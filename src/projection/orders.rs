@@ -6,6 +6,8 @@
 //! the order after (its re-check), so a document it copies an older status into is either found here or
 //! sees the new status there.
 
+use std::collections::HashSet;
+
 use bson::{Bson, Document, doc};
 
 use super::{Collection, Existing, Write, encode, literal, newer, tombstone};
@@ -111,12 +113,16 @@ impl Job for OrdersJob {
     async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let existing = Existing::read(store, Collection::Orders, events, Self::key).await?;
         let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
-        existing.write(store, Collection::Orders, events, Self::key, new, project).await?;
+        let taken = existing.write(store, Collection::Orders, events, Self::key, new, project).await?;
+        let taken: HashSet<i32> = taken.iter().filter_map(|e| e.row().map(Self::key)).collect();
         // The status goes to the order's order_details documents, looked for after the order's is written.
-        // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it.
+        // Every change fans out (guarded), not only newer ones: a replay may follow a crash before it. An
+        // order this batch inserted had no lines then: a line the order_details job adds later is re-checked
+        // there, against this status (most of a catch-up's orders, whose look-up found nothing).
         let mut ids: Vec<i32> = events
             .iter()
             .filter_map(|e| if let Event::Upsert { row, .. } = e { Some(row.order_id) } else { None })
+            .filter(|id| !existing.is_new(*id) || taken.contains(id))
             .collect();
         ids.sort_unstable();
         ids.dedup();
