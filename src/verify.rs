@@ -180,7 +180,8 @@ fn expected_documents<'a>(
                             quantity: l.quantity,
                             discount: l.discount,
                         };
-                        readmodel::order_line(&row, Some((l.name.as_str(), l.price)))
+                        let product = readmodel::line_product(l.name.as_str(), readmodel::money(l.price), None);
+                        readmodel::document(&readmodel::order_line(&row, Some(product)))
                     })
                     .collect::<Vec<_>>(),
             );
@@ -198,7 +199,7 @@ fn expected_documents<'a>(
         .map_err(|e| anyhow::Error::new(e).context("reading order_details from PostgreSQL"))
         .map_ok(|(order_detail_id, order_id, product_id, unit_price, quantity, discount, name, status)| {
             let row = OrderDetail { order_detail_id, order_id, product_id, unit_price, quantity, discount };
-            readmodel::order_detail(&row, Some(&name), status.as_deref())
+            readmodel::document(&readmodel::order_detail(&row, Some(&name), status.as_deref()))
         })
         .boxed(),
     }

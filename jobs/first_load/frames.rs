@@ -8,7 +8,9 @@
 //! stream rounds it.
 
 use anyhow::{Context, Result, bail};
-use bson::{Bson, Document, doc};
+use bson::raw::cstr;
+use bson::{RawArrayBuf, RawDocumentBuf, doc};
+use cdc_cqrs::projection::encode;
 use cdc_cqrs::readmodel;
 use cdc_cqrs::rows::OrderDetail;
 use polars::prelude::*;
@@ -19,15 +21,15 @@ use crate::source::{OrderRange, Products};
 /// Above this, `price x quantity x 1000` would not fit in 64 bits.
 const LARGEST_LINE_CENTS: i128 = (i64::MAX / 1000) as i128;
 
-/// The documents of one key range, ready for `insert_many`.
+/// The documents of one key range, ready for `insert_many` (as raw BSON, the shapes' own form).
 #[derive(Debug, Default)]
 pub struct Documents {
-    pub orders: Vec<Document>,
-    pub order_details: Vec<Document>,
+    pub orders: Vec<RawDocumentBuf>,
+    pub order_details: Vec<RawDocumentBuf>,
 }
 
 /// `products` documents (nothing to join: one row, one document).
-pub fn product_documents(rows: Products) -> Vec<Document> {
+pub fn product_documents(rows: Products) -> Vec<RawDocumentBuf> {
     (0..rows.product_id.len())
         .map(|i| {
             let mut d = readmodel::product(
@@ -38,7 +40,7 @@ pub fn product_documents(rows: Products) -> Vec<Document> {
                 rows.stock_quantity[i],
             );
             d.insert("_v", 0_i64);
-            d
+            encode(&d)
         })
         .collect()
 }
@@ -141,7 +143,7 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
     let mut out =
         Documents { orders: Vec::with_capacity(orders.height()), order_details: Vec::with_capacity(lines.height()) };
     // (order, line, embedded line), in the frame's (order, line) order.
-    let mut order_lines: Vec<(i32, i32, Bson)> = Vec::with_capacity(lines.height());
+    let mut order_lines: Vec<(i32, i32, RawDocumentBuf)> = Vec::with_capacity(lines.height());
     for i in 0..lines.height() {
         let row = OrderDetail {
             order_detail_id: required(l_id[i])?,
@@ -151,23 +153,24 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
             quantity: l_quantity[i].unwrap_or(0),
             discount: Decimal::new(l_discount[i].unwrap_or(0), 3),
         };
-        let product = match (&l_name[i], l_product_price[i]) {
-            (Some(name), Some(price)) => Some((name.as_str(), Decimal::new(price, 2))),
+        let (name, price) = match (&l_name[i], l_product_price[i]) {
+            (Some(name), Some(price)) => (name.as_str(), Decimal::new(price, 2)),
             _ => bail!(
                 "line {} refers to product {} that the snapshot does not hold",
                 row.order_detail_id,
                 row.product_id
             ),
         };
-        let mut line = readmodel::order_line_with_total(&row, product, Decimal::new(l_total[i].unwrap_or(0), 2));
-        if let Some(Bson::Document(p)) = line.get_mut("product") {
-            p.insert("_v", 0_i64);
-        }
-        line.insert("_v", 0_i64);
-        order_lines.push((row.order_id, row.order_detail_id, Bson::Document(line)));
+        let product = readmodel::line_product(name, readmodel::money(price), Some(0));
+        let mut line = readmodel::order_line_with_total(&row, Some(product), Decimal::new(l_total[i].unwrap_or(0), 2));
+        line.append(cstr!("_v"), 0_i64);
+        order_lines.push((row.order_id, row.order_detail_id, line));
 
-        let mut detail = readmodel::order_detail(&row, product.map(|(n, _)| n), l_status[i].as_deref());
-        detail.extend(doc! { "_v": 0_i64, "_deleted": false, "_pv": 0_i64, "_ov": 0_i64 });
+        let mut detail = readmodel::order_detail(&row, Some(name), l_status[i].as_deref());
+        for (key, value) in [(cstr!("_v"), 0_i64), (cstr!("_pv"), 0), (cstr!("_ov"), 0)] {
+            detail.append(key, value);
+        }
+        detail.append(cstr!("_deleted"), false);
         out.order_details.push(detail);
     }
 
@@ -181,7 +184,7 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
     let mut order_lines = order_lines.into_iter().peekable();
     for i in 0..orders.height() {
         let id = required(o_id[i])?;
-        let mut embedded = Vec::new();
+        let mut embedded = RawArrayBuf::new();
         while let Some((_, _, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
             embedded.push(line);
         }
@@ -193,17 +196,17 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
             o_date[i],
             o_status[i].as_deref(),
         ));
-        order.insert("lines", embedded);
-        order.insert(
-            "totals",
-            readmodel::totals(
-                o_items[i].unwrap_or(0),
-                o_quantity[i].unwrap_or(0) as i32,
-                Decimal::new(o_subtotal[i].unwrap_or(0), 2),
-                Decimal::new(o_total[i].unwrap_or(0), 2),
-            ),
+        let totals = readmodel::totals(
+            o_items[i].unwrap_or(0),
+            o_quantity[i].unwrap_or(0) as i32,
+            Decimal::new(o_subtotal[i].unwrap_or(0), 2),
+            Decimal::new(o_total[i].unwrap_or(0), 2),
         );
-        order.extend(doc! { "_v": 0_i64, "_deleted": false });
+        let mut order = encode(&order);
+        order.append(cstr!("lines"), embedded);
+        order.append(cstr!("totals"), encode(&totals));
+        order.append(cstr!("_v"), 0_i64);
+        order.append(cstr!("_deleted"), false);
         out.orders.push(order);
     }
     if let Some((_, line, _)) = order_lines.next() {
@@ -214,6 +217,8 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
 
 #[cfg(test)]
 mod tests {
+    use bson::Bson;
+
     use super::*;
     use crate::source::{Lines, Orders, ProductRefs};
 
@@ -258,6 +263,7 @@ mod tests {
         assert_eq!(docs.orders.len(), 8);
         assert_eq!(docs.order_details.len(), 40);
         for order in &docs.orders {
+            let order = &readmodel::document(order);
             let id = order.get_i32("_id").unwrap();
             let mut mine: Vec<&OrderDetail> = expected_lines.iter().filter(|l| l.order_id == id).collect();
             mine.sort_by_key(|l| l.order_detail_id);
@@ -267,8 +273,9 @@ mod tests {
             let expected: Vec<Bson> = mine
                 .iter()
                 .map(|l| {
-                    let price = Decimal::new(i64::from(l.product_id), 2);
-                    Bson::Document(readmodel::order_line(l, Some((&format!("p{}", l.product_id), price))))
+                    let price = readmodel::money(Decimal::new(i64::from(l.product_id), 2));
+                    let product = readmodel::line_product(format!("p{}", l.product_id).as_str(), price, None);
+                    Bson::Document(readmodel::document(&readmodel::order_line(l, Some(product))))
                 })
                 .collect();
             assert_eq!(embedded.get_array("lines").unwrap(), &expected, "order {id}");

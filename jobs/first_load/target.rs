@@ -3,7 +3,7 @@
 //! readers never see a half-built model and the jobs go on meanwhile).
 
 use anyhow::{Context, Result, bail};
-use bson::{Document, doc};
+use bson::{Document, RawDocumentBuf, doc};
 use cdc_cqrs::projection::Collection;
 use cdc_cqrs::sink;
 use mongodb::Database;
@@ -54,14 +54,14 @@ impl Target {
     }
 
     /// Inserts documents in large unordered batches (the driver splits them at the server's limits).
-    pub async fn insert(&self, collection: Collection, docs: &[Document]) -> Result<u64> {
+    pub async fn insert(&self, collection: Collection, docs: &[RawDocumentBuf]) -> Result<u64> {
         if docs.is_empty() {
             return Ok(0);
         }
         let name = self.name(collection);
         let done = self
             .db
-            .collection::<Document>(&name)
+            .collection::<RawDocumentBuf>(&name)
             .insert_many(docs)
             .ordered(false)
             .await

@@ -24,7 +24,7 @@ pub mod products;
 
 use std::collections::HashSet;
 
-use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
+use bson::{Bson, Decimal128, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
 
 use crate::envelope::Event;
 use crate::sink::ReadModels;
@@ -215,22 +215,32 @@ pub fn truncate_all(position: i64) -> Document {
 }
 
 /// Money as BSON Decimal128, exactly (keeps the scale: 11.00 stays 11.00).
+pub fn decimal(d: rust_decimal::Decimal) -> Bson {
+    Bson::Decimal128(decimal128(d))
+}
+
+/// [`decimal`] as the Decimal128 itself, for raw BSON.
 ///
 /// Encoded straight from the coefficient and scale (IEEE 754-2008 binary integer decimal: sign, 14-bit
 /// exponent biased by 6176, 113-bit coefficient): a rust_decimal's 96-bit mantissa always fits, and this is
 /// a hundred times faster than printing and parsing, which first_load does millions of times.
-pub fn decimal(d: rust_decimal::Decimal) -> Bson {
+pub fn decimal128(d: rust_decimal::Decimal) -> Decimal128 {
     const EXPONENT_BIAS: i128 = 6176;
     let sign = u128::from(d.is_sign_negative() && !d.is_zero()) << 127;
     let exponent = ((EXPONENT_BIAS - i128::from(d.scale())) as u128) << 113;
     let coefficient = d.mantissa().unsigned_abs();
-    Bson::Decimal128(bson::Decimal128::from_bytes((sign | exponent | coefficient).to_le_bytes()))
+    Decimal128::from_bytes((sign | exponent | coefficient).to_le_bytes())
 }
 
 /// The exact value of a Decimal128 this project wrote (the inverse of [`decimal`]); `None` for anything else
 /// (not a Decimal128, infinities, NaN, or beyond rust_decimal's 28 digits of scale and 96-bit mantissa).
 pub fn decimal_of(b: &Bson) -> Option<rust_decimal::Decimal> {
     let Bson::Decimal128(d) = b else { return None };
+    decimal_of_128(*d)
+}
+
+/// [`decimal_of`] of a Decimal128 itself.
+pub fn decimal_of_128(d: Decimal128) -> Option<rust_decimal::Decimal> {
     let bits = u128::from_le_bytes(d.bytes());
     if (bits >> 125) & 0b11 == 0b11 {
         return None; // the large-coefficient form, infinity or NaN: never written by `decimal`

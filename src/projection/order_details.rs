@@ -22,12 +22,14 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
-use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
+use bson::{Document, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
 use rust_decimal::Decimal;
 
 use super::orders::status_fan_out;
 use super::products::{details_fan_out, lines_fan_out};
-use super::{Collection, Existing, Write, decimal_of, encode, field, guarded_replace, tombstone, truncate_all, value};
+use super::{
+    Collection, Existing, Write, decimal_of_128, encode, field, guarded_replace, tombstone, truncate_all, value,
+};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::OrderDetail;
@@ -294,11 +296,11 @@ impl<'a> Lines<'a> {
             match lines.write(order_id)? {
                 Some(LinesWrite::Update(statement)) => {
                     updated.0.push(order_id);
-                    updated.1.push(encode(&statement));
+                    updated.1.push(statement);
                 }
                 Some(LinesWrite::Insert(document)) => {
                     inserted.0.push(order_id);
-                    inserted.1.push(encode(&document));
+                    inserted.1.push(document);
                 }
                 None => {}
             }
@@ -313,49 +315,56 @@ type Changed = (Vec<i32>, Vec<RawDocumentBuf>);
 /// How an order's changed lines are written.
 enum LinesWrite {
     /// An update of the document read, conditional on its lines being the ones read.
-    Update(Document),
+    Update(RawDocumentBuf),
     /// A new document (none was read).
-    Insert(Document),
+    Insert(RawDocumentBuf),
 }
 
-/// One order's `lines` (sorted by `order_detail_id`) and `_removed` (`{order_detail_id, _v}` of lines gone),
-/// changed only by events newer than what the order knows of that line; `version` is the `_lv` read, and
-/// `exists` whether a document was.
+/// One order's `lines` (sorted by `order_detail_id`, as raw BSON: they are copied, not looked into) and
+/// `_removed` (`(order_detail_id, _v)` of lines gone), changed only by events newer than what the order knows
+/// of that line; `version` is the `_lv` read, and `exists` whether a document was.
 #[derive(Debug, Default)]
 struct OrderLines {
-    lines: Vec<Document>,
-    removed: Vec<Document>,
+    lines: Vec<RawDocumentBuf>,
+    removed: Vec<(i32, i64)>,
     version: Option<i64>,
     exists: bool,
     changed: bool,
 }
 
+/// A line's `order_detail_id` (its first field).
+fn line_id(line: &RawDocument) -> Option<i32> {
+    line.get_i32("order_detail_id").ok()
+}
+
+/// A line's `_v`: the position of the change it reflects (-1 if none).
+fn line_version(line: &RawDocument) -> i64 {
+    line.get_i64("_v").unwrap_or(-1)
+}
+
 impl OrderLines {
-    /// An order's lines as read, to be changed (decoded here: only the orders a batch changes ever are).
+    /// An order's lines as read, to be changed (only the orders a batch changes ever are).
     fn stored(order: Option<&RawDocumentBuf>) -> anyhow::Result<Self> {
-        let mut order =
-            order.map(|o| Document::try_from(o.as_ref())).transpose().context("an order that is not BSON")?;
-        let (version, exists) = (order.as_ref().and_then(|o| o.get_i64("_lv").ok()), order.is_some());
-        let mut array = |name| -> Vec<Document> {
-            match order.as_mut().and_then(|o| o.remove(name)) {
-                Some(Bson::Array(items)) => {
-                    items.into_iter().filter_map(|b| if let Bson::Document(d) = b { Some(d) } else { None }).collect()
+        let Some(order) = order else { return Ok(OrderLines::default()) };
+        let array = |name| -> anyhow::Result<Vec<&RawDocument>> {
+            match order.get_array(name) {
+                Ok(items) => {
+                    items.into_iter().filter_map(|b| b.map(|b| b.as_document()).transpose()).collect::<Result<_, _>>()
                 }
-                _ => Vec::new(),
+                Err(_) => Ok(Vec::new()),
             }
+            .with_context(|| format!("an order whose {name} are not BSON"))
         };
-        Ok(OrderLines { lines: array("lines"), removed: array("_removed"), version, exists, changed: false })
+        let lines = array("lines")?.into_iter().map(RawDocument::to_owned).collect();
+        let removed = array("_removed")?.into_iter().filter_map(|r| Some((line_id(r)?, line_version(r)))).collect();
+        Ok(OrderLines { lines, removed, version: order.get_i64("_lv").ok(), exists: true, changed: false })
     }
 
     /// The newest position this order knows for line `id` (present or removed), -1 if none.
     fn seen(&self, id: i32) -> i64 {
-        self.lines
-            .iter()
-            .chain(&self.removed)
-            .filter(|l| l.get_i32("order_detail_id").ok() == Some(id))
-            .filter_map(|l| l.get_i64("_v").ok())
-            .max()
-            .unwrap_or(-1)
+        let present = self.lines.iter().filter(|l| line_id(l) == Some(id)).map(|l| line_version(l));
+        let removed = self.removed.iter().filter(|(r, _)| *r == id).map(|&(_, v)| v);
+        present.chain(removed).max().unwrap_or(-1)
     }
 
     /// Line `row` as of `pos`, its product copied from `product` (as read; `None`: not known yet) or from
@@ -363,31 +372,33 @@ impl OrderLines {
     /// still refreshes its product copy, which a crashed run may have left stale.
     fn upsert(&mut self, row: &OrderDetail, pos: i64, product: Option<&RawDocumentBuf>) {
         let id = row.order_detail_id;
-        let at = self.lines.iter().position(|l| l.get_i32("order_detail_id").ok() == Some(id));
+        let at = self.lines.iter().position(|l| line_id(l) == Some(id));
         let same_product = at.filter(|&i| self.lines[i].get_i32("product_id").ok() == Some(row.product_id));
         let stored_copy = same_product.and_then(|i| self.lines[i].get_document("product").ok());
-        let copy_version = |copy: Option<&Document>| copy.and_then(|c| c.get_i64("_v").ok()).unwrap_or(-1);
-        let read = product.map(|p| doc! { "name": value(p, "name"), "price": value(p, "price"), "_v": value(p, "_v") });
-        let read_is_newer = copy_version(read.as_ref()) > copy_version(stored_copy);
+        let copy_version = |copy: Option<&RawDocument>| copy.and_then(|c| c.get_i64("_v").ok()).unwrap_or(-1);
+        let read = product.map(|p| {
+            let of = |key| field(p, key).unwrap_or(RawBsonRef::Null);
+            readmodel::line_product(of("name"), of("price"), Some(version_read(Some(p))))
+        });
+        let read_is_newer = copy_version(read.as_deref()) > copy_version(stored_copy);
         if pos <= self.seen(id) {
             if let (Some(i), Some(read), true) = (same_product, read, read_is_newer) {
-                self.lines[i].insert("product", read);
+                self.lines[i] = with_product(&self.lines[i], read);
                 self.changed = true;
             }
             return;
         }
         let product = match (read, stored_copy) {
-            (Some(read), _) if read_is_newer => Bson::Document(read),
-            (_, Some(stored)) => Bson::Document(stored.clone()),
-            (read, None) => read.map_or(Bson::Null, Bson::Document),
+            (Some(read), _) if read_is_newer => Some(read),
+            (_, Some(stored)) => Some(stored.to_owned()),
+            (read, None) => read,
         };
-        let mut line = readmodel::order_line(row, None);
-        line.insert("product", product);
-        line.insert("_v", pos);
+        let mut line = readmodel::order_line(row, product);
+        line.append(cstr!("_v"), pos);
         match at {
             Some(i) => self.lines[i] = line,
             None => {
-                let i = self.lines.partition_point(|l| l.get_i32("order_detail_id").is_ok_and(|other| other < id));
+                let i = self.lines.partition_point(|l| line_id(l).is_some_and(|other| other < id));
                 self.lines.insert(i, line);
             }
         }
@@ -398,24 +409,22 @@ impl OrderLines {
         if pos <= self.seen(id) {
             return;
         }
-        let is_it = |l: &Document| l.get_i32("order_detail_id").ok() == Some(id);
-        self.lines.retain(|l| !is_it(l));
-        self.removed.retain(|l| !is_it(l));
-        self.removed.push(doc! { "order_detail_id": id, "_v": pos });
+        self.lines.retain(|l| line_id(l) != Some(id));
+        self.removed.retain(|&(r, _)| r != id);
+        self.removed.push((id, pos));
         self.changed = true;
     }
 
     /// Every line older than `pos` leaves (a TRUNCATE of order_details).
     fn truncate(&mut self, pos: i64) {
-        let (older, newer): (Vec<Document>, Vec<Document>) =
-            std::mem::take(&mut self.lines).into_iter().partition(|l| l.get_i64("_v").unwrap_or(-1) < pos);
+        let (older, newer): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.lines).into_iter().partition(|l| line_version(l) < pos);
         self.lines = newer;
         if !older.is_empty() {
             self.changed = true;
         }
         for line in older {
-            let id = line.get_i32("order_detail_id").unwrap_or_default();
-            self.removed.push(doc! { "order_detail_id": id, "_v": pos });
+            self.removed.push((line_id(&line).unwrap_or_default(), pos));
         }
     }
 
@@ -423,8 +432,12 @@ impl OrderLines {
     fn totals(&self) -> anyhow::Result<Document> {
         let (mut quantity, mut subtotal, mut total) = (0, Decimal::ZERO, Decimal::ZERO);
         for line in &self.lines {
-            let money = |field| {
-                line.get(field).and_then(decimal_of).with_context(|| format!("an order line without a decimal {field}"))
+            let money = |name| {
+                match field(line, name) {
+                    Some(RawBsonRef::Decimal128(d)) => decimal_of_128(d),
+                    _ => None,
+                }
+                .with_context(|| format!("an order line without a decimal {name}"))
             };
             let q = line.get_i32("quantity")?;
             quantity += q;
@@ -441,22 +454,37 @@ impl OrderLines {
         if !self.changed {
             return Ok(None);
         }
-        let totals = self.totals()?;
+        let totals = encode(&self.totals()?);
+        let removed: RawArrayBuf =
+            self.removed.iter().map(|&(id, v)| rawdoc! { "order_detail_id": id, "_v": v }).collect();
+        let lines: RawArrayBuf = self.lines.into_iter().collect();
         if !self.exists {
             let document =
-                doc! { "_id": order_id, "lines": self.lines, "_removed": self.removed, "totals": totals, "_lv": 1_i64 };
+                rawdoc! { "_id": order_id, "lines": lines, "_removed": removed, "totals": totals, "_lv": 1_i64 };
             return Ok(Some(LinesWrite::Insert(document)));
         }
         let unchanged = match self.version {
-            Some(v) => Bson::Int64(v),
-            None => Bson::Document(doc! { "$exists": false }),
+            Some(v) => RawBson::Int64(v),
+            None => RawBson::Document(rawdoc! { "$exists": false }),
         };
-        Ok(Some(LinesWrite::Update(doc! {
+        Ok(Some(LinesWrite::Update(rawdoc! {
             "q": { "_id": order_id, "_lv": unchanged },
-            "u": { "$set": { "lines": self.lines, "_removed": self.removed, "totals": totals }, "$inc": { "_lv": 1_i64 } },
+            "u": { "$set": { "lines": lines, "_removed": removed, "totals": totals }, "$inc": { "_lv": 1_i64 } },
             "upsert": true,
         })))
     }
+}
+
+/// `line` with `product` as its product copy (in its place: a line's fields keep their order).
+fn with_product(line: &RawDocument, product: RawDocumentBuf) -> RawDocumentBuf {
+    let mut changed = RawDocumentBuf::new();
+    for (key, value) in line.iter().filter_map(Result::ok) {
+        match key.as_str() {
+            "product" => changed.append(key, &product),
+            _ => changed.append(key, value),
+        }
+    }
+    changed
 }
 
 /// The write of `row` (as of `pos`) to its `order_details` document, guarded by the document's version. The
@@ -474,7 +502,7 @@ fn detail_statement(
     order: Option<&RawDocumentBuf>,
 ) -> RawDocumentBuf {
     // The row's fields in the read model's shape (its null copies are overridden by `copies` below).
-    let mut row_fields = encode(&readmodel::order_detail(row, None, None));
+    let mut row_fields = readmodel::order_detail(row, None, None);
     row_fields.append(cstr!("_v"), pos);
     row_fields.append(cstr!("_deleted"), false);
     // The copy is ours when the document points at the same source and ours is newer, or points at another
@@ -527,8 +555,11 @@ fn new_detail(
 ) -> RawDocumentBuf {
     let (name, status) = (product.and_then(|p| p.get_str("name").ok()), order.and_then(|o| o.get_str("status").ok()));
     let mut document = readmodel::order_detail(row, name, status);
-    document.extend(doc! { "_v": pos, "_deleted": false, "_pv": version_read(product), "_ov": version_read(order) });
-    encode(&document)
+    document.append(cstr!("_v"), pos);
+    document.append(cstr!("_deleted"), false);
+    document.append(cstr!("_pv"), version_read(product));
+    document.append(cstr!("_ov"), version_read(order));
+    document
 }
 
 /// Totals from the lines, in cents (sums of two-decimal amounts; "0.00" fixes the scale of an empty sum).
@@ -593,7 +624,7 @@ mod tests {
         let row = line(3, "10.00", 2, "0.100");
         let product = encode(&doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()), "_v": 8_i64 });
         let document = Document::try_from(new_detail(&row, 40, Some(&product), None).as_ref()).unwrap();
-        let mut expected = readmodel::order_detail(&row, Some("Tent"), None);
+        let mut expected = readmodel::document(&readmodel::order_detail(&row, Some("Tent"), None));
         expected.extend(doc! { "_v": 40_i64, "_deleted": false, "_pv": 8_i64, "_ov": -1_i64 });
         assert_eq!(document, expected);
         assert_eq!(document.keys().next().map(String::as_str), Some("_id"));
@@ -612,7 +643,7 @@ mod tests {
         lines.remove(1, 30);
         lines.upsert(&line(1, "2.50", 2, "0"), 25, None);
         assert_eq!(ids(&lines), [2]);
-        assert_eq!(lines.removed, vec![doc! { "order_detail_id": 1, "_v": 30_i64 }]);
+        assert_eq!(lines.removed, vec![(1, 30)]);
         // A TRUNCATE newer than every line empties the order.
         lines.truncate(40);
         assert!(lines.lines.is_empty());
@@ -623,23 +654,25 @@ mod tests {
     fn a_product_copy_keeps_the_newer_of_read_and_stored_even_on_replay() {
         let product = |price: &str, v: i64| doc! { "name": "Tent", "price": decimal(price.parse().unwrap()), "_v": v };
         let copy = |lines: &OrderLines| lines.lines[0].get_document("product").unwrap().get_i64("_v").unwrap();
+        let stored = |lines: &OrderLines| {
+            let lines: RawArrayBuf = lines.lines.iter().cloned().collect();
+            rawdoc! { "lines": lines, "_removed": [] }
+        };
         let mut lines = OrderLines::stored(None).unwrap();
         lines.upsert(&line(1, "10.00", 1, "0"), 10, Some(&encode(&product("19.90", 5))));
         // A fan-out wrote a newer copy meanwhile; a newer change of the line read the older product.
-        lines.lines[0].insert("product", product("21.00", 8));
+        lines.lines[0] = with_product(&lines.lines[0], encode(&product("21.00", 8)));
         lines.upsert(&line(1, "10.00", 2, "0"), 20, Some(&encode(&product("19.90", 5))));
         assert_eq!((lines.lines[0].get_i32("quantity").unwrap(), copy(&lines)), (2, 8));
         // A replay (not newer than the line) with a newer product mends the copy, and only the copy.
-        let mut replay =
-            OrderLines::stored(Some(&encode(&doc! { "lines": lines.lines.clone(), "_removed": [] }))).unwrap();
+        let mut replay = OrderLines::stored(Some(&stored(&lines))).unwrap();
         replay.upsert(&line(1, "99.00", 9, "0"), 20, Some(&encode(&product("22.00", 9))));
         assert_eq!((replay.lines[0].get_i32("quantity").unwrap(), copy(&replay)), (2, 9));
         assert!(replay.changed);
         // A line not known to a product yet (null copy) is mended by a replay too.
         let mut unknown = OrderLines::stored(None).unwrap();
         unknown.upsert(&line(2, "1.00", 1, "0"), 30, None);
-        let mut replay =
-            OrderLines::stored(Some(&encode(&doc! { "lines": unknown.lines.clone(), "_removed": [] }))).unwrap();
+        let mut replay = OrderLines::stored(Some(&stored(&unknown))).unwrap();
         replay.upsert(&line(2, "1.00", 1, "0"), 30, Some(&encode(&product("19.90", 5))));
         assert_eq!(copy(&replay), 5);
     }
@@ -655,10 +688,13 @@ mod tests {
         let expected: Vec<_> = rows.iter().map(|r| (r.unit_price, r.quantity, r.discount)).collect();
         assert_eq!(lines.totals().unwrap(), readmodel::order_totals(&expected));
         let embedded = lines.lines[0].get_document("product").unwrap();
-        assert_eq!(embedded, &doc! { "name": "Tent", "price": decimal("498.80".parse().unwrap()), "_v": 5_i64 });
+        assert_eq!(
+            embedded,
+            &*encode(&doc! { "name": "Tent", "price": decimal("498.80".parse().unwrap()), "_v": 5_i64 })
+        );
         // Unchanged lines write nothing.
-        let stored = doc! { "lines": lines.lines.clone(), "_removed": [] };
-        let mut again = OrderLines::stored(Some(&encode(&stored))).unwrap();
+        let stored: RawArrayBuf = lines.lines.iter().cloned().collect();
+        let mut again = OrderLines::stored(Some(&rawdoc! { "lines": stored, "_removed": [] })).unwrap();
         again.upsert(&rows[0], 10, None);
         assert!(again.write(7).unwrap().is_none());
     }
