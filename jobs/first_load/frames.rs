@@ -9,7 +9,7 @@
 
 use anyhow::{Context, Result, bail};
 use bson::raw::cstr;
-use bson::{RawArrayBuf, RawDocumentBuf, doc};
+use bson::{RawArrayBuf, RawDocumentBuf};
 use cdc_cqrs::projection::encode;
 use cdc_cqrs::readmodel;
 use cdc_cqrs::rows::OrderDetail;
@@ -188,21 +188,20 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         while let Some((_, _, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
             embedded.push(line);
         }
-        let mut order = doc! { "_id": id };
-        order.extend(readmodel::order_header(
+        let mut order = readmodel::order_header(
+            id,
             o_name[i].as_deref().unwrap_or_default(),
             o_address[i].as_deref().unwrap_or_default(),
             o_phone[i].as_deref().unwrap_or_default(),
             o_date[i],
             o_status[i].as_deref(),
-        ));
+        );
         let totals = readmodel::totals(
             o_items[i].unwrap_or(0),
             o_quantity[i].unwrap_or(0) as i32,
             Decimal::new(o_subtotal[i].unwrap_or(0), 2),
             Decimal::new(o_total[i].unwrap_or(0), 2),
         );
-        let mut order = encode(&order);
         order.append(cstr!("lines"), embedded);
         order.append(cstr!("totals"), encode(&totals));
         order.append(cstr!("_v"), 0_i64);

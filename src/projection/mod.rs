@@ -24,7 +24,7 @@ pub mod products;
 
 use std::collections::HashSet;
 
-use bson::{Bson, Decimal128, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
+use bson::{Bson, Decimal128, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc, rawdoc};
 
 use crate::envelope::Event;
 use crate::sink::ReadModels;
@@ -85,6 +85,11 @@ pub struct Write {
 impl Write {
     pub fn new(collection: Collection, statement: Document) -> Write {
         Write { collection, statement: encode(&statement) }
+    }
+
+    /// A statement built as raw BSON already (the ones written once per change).
+    pub fn raw(collection: Collection, statement: RawDocumentBuf) -> Write {
+        Write { collection, statement }
     }
 }
 
@@ -186,23 +191,24 @@ pub fn value(document: &RawDocument, key: &str) -> Bson {
     field(document, key).and_then(|b| Bson::try_from(b).ok()).unwrap_or(Bson::Null)
 }
 
-/// True when `position` is newer than the version at `path` of the document being updated.
-pub fn newer(position: i64, path: &str) -> Document {
-    doc! { "$gt": [ position, { "$ifNull": [ path, -1_i64 ] } ] }
+/// True when `position` is newer than the version `$_v` of the document being updated.
+fn newer(position: i64) -> RawDocumentBuf {
+    rawdoc! { "$gt": [ position, { "$ifNull": [ "$_v", -1_i64 ] } ] }
 }
 
-/// Replaces the document by `replacement` if `position` is newer than its `_v`, else leaves it.
-pub fn guarded_replace(id: i32, position: i64, replacement: Document) -> Document {
-    doc! {
+/// Replaces the document by `replacement` (an aggregation expression) if `position` is newer than its `_v`,
+/// else leaves it.
+pub fn guarded_replace(id: i32, position: i64, replacement: RawDocumentBuf) -> RawDocumentBuf {
+    rawdoc! {
         "q": { "_id": id },
-        "u": [ { "$replaceWith": { "$cond": [ newer(position, "$_v"), replacement, "$$ROOT" ] } } ],
+        "u": [ { "$replaceWith": { "$cond": [ newer(position), replacement, "$$ROOT" ] } } ],
         "upsert": true,
     }
 }
 
 /// A tombstone: the row is gone as of `position`.
-pub fn tombstone(id: i32, position: i64) -> Document {
-    doc! { "_id": id, "_deleted": true, "_v": position }
+pub fn tombstone(id: i32, position: i64) -> RawDocumentBuf {
+    rawdoc! { "_id": id, "_deleted": true, "_v": position }
 }
 
 /// Turns every document of a collection older than `position` into a tombstone (a TRUNCATE).

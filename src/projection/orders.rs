@@ -8,9 +8,11 @@
 
 use std::collections::HashSet;
 
-use bson::{Bson, Document, doc};
+use std::sync::LazyLock;
 
-use super::{Collection, Existing, Write, encode, literal, newer, tombstone};
+use bson::{Bson, RawArrayBuf, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
+
+use super::{Collection, Existing, Write, encode, guarded_replace, tombstone};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
@@ -25,20 +27,20 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
         Event::Upsert { row, source, .. } => {
             let pos = source.lsn as i64;
             // A new document starts with no lines; lines the order_details job wrote first are kept.
-            let lines = doc! {
+            let lines = rawdoc! {
                 "lines": { "$ifNull": [ "$lines", [] ] },
-                "totals": { "$ifNull": [ "$totals", literal(readmodel::order_totals(&[])) ] },
+                "totals": { "$ifNull": [ "$totals", { "$literal": no_totals().to_owned() } ] },
             };
-            guarded_merge(row.order_id, pos, vec![literal(header(row, pos)), lines.into()])
+            guarded_merge(row.order_id, pos, [rawdoc! { "$literal": header(row, pos) }, lines])
         }
         // Lines stay until their own deletes (the cascade) arrive.
         Event::Delete { before, source } => {
             let pos = source.lsn as i64;
-            guarded_merge(before.order_id, pos, vec![literal(doc! { "_deleted": true, "_v": pos })])
+            guarded_merge(before.order_id, pos, [rawdoc! { "$literal": { "_deleted": true, "_v": pos } }])
         }
         Event::Truncate { source } => {
             let pos = source.lsn as i64;
-            doc! {
+            rawdoc! {
                 "q": { "_v": { "$not": { "$gte": pos } } },
                 "u": [ { "$set": { "_deleted": true, "_v": { "$literal": pos } } } ],
                 "multi": true,
@@ -46,16 +48,16 @@ pub fn project(event: &Event<Order>) -> Option<Write> {
         }
         Event::Tombstone => return None,
     };
-    Some(Write::new(Collection::Orders, statement))
+    Some(Write::raw(Collection::Orders, statement))
 }
 
 /// The document [`project`] writes where the order has none: its header and no lines, or a tombstone.
-pub fn new_document(event: &Event<Order>) -> Option<Document> {
+pub fn new_document(event: &Event<Order>) -> Option<RawDocumentBuf> {
     match event {
         Event::Upsert { row, source, .. } => {
-            let mut document = doc! { "_id": row.order_id };
-            document.extend(header(row, source.lsn as i64));
-            document.extend(doc! { "lines": [], "totals": readmodel::order_totals(&[]) });
+            let mut document = header(row, source.lsn as i64);
+            document.append(cstr!("lines"), RawArrayBuf::new());
+            document.append(cstr!("totals"), no_totals());
             Some(document)
         }
         Event::Delete { before, source } => Some(tombstone(before.order_id, source.lsn as i64)),
@@ -63,25 +65,33 @@ pub fn new_document(event: &Event<Order>) -> Option<Document> {
     }
 }
 
-/// The header fields of `row` as of `pos`, with its version.
-fn header(row: &Order, pos: i64) -> Document {
-    let mut header =
-        readmodel::order_header(&row.customer_name, &row.address, &row.phone, row.order_date, row.status.as_deref());
-    header.extend(doc! { "_v": pos, "_deleted": false });
+/// The `totals` of an order without lines.
+fn no_totals() -> &'static RawDocument {
+    static NO_TOTALS: LazyLock<RawDocumentBuf> = LazyLock::new(|| encode(&readmodel::order_totals(&[])));
+    &NO_TOTALS
+}
+
+/// The `_id` and header fields of `row` as of `pos`, with its version.
+fn header(row: &Order, pos: i64) -> RawDocumentBuf {
+    let (id, date, status) = (row.order_id, row.order_date, row.status.as_deref());
+    let mut header = readmodel::order_header(id, &row.customer_name, &row.address, &row.phone, date, status);
+    header.append(cstr!("_v"), pos);
+    header.append(cstr!("_deleted"), false);
     header
 }
 
 /// Sets the fields of the documents `set` (aggregation expressions; values as one `$literal` where they can
 /// be: mongod parses every statement's pipeline, field by field) in order `id`'s document if `pos` is newer
 /// than its `_v`, else leaves it.
-fn guarded_merge(id: i32, pos: i64, set: Vec<Bson>) -> Document {
-    let mut merged = vec![Bson::from("$$ROOT")];
-    merged.extend(set);
-    doc! {
-        "q": { "_id": id },
-        "u": [ { "$replaceWith": { "$cond": [ newer(pos, "$_v"), { "$mergeObjects": merged }, "$$ROOT" ] } } ],
-        "upsert": true,
+fn guarded_merge(id: i32, pos: i64, set: impl IntoIterator<Item = RawDocumentBuf>) -> RawDocumentBuf {
+    let mut merged = RawArrayBuf::new();
+    merged.push("$$ROOT");
+    for expression in set {
+        merged.push(expression);
     }
+    let mut merge = RawDocumentBuf::new();
+    merge.append(cstr!("$mergeObjects"), merged);
+    guarded_replace(id, pos, merge)
 }
 
 /// The copy of order `id`'s `status` (as of `pos`) into its `order_details` documents `details` (those
@@ -112,7 +122,7 @@ impl Job for OrdersJob {
 
     async fn apply(&self, events: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
         let existing = Existing::read(store, Collection::Orders, events, Self::key).await?;
-        let new = |e: &Event<Order>| new_document(e).map(|d| encode(&d));
+        let new = |e: &Event<Order>| new_document(e);
         let taken = existing.write(store, Collection::Orders, events, Self::key, new, project).await?;
         let taken: HashSet<i32> = taken.iter().filter_map(|e| e.row().map(Self::key)).collect();
         // The status goes to the order's order_details documents, looked for after the order's is written.

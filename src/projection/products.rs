@@ -74,16 +74,16 @@ pub fn project(event: &Event<Product>, fanned_out: bool) -> Option<Write> {
     let statement = match event {
         Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
-            guarded_replace(id, pos, document(row, pos, fanned_out))
+            guarded_replace(id, pos, encode(&document(row, pos, fanned_out)))
         }
         Event::Delete { before, source } => {
             let (id, pos) = (before.product_id, source.lsn as i64);
             guarded_replace(id, pos, tombstone(id, pos))
         }
-        Event::Truncate { source } => truncate_all(source.lsn as i64),
+        Event::Truncate { source } => encode(&truncate_all(source.lsn as i64)),
         Event::Tombstone => return None,
     };
-    Some(Write::new(Collection::Products, statement))
+    Some(Write::raw(Collection::Products, statement))
 }
 
 /// Orders per fan-out statement: a product in a great many orders is fanned out in several, each well under
@@ -151,9 +151,9 @@ fn plain_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
 }
 
 /// What [`project`] writes where the product has no document: the document, or a tombstone.
-fn new_document(event: &Event<Product>, fanned_out: bool) -> Option<Document> {
+fn new_document(event: &Event<Product>, fanned_out: bool) -> Option<RawDocumentBuf> {
     match event {
-        Event::Upsert { row, source, .. } => Some(plain_document(row, source.lsn as i64, fanned_out)),
+        Event::Upsert { row, source, .. } => Some(encode(&plain_document(row, source.lsn as i64, fanned_out))),
         Event::Delete { before, source } => Some(tombstone(before.product_id, source.lsn as i64)),
         Event::Truncate { .. } | Event::Tombstone => None,
     }
@@ -199,7 +199,7 @@ impl crate::runtime::Job for ProductsJob {
         }
         let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
         let existing = Existing::known(stored.keys().copied(), events);
-        let new = |e: &Event<Product>| new_document(e, fanned_out(e)).map(|d| encode(&d));
+        let new = |e: &Event<Product>| new_document(e, fanned_out(e));
         let guarded = |e: &Event<Product>| project(e, fanned_out(e));
         existing.write(store, Collection::Products, events, Self::key, new, guarded).await?;
         // Only where the product is embedded, looked for after its document is written: an order line has
