@@ -320,9 +320,9 @@ enum LinesWrite {
     Insert(RawDocumentBuf),
 }
 
-/// One order's `lines` (sorted by `order_detail_id`, as raw BSON: they are copied, not looked into) and
-/// `_removed` (`(order_detail_id, _v)` of lines gone), changed only by events newer than what the order knows
-/// of that line; `version` is the `_lv` read, and `exists` whether a document was.
+/// One order's `lines` (sorted by `order_detail_id`; raw BSON as read, a line rebuilt only when it changes)
+/// and `_removed` (`(order_detail_id, _v)` of lines gone), changed only by events newer than what the order
+/// knows of that line; `version` is the `_lv` read, and `exists` whether a document was.
 #[derive(Debug, Default)]
 struct OrderLines {
     lines: Vec<RawDocumentBuf>,
