@@ -7,7 +7,6 @@
 //! sees the new status there.
 
 use std::collections::HashSet;
-
 use std::sync::LazyLock;
 
 use bson::{Bson, RawArrayBuf, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
