@@ -164,7 +164,8 @@ fn expected_documents<'a>(
         .fetch(pg)
         .map_err(|e| anyhow::Error::new(e).context("reading orders from PostgreSQL"))
         .map_ok(|(id, name, address, phone, date, status, lines)| {
-            let mut order = readmodel::document(&readmodel::order_header(id, &name, &address, &phone, date, status.as_deref()));
+            let header = readmodel::order_header(id, &name, &address, &phone, date, status.as_deref());
+            let mut order = readmodel::document(&header);
             let lines = lines.0;
             order.insert(
                 "lines",

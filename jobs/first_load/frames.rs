@@ -167,10 +167,10 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         order_lines.push((row.order_id, row.order_detail_id, line));
 
         let mut detail = readmodel::order_detail(&row, Some(name), l_status[i].as_deref());
-        for (key, value) in [(cstr!("_v"), 0_i64), (cstr!("_pv"), 0), (cstr!("_ov"), 0)] {
-            detail.append(key, value);
-        }
+        detail.append(cstr!("_v"), 0_i64);
         detail.append(cstr!("_deleted"), false);
+        detail.append(cstr!("_pv"), 0_i64);
+        detail.append(cstr!("_ov"), 0_i64);
         out.order_details.push(detail);
     }
 
