@@ -12,12 +12,15 @@
 //! of its table. A batch opens one, checks the handoff gate, writes its lane's truncation watermark in it and
 //! holds it while the writes go out, then writes the checkpoints in it and commits: a phase change or a
 //! TRUNCATE writes every lane's watermark, so it cannot commit while a batch holds one, and a batch that began
-//! before one committed conflicts on its watermark before it writes anything.
+//! before one committed conflicts on its watermark before it writes anything. The projection's reads start
+//! at once, beside the transaction's: only its writes wait for the lane (a read that a TRUNCATE overtakes
+//! is one more stale read, which the guards and the re-checks are there for).
 //!
 //! A job may have up to [`LANES`] batches in flight at once (the runtime splits a large batch by key into
 //! lanes); each lane has its own watermark document, so lanes never conflict with each other.
 //! A server without replica set or an unreachable one is an error the runtime retries with backoff.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,7 @@ use bson::{Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Database, IndexModel};
+use tokio::sync::watch;
 
 use crate::config::MongoArgs;
 use crate::envelope::Event;
@@ -158,44 +162,51 @@ impl MongoSink {
         let mut session = self.client.start_session().await.context("starting a MongoDB session")?;
         let attempt = std::time::Instant::now();
         session.start_transaction().await?;
+        // The token under which `done` was known before this batch began (see `handoff`).
+        let known_done = self.done.lock().expect("handoff cache").as_ref().map(|(token, _)| *token);
         let result = async {
-            let mark = self.take_lane::<J>(&mut session, lane).await?;
-            let handoff = match handoff::gate(self.handoff(&mut session, mark.token).await?, epoch) {
-                Gate::Open(handoff) => handoff,
-                Gate::Closed(phase) => return Ok(Applied::Paused(phase)),
-                Gate::Reset => return Ok(Applied::Reset),
-            };
-            let events = self.admissible::<J>(&mut session, events, mark.lsn, &handoff).await?;
-            let store = ReadModels { db: &self.db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0) };
-            let project = async {
-                if events.is_empty() {
-                    return Ok(());
+            let (open, writable) = watch::channel(false);
+            let store = ReadModels::new(&self.db, writable);
+            // The transaction takes the lane, checks the handoff and filters the events while the projection
+            // already makes its first reads (outside it): a live batch saves a round trip. Its writes wait
+            // for the gate, which opens only when its reads were made under the state the lane shows: the
+            // lane carries the token `done` was known under before they began (no load or swap since: only
+            // a new token leaves `done`), and every event is admitted as is. Else they are called off
+            // (nothing was written) and the admitted events are projected again below.
+            let gate = async {
+                let open = open; // the gate's own: dropped unopened, it calls off the writes waiting on it
+                let mark = self.take_lane::<J>(&mut session, lane).await?;
+                let unchanged = known_done == Some(mark.token);
+                let handoff = match handoff::gate(self.handoff(&mut session, mark.token).await?, epoch) {
+                    Gate::Open(handoff) => handoff,
+                    Gate::Closed(phase) => return Ok(Err(Applied::Paused(phase))),
+                    Gate::Reset => return Ok(Err(Applied::Reset)),
+                };
+                let admitted = self.admissible::<J>(&mut session, events, mark.lsn, &handoff).await?;
+                let speculation_holds = unchanged && matches!(admitted, Cow::Borrowed(_));
+                if speculation_holds {
+                    let _ = open.send(true);
+                    // The checkpoints go out while the projection writes: they take effect only with the
+                    // commit, which waits for both.
+                    self.write_checkpoints(&mut session, &checkpoint_updates).await?;
                 }
-                let started = std::time::Instant::now();
-                job.apply(&events, &store).await?;
-                tracing::debug!(
-                    job = J::TABLE,
-                    lane,
-                    events = events.len(),
-                    statements = store.statements.load(Ordering::Relaxed),
-                    raced = store.raced.load(Ordering::Relaxed),
-                    ms = started.elapsed().as_millis() as u64,
-                    "batch written"
-                );
-                Ok::<_, anyhow::Error>(())
+                Ok::<_, anyhow::Error>(Ok((admitted, speculation_holds)))
             };
-            // The checkpoints go out while the projection writes: they take effect only with the commit,
-            // which waits for both, and the live batch saves a round trip.
-            let checkpoints = async {
-                if !checkpoint_updates.is_empty() {
-                    update(&self.db, Some(&mut session), CHECKPOINTS, checkpoint_updates, true).await?;
+            let (gated, speculated) = tokio::join!(gate, project(job, events, lane, &store));
+            let written = match gated? {
+                Err(stopped) => return Ok(stopped),
+                Ok((_, true)) => speculated.map(|()| store)?,
+                Ok((admitted, false)) => {
+                    let (_open, writable) = watch::channel(true);
+                    let store = ReadModels::new(&self.db, writable);
+                    let (projected, checkpointed) = tokio::join!(
+                        project(job, &admitted, lane, &store),
+                        self.write_checkpoints(&mut session, &checkpoint_updates),
+                    );
+                    projected.and(checkpointed).map(|()| store)?
                 }
-                Ok::<_, anyhow::Error>(())
             };
-            // Both run to their end (a session's command is not abandoned half way), then either's error.
-            let (projected, checkpointed) = tokio::join!(project, checkpoints);
-            projected.and(checkpointed)?;
-            let (statements, raced) = (store.statements.into_inner(), store.raced.into_inner());
+            let (statements, raced) = (written.statements.into_inner(), written.raced.into_inner());
             Ok::<_, anyhow::Error>(Applied::Written { statements, raced })
         }
         .await;
@@ -234,6 +245,14 @@ impl MongoSink {
 }
 
 impl MongoSink {
+    /// Moves the batch's checkpoints in its transaction (they take effect with its commit).
+    async fn write_checkpoints(&self, session: &mut ClientSession, updates: &[RawDocumentBuf]) -> Result<()> {
+        if !updates.is_empty() {
+            update(&self.db, Some(session), CHECKPOINTS, updates.to_vec(), true).await?;
+        }
+        Ok(())
+    }
+
     /// Takes the lane: its `_truncations` document, written first in the batch's transaction so that a
     /// TRUNCATE or a first_load phase change committed meanwhile conflicts with the batch (both write every
     /// lane's). A TRUNCATE writes every lane's document, so the lane's own holds the table's newest one.
@@ -315,12 +334,32 @@ pub struct ReadModels<'a> {
     db: &'a Database,
     statements: AtomicUsize,
     raced: AtomicUsize,
+    /// Whether the batch may write yet: its reads may start before its transaction holds the lane, its
+    /// writes may not (see [`MongoSink::apply`]).
+    writable: watch::Receiver<bool>,
 }
 
-impl ReadModels<'_> {
+impl<'a> ReadModels<'a> {
+    fn new(db: &'a Database, writable: watch::Receiver<bool>) -> Self {
+        ReadModels { db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0), writable }
+    }
+
+    /// Waits until the batch may write; an error if its writes were called off.
+    async fn may_write(&self) -> Result<()> {
+        let mut writable = self.writable.clone();
+        match writable.wait_for(|&open| open).await {
+            Ok(_) => Ok(()),
+            Err(_) => bail!("the batch's writes were called off (its transaction did not admit them as they are)"),
+        }
+    }
+
     /// Applies `writes`, one command per collection, the collections at once (guarded writes commute, so
     /// the order across collections does not matter). Any refused statement fails the batch.
     pub async fn write(&self, writes: Vec<Write>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.may_write().await?;
         let mut by_collection: BTreeMap<Collection, Vec<RawDocumentBuf>> = BTreeMap::new();
         for w in writes {
             by_collection.entry(w.collection).or_default().push(w.statement);
@@ -341,6 +380,10 @@ impl ReadModels<'_> {
         collection: Collection,
         statements: Vec<RawDocumentBuf>,
     ) -> Result<Vec<usize>> {
+        if statements.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.may_write().await?;
         let count = statements.len();
         let lost = update(self.db, None, collection.name(), statements, false).await?;
         self.statements.fetch_add(count - lost.len(), Ordering::Relaxed);
@@ -370,6 +413,10 @@ impl ReadModels<'_> {
     /// first): they inserted nothing and need the projection's guarded write. An insert costs MongoDB a
     /// third of an upsert's CPU (measured: 10-14 against 32-36 us a document), most of a catch-up's writes.
     pub async fn insert(&self, collection: Collection, documents: Vec<RawDocumentBuf>) -> Result<Vec<usize>> {
+        if documents.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.may_write().await?;
         let count = documents.len();
         let taken = insert(self.db, collection.name(), documents).await?;
         self.statements.fetch_add(count - taken.len(), Ordering::Relaxed);
@@ -462,6 +509,25 @@ impl ReadModels<'_> {
         }
         Ok(out)
     }
+}
+
+/// Applies `events` with `job` through `store` (nothing to do without events).
+async fn project<J: Job>(job: &J, events: &[Event<J::Row>], lane: usize, store: &ReadModels<'_>) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    job.apply(events, store).await?;
+    tracing::debug!(
+        job = J::TABLE,
+        lane,
+        events = events.len(),
+        statements = store.statements.load(Ordering::Relaxed),
+        raced = store.raced.load(Ordering::Relaxed),
+        ms = started.elapsed().as_millis() as u64,
+        "batch written"
+    );
+    Ok(())
 }
 
 /// MongoDB's error code for dropping an index that is not there.
@@ -606,4 +672,46 @@ async fn run_writes(
         n += 1;
     }
     Ok(lost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle on a server that is not there: the gate must decide before any write reaches one.
+    async fn nowhere() -> Database {
+        let opts = ClientOptions::parse("mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=100").await.unwrap();
+        Client::with_options(opts).unwrap().database("nowhere")
+    }
+
+    fn one_write() -> Vec<Write> {
+        vec![Write::raw(Collection::Products, rawdoc! { "q": { "_id": 1 }, "u": { "$set": { "name": "x" } } })]
+    }
+
+    #[tokio::test]
+    async fn writes_wait_for_the_gate_and_are_called_off_when_it_closes_unopened() {
+        let db = nowhere().await;
+        let (open, writable) = watch::channel(false);
+        let store = ReadModels::new(&db, writable);
+        // Nothing to write: nothing to wait for.
+        store.write(Vec::new()).await.unwrap();
+        let mut pending = std::pin::pin!(store.write(one_write()));
+        assert!(tokio::time::timeout(Duration::from_millis(300), &mut pending).await.is_err(), "wrote before the gate");
+        drop(open);
+        let called_off = pending.await.unwrap_err().to_string();
+        assert!(called_off.contains("called off"), "{called_off}");
+        assert_eq!(store.statements.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_opened_gate_lets_the_writes_go() {
+        let db = nowhere().await;
+        let (open, writable) = watch::channel(false);
+        let store = ReadModels::new(&db, writable);
+        let write = store.write(one_write());
+        open.send(true).unwrap();
+        // It went to the server, which is not there.
+        let failed = write.await.unwrap_err();
+        assert!(failed.downcast_ref::<mongodb::error::Error>().is_some(), "{failed:#}");
+    }
 }
