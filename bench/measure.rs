@@ -107,6 +107,49 @@ impl ProcessStats {
     }
 }
 
+/// The whole machine's CPU time, busy and in all (`/proc/stat`, every core): two readings say how busy the
+/// machine was between them. Every service of the stack shares these cores, so a run's latency is partly
+/// waiting for one; this says how much of that there was to wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> Option<MachineCpu> {
+        MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// From `/proc/stat`'s first line: user nice system idle iowait irq softirq steal (guest time is
+    /// counted in user already); idle and iowait are not busy.
+    fn parse(stat: &str) -> Option<MachineCpu> {
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let total: u64 = fields.iter().sum();
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some(MachineCpu { busy: total - idle, total })
+    }
+
+    /// Percent of the machine busy between `earlier` and this reading.
+    pub fn busy_percent_since(&self, earlier: Option<MachineCpu>) -> Option<f64> {
+        let earlier = earlier?;
+        let total = self.total.checked_sub(earlier.total).filter(|&t| t > 0)?;
+        Some(100.0 * self.busy.saturating_sub(earlier.busy) as f64 / total as f64)
+    }
+}
+
+/// How busy the machine was since `earlier` (see [`MachineCpu`]), for a report: "87%", or "-".
+pub fn busy_since(earlier: Option<MachineCpu>) -> String {
+    MachineCpu::now().and_then(|now| now.busy_percent_since(earlier)).map_or("-".into(), |p| format!("{p:.0}%"))
+}
+
 /// CPU time the MongoDB server has used since it started (`serverStatus`' `extra_info`, Linux): a
 /// difference of two readings is what a piece of work cost the server, a steadier measure on a shared
 /// machine than the time it took. `None` where the server does not report it.
@@ -275,6 +318,17 @@ impl Drop for Paused {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_cpu_counts_idle_and_iowait_as_not_busy() {
+        let before = MachineCpu::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n").unwrap();
+        assert_eq!(before, MachineCpu { busy: 150, total: 1000 });
+        let after = MachineCpu::parse("cpu  250 0 100 900 50 0 0 0 0 0\n").unwrap();
+        assert_eq!(after.busy_percent_since(Some(before)), Some(66.66666666666667));
+        assert_eq!(after.busy_percent_since(None), None);
+        assert_eq!(before.busy_percent_since(Some(before)), None);
+        assert_eq!(MachineCpu::parse("intr 1 2 3\n"), None);
+    }
 
     #[test]
     fn quantiles_interpolate_in_the_bucket_and_stop_at_the_max() {

@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::measure::{self, Histogram, ProcessStats, Rate};
+use crate::measure::{self, Histogram, MachineCpu, ProcessStats, Rate};
 
 /// The PostgreSQL database, connector, slot, topic prefix and MongoDB database the benchmark owns.
 const NAME: &str = "cdc_bench_stream";
@@ -150,10 +150,13 @@ pub async fn run(args: Args) -> Result<()> {
     println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0};");
     println!("  \"MongoDB us/rec\" = the server's CPU per record, \"x upsert\" = that / the same for one raw upsert;");
     println!(
-        "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation):"
+        "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation;"
     );
     println!(
-        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8}",
+        "  \"machine busy\" = the whole machine's CPU over the run (/proc/stat: every service shares these cores)):"
+    );
+    println!(
+        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8} {:>12}",
         "",
         "records",
         "s",
@@ -164,14 +167,15 @@ pub async fn run(args: Args) -> Result<()> {
         "peak RSS",
         "of limit",
         "MongoDB us/rec",
-        "x upsert"
+        "x upsert",
+        "machine busy"
     );
     let report = |name: &str, records: u64, run: &JobRun| {
         let rate = Rate::new(records, run.elapsed);
         let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8}",
+            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8} {:>12}",
             name,
             records,
             rate.secs(),
@@ -183,6 +187,7 @@ pub async fn run(args: Args) -> Result<()> {
             100.0 * rate.per_sec() / limit,
             cost(micros, 0),
             cost(micros.zip(upsert_micros).map(|(job, upsert)| job / upsert), 1),
+            run.machine_busy,
         );
         let spent: Vec<String> = run
             .server_top
@@ -264,6 +269,10 @@ pub async fn run(args: Args) -> Result<()> {
             );
         }
         println!("    (quantiles interpolated in the jobs' histogram buckets; max exact)");
+        println!(
+            "    machine busy while the workload ran: {} (PostgreSQL, Kafka Connect, the broker, MongoDB, the workload and the jobs share these cores)",
+            f.machine_busy
+        );
     }
     mongo.shutdown().await;
     Ok(())
@@ -436,6 +445,8 @@ struct JobRun {
     server_cpu: Option<Duration>,
     /// Where the server's time went over the run, by collection and kind of operation ([`measure::server_top`]).
     server_top: Vec<(String, u64)>,
+    /// How busy the whole machine was over the run ([`measure::busy_since`]).
+    machine_busy: String,
     group: String,
 }
 
@@ -472,6 +483,8 @@ struct Freshness {
     /// Kafka record timestamp -> a plain consumer has it, in milliseconds, sorted: the broker's part of
     /// "in the jobs", which no job can go below.
     delivery_ms: Vec<i64>,
+    /// How busy the whole machine was while the workload ran ([`measure::busy_since`]).
+    machine_busy: String,
 }
 
 /// Running the project's job binaries against the benchmark's topics.
@@ -558,6 +571,7 @@ impl Jobs<'_> {
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
         let cpu_before = measure::server_cpu(self.mongo).await?;
         let top_before = measure::server_top(self.mongo, NAME).await?;
+        let machine_before = MachineCpu::now();
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
         let ends: Ends = which
@@ -586,11 +600,12 @@ impl Jobs<'_> {
             running.check_alive()?;
         }
         let elapsed = started.elapsed();
+        let machine_busy = measure::busy_since(machine_before);
         let server_cpu = cpu_since(self.mongo, cpu_before).await?;
         let server_top = measure::top_since(&top_before, &measure::server_top(self.mongo, NAME).await?);
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         running.stop();
-        Ok(JobRun { elapsed, first_batch, stats, server_cpu, server_top, group })
+        Ok(JobRun { elapsed, first_batch, stats, server_cpu, server_top, machine_busy, group })
     }
 
     /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
@@ -627,7 +642,9 @@ impl Jobs<'_> {
             mix: self.args.mix.clone(),
             connections: 4,
         };
+        let machine_before = MachineCpu::now();
         let summary = workload::run(&pool, &plan, &ProgressBar::hidden()).await?;
+        let machine_busy = measure::busy_since(machine_before);
         let ends = {
             wait_drained(&self.args.brokers, topics).await?;
             topic_ends(&self.args.brokers, topics)?
@@ -668,6 +685,7 @@ impl Jobs<'_> {
             job_in_job,
             behind,
             delivery_ms,
+            machine_busy,
         })
     }
 }
