@@ -109,10 +109,12 @@ impl ProcessStats {
 
 /// The whole machine's CPU time, busy and in all (`/proc/stat`, every core): two readings say how busy the
 /// machine was between them. Every service of the stack shares these cores, so a run's latency is partly
-/// waiting for one; this says how much of that there was to wait for.
+/// waiting for one; this says how much of that there was to wait for. Time the hypervisor gave to other
+/// guests (steal) counts as busy, and is also told apart: it is a slower machine, not more work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MachineCpu {
     busy: u64,
+    steal: u64,
     total: u64,
 }
 
@@ -134,20 +136,26 @@ impl MachineCpu {
             .collect::<Option<_>>()?;
         let total: u64 = fields.iter().sum();
         let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
-        Some(MachineCpu { busy: total - idle, total })
+        let steal = fields.get(7).copied().unwrap_or(0);
+        Some(MachineCpu { busy: total - idle, steal, total })
     }
 
-    /// Percent of the machine busy between `earlier` and this reading.
-    pub fn busy_percent_since(&self, earlier: Option<MachineCpu>) -> Option<f64> {
+    /// Percent of the machine busy, and of it stolen, between `earlier` and this reading.
+    pub fn busy_percent_since(&self, earlier: Option<MachineCpu>) -> Option<(f64, f64)> {
         let earlier = earlier?;
-        let total = self.total.checked_sub(earlier.total).filter(|&t| t > 0)?;
-        Some(100.0 * self.busy.saturating_sub(earlier.busy) as f64 / total as f64)
+        let total = self.total.checked_sub(earlier.total).filter(|&t| t > 0)? as f64;
+        let share = |now: u64, then: u64| 100.0 * now.saturating_sub(then) as f64 / total;
+        Some((share(self.busy, earlier.busy), share(self.steal, earlier.steal)))
     }
 }
 
-/// How busy the machine was since `earlier` (see [`MachineCpu`]), for a report: "87%", or "-".
+/// How busy the machine was since `earlier` (see [`MachineCpu`]), for a report: "87%", "87% (5% stolen)" or "-".
 pub fn busy_since(earlier: Option<MachineCpu>) -> String {
-    MachineCpu::now().and_then(|now| now.busy_percent_since(earlier)).map_or("-".into(), |p| format!("{p:.0}%"))
+    match MachineCpu::now().and_then(|now| now.busy_percent_since(earlier)) {
+        None => "-".into(),
+        Some((busy, steal)) if steal >= 0.5 => format!("{busy:.0}% ({steal:.0}% stolen)"),
+        Some((busy, _)) => format!("{busy:.0}%"),
+    }
 }
 
 /// CPU time the MongoDB server has used since it started (`serverStatus`' `extra_info`, Linux): a
@@ -320,11 +328,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn machine_cpu_counts_idle_and_iowait_as_not_busy() {
+    fn machine_cpu_counts_idle_and_iowait_as_not_busy_and_tells_steal_apart() {
         let before = MachineCpu::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n").unwrap();
-        assert_eq!(before, MachineCpu { busy: 150, total: 1000 });
-        let after = MachineCpu::parse("cpu  250 0 100 900 50 0 0 0 0 0\n").unwrap();
-        assert_eq!(after.busy_percent_since(Some(before)), Some(66.66666666666667));
+        assert_eq!(before, MachineCpu { busy: 150, steal: 0, total: 1000 });
+        let after = MachineCpu::parse("cpu  300 0 100 1000 50 0 0 50 0 0\n").unwrap();
+        assert_eq!(after.busy_percent_since(Some(before)), Some((60.0, 10.0)));
         assert_eq!(after.busy_percent_since(None), None);
         assert_eq!(before.busy_percent_since(Some(before)), None);
         assert_eq!(MachineCpu::parse("intr 1 2 3\n"), None);

@@ -153,10 +153,10 @@ pub async fn run(args: Args) -> Result<()> {
         "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation;"
     );
     println!(
-        "  \"machine busy\" = the whole machine's CPU over the run (/proc/stat: every service shares these cores)):"
+        "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores)):"
     );
     println!(
-        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8} {:>12}",
+        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8}  {:<12}",
         "",
         "records",
         "s",
@@ -175,7 +175,7 @@ pub async fn run(args: Args) -> Result<()> {
         let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8} {:>12}",
+            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8}  {:<12}",
             name,
             records,
             rate.secs(),
@@ -445,7 +445,7 @@ struct JobRun {
     server_cpu: Option<Duration>,
     /// Where the server's time went over the run, by collection and kind of operation ([`measure::server_top`]).
     server_top: Vec<(String, u64)>,
-    /// How busy the whole machine was over the run ([`measure::busy_since`]).
+    /// How busy the whole machine was after the first batch ([`measure::busy_since`]).
     machine_busy: String,
     group: String,
 }
@@ -571,7 +571,7 @@ impl Jobs<'_> {
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
         let cpu_before = measure::server_cpu(self.mongo).await?;
         let top_before = measure::server_top(self.mongo, NAME).await?;
-        let machine_before = MachineCpu::now();
+        let mut machine_before = MachineCpu::now();
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
         let ends: Ends = which
@@ -590,6 +590,8 @@ impl Jobs<'_> {
             let applied: u64 = progress.values().flat_map(|p| p.values()).map(|&n| n as u64).sum();
             if first_batch.is_none() && ends.keys().all(|t| progress.contains_key(t)) {
                 first_batch = Some((started.elapsed(), applied));
+                // Over the same time as "steady/s": the group join before it leaves the machine idle.
+                machine_before = MachineCpu::now();
             }
             if behind(&progress, &ends) == 0 {
                 break;

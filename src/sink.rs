@@ -197,6 +197,13 @@ impl MongoSink {
                 Err(stopped) => return Ok(stopped),
                 Ok((_, true)) => speculated.map(|()| store)?,
                 Ok((admitted, false)) => {
+                    tracing::debug!(
+                        job = J::TABLE,
+                        lane,
+                        events = events.len(),
+                        admitted = admitted.len(),
+                        "the projection's early reads were called off; projecting again"
+                    );
                     let (_open, writable) = watch::channel(true);
                     let store = ReadModels::new(&self.db, writable);
                     let (projected, checkpointed) = tokio::join!(
