@@ -147,7 +147,9 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let limit = kafka_limit.per_sec().min(mongo_limit.per_sec());
     println!("  catch-up (from the first offset into empty collections; steady = after the first batch;");
-    println!("  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0};");
+    println!(
+        "  \"of limit\" = records/s / min(the two limits) = records/s / {limit:.0}, \"steady\" the same of steady/s (the target's);"
+    );
     println!("  \"MongoDB us/rec\" = the server's CPU per record, \"x upsert\" = that / the same for one raw upsert;");
     println!(
         "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation;"
@@ -156,7 +158,7 @@ pub async fn run(args: Args) -> Result<()> {
         "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores)):"
     );
     println!(
-        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>14} {:>8}  {:<12}",
+        "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>6} {:>14} {:>8}  {:<12}",
         "",
         "records",
         "s",
@@ -166,6 +168,7 @@ pub async fn run(args: Args) -> Result<()> {
         "CPU %",
         "peak RSS",
         "of limit",
+        "steady",
         "MongoDB us/rec",
         "x upsert",
         "machine busy"
@@ -175,7 +178,7 @@ pub async fn run(args: Args) -> Result<()> {
         let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>14} {:>8}  {:<12}",
+            "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>5.0}% {:>14} {:>8}  {:<12}",
             name,
             records,
             rate.secs(),
@@ -185,6 +188,7 @@ pub async fn run(args: Args) -> Result<()> {
             100.0 * run.cpu_secs() / rate.secs(),
             run.peak_rss_mb(),
             100.0 * rate.per_sec() / limit,
+            100.0 * run.steady_rate(records) / limit,
             cost(micros, 0),
             cost(micros.zip(upsert_micros).map(|(job, upsert)| job / upsert), 1),
             run.machine_busy,

@@ -98,6 +98,12 @@ pub fn encode(statement: &Document) -> RawDocumentBuf {
     RawDocumentBuf::try_from(statement).expect("statements have constant keys, and constant keys hold no NUL")
 }
 
+/// Below this many changes a batch is live (a catch-up's are thousands): its time is its round trips, not
+/// MongoDB's CPU, and its new documents are as likely as not written by another job at the same moment (a
+/// new order's header and lines reach the orders and order_details jobs together). There, an upsert that
+/// merges costs nothing extra, where an insert that finds the `_id` taken costs a failed write and a redo.
+pub const LIVE_BELOW: usize = 1000;
+
 /// Which of a batch's documents exist: one that does not is inserted whole (an `insert` costs MongoDB a third
 /// of a guarded upsert), the others get their guarded write. An insert writes exactly what the guarded
 /// write would where no document exists, and one that finds its `_id` taken falls back to it (see
@@ -121,6 +127,12 @@ impl Existing {
         ids.sort_unstable();
         ids.dedup();
         Ok(Existing(Some(store.existing(collection, &ids).await?)))
+    }
+
+    /// Insert nothing: every change gets its guarded write (an upsert), so no insert can collide with a
+    /// document another job creates meanwhile (see [`LIVE_BELOW`]).
+    pub fn none() -> Existing {
+        Existing(None)
     }
 
     /// Existing as already read (`ids`), unless `events` hold a TRUNCATE.

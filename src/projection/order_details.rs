@@ -28,7 +28,8 @@ use rust_decimal::Decimal;
 use super::orders::status_fan_out;
 use super::products::{details_fan_out, lines_fan_out};
 use super::{
-    Collection, Existing, Write, decimal_of_128, encode, field, guarded_replace, tombstone, truncate_all, value,
+    Collection, Existing, LIVE_BELOW, Write, decimal_of_128, encode, field, guarded_replace, tombstone, truncate_all,
+    value,
 };
 use crate::envelope::Event;
 use crate::readmodel;
@@ -129,8 +130,9 @@ impl Job for OrderDetailsJob {
         // when catching up (at once, a catch-up's peak RSS was 15-25 MB higher for no measured gain in
         // throughput: the server is the bottleneck). Either way both are written before the re-check.
         let documents = existing.write(store, Collection::OrderDetails, events, Self::key, new, guarded);
-        let lines = write_lines(events, order_ids, &products, &statuses, store);
-        if events.len() < AT_ONCE_BELOW {
+        let live = events.len() < LIVE_BELOW;
+        let lines = write_lines(events, order_ids, &products, &statuses, store, live);
+        if live {
             tokio::try_join!(documents, lines)?;
         } else {
             documents.await?;
@@ -173,9 +175,6 @@ impl Job for OrderDetailsJob {
     }
 }
 
-/// Below this many changes a batch writes its documents and its lines at once.
-const AT_ONCE_BELOW: usize = 1000;
-
 /// Documents as read, by `_id`.
 type Read = HashMap<i32, RawDocumentBuf>;
 
@@ -208,13 +207,15 @@ fn order_fields(lines: bool) -> Document {
 const LINE_ATTEMPTS: usize = 50;
 
 /// Writes the batch's changes to the lines of orders `ids` (sorted), as `read` before the batch: changed,
-/// and written back if nobody changed them since; the orders somebody did are read again and redone.
+/// and written back if nobody changed them since; the orders somebody did are read again and redone. An
+/// order with no document is inserted, or, in a `live` batch, upserted (see [`LinesWrite::Update`]).
 async fn write_lines(
     events: &[Event<OrderDetail>],
     mut ids: Vec<i32>,
     products: &Read,
     read: &Read,
     store: &ReadModels<'_>,
+    live: bool,
 ) -> anyhow::Result<()> {
     let mut stored = std::borrow::Cow::Borrowed(read);
     for attempt in 1..=LINE_ATTEMPTS {
@@ -246,7 +247,7 @@ async fn write_lines(
                 Event::Delete { .. } | Event::Tombstone => {}
             }
         }
-        let ((updated, updates), (inserted, documents)) = lines.into_writes()?;
+        let ((updated, updates), (inserted, documents)) = lines.into_writes(live)?;
         let (lost, taken) = tokio::try_join!(
             store.write_if_unchanged(Collection::Orders, updates),
             store.insert(Collection::Orders, documents),
@@ -300,10 +301,10 @@ impl<'a> Lines<'a> {
 
     /// The writes of the orders whose lines changed, with the orders' ids: a conditional `$set` of lines,
     /// `_removed` and totals where the order's document was read, a new document where there was none.
-    fn into_writes(self) -> anyhow::Result<(Changed, Changed)> {
+    fn into_writes(self, live: bool) -> anyhow::Result<(Changed, Changed)> {
         let (mut updated, mut inserted): (Changed, Changed) = Default::default();
         for (order_id, lines) in self.orders {
-            match lines.write(order_id)? {
+            match lines.write(order_id, live)? {
                 Some(LinesWrite::Update(statement)) => {
                     updated.0.push(order_id);
                     updated.1.push(statement);
@@ -324,7 +325,9 @@ type Changed = (Vec<i32>, Vec<RawDocumentBuf>);
 
 /// How an order's changed lines are written.
 enum LinesWrite {
-    /// An update of the document read, conditional on its lines being the ones read.
+    /// An update of the document read, conditional on its lines being the ones read. Where none was read,
+    /// in a live batch, an upsert conditional on the document having no lines version: it merges into a
+    /// header the orders job wrote meanwhile, where an insert would collide with it.
     Update(RawDocumentBuf),
     /// A new document (none was read).
     Insert(RawDocumentBuf),
@@ -457,10 +460,10 @@ impl OrderLines {
         Ok(readmodel::totals(self.lines.len() as i32, quantity, subtotal, total))
     }
 
-    /// The write of these lines, if any changed: a new document when none was read, else an update if the
-    /// lines are still the ones read (else the upsert collides with the document: a duplicate key, as an
-    /// insert does when another writer created the document first).
-    fn write(self, order_id: i32) -> anyhow::Result<Option<LinesWrite>> {
+    /// The write of these lines, if any changed: a new document when none was read (unless `live`), else an
+    /// update if the lines are still the ones read (else the upsert collides with the document: a duplicate
+    /// key, as an insert does when another writer created the document first).
+    fn write(self, order_id: i32, live: bool) -> anyhow::Result<Option<LinesWrite>> {
         if !self.changed {
             return Ok(None);
         }
@@ -468,7 +471,7 @@ impl OrderLines {
         let removed: RawArrayBuf =
             self.removed.iter().map(|&(id, v)| rawdoc! { "order_detail_id": id, "_v": v }).collect();
         let lines: RawArrayBuf = self.lines.into_iter().collect();
-        if !self.exists {
+        if !self.exists && !live {
             let document =
                 rawdoc! { "_id": order_id, "lines": lines, "_removed": removed, "totals": totals, "_lv": 1_i64 };
             return Ok(Some(LinesWrite::Insert(document)));
@@ -706,6 +709,29 @@ mod tests {
         let stored: RawArrayBuf = lines.lines.iter().cloned().collect();
         let mut again = OrderLines::stored(Some(&rawdoc! { "lines": stored, "_removed": [] })).unwrap();
         again.upsert(&rows[0], 10, None);
-        assert!(again.write(7).unwrap().is_none());
+        assert!(again.write(7, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_order_not_read_is_inserted_when_catching_up_and_merged_into_when_live() {
+        let new_order = || {
+            let mut lines = OrderLines::stored(None).unwrap();
+            lines.upsert(&line(1, "10.00", 3, "0.150"), 10, None);
+            lines
+        };
+        let Some(LinesWrite::Insert(document)) = new_order().write(7, false).unwrap() else {
+            panic!("a catch-up inserts an order it did not find")
+        };
+        assert_eq!((document.get_i32("_id").unwrap(), document.get_i64("_lv").unwrap()), (7, 1));
+        // Live: an upsert that merges into a header the orders job wrote meanwhile (no `_lv`), and collides
+        // only with another writer of lines.
+        let Some(LinesWrite::Update(statement)) = new_order().write(7, true).unwrap() else {
+            panic!("a live batch upserts an order it did not find")
+        };
+        let expected = doc! { "_id": 7, "_lv": { "$exists": false } };
+        assert_eq!(statement.get_document("q").unwrap(), &*encode(&expected));
+        assert!(statement.get_bool("upsert").unwrap());
+        let set = statement.get_document("u").unwrap().get_document("$set").unwrap();
+        assert_eq!(set.get_array("lines").unwrap().into_iter().count(), 1);
     }
 }
