@@ -175,6 +175,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let report = |name: &str, records: u64, run: &JobRun| {
         let rate = Rate::new(records, run.elapsed);
+        let steady = run.steady_rate(records);
         let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
@@ -183,12 +184,12 @@ pub async fn run(args: Args) -> Result<()> {
             records,
             rate.secs(),
             rate.per_sec(),
-            run.steady_rate(records),
+            steady,
             run.cpu_secs(),
             100.0 * run.cpu_secs() / rate.secs(),
             run.peak_rss_mb(),
             100.0 * rate.per_sec() / limit,
-            100.0 * run.steady_rate(records) / limit,
+            100.0 * steady / limit,
             cost(micros, 0),
             cost(micros.zip(upsert_micros).map(|(job, upsert)| job / upsert), 1),
             run.machine_busy,

@@ -300,7 +300,8 @@ impl<'a> Lines<'a> {
     }
 
     /// The writes of the orders whose lines changed, with the orders' ids: a conditional `$set` of lines,
-    /// `_removed` and totals where the order's document was read, a new document where there was none.
+    /// `_removed` and totals where the order's document was read (or, `live`, where there was none), a new
+    /// document where there was none.
     fn into_writes(self, live: bool) -> anyhow::Result<(Changed, Changed)> {
         let (mut updated, mut inserted): (Changed, Changed) = Default::default();
         for (order_id, lines) in self.orders {
@@ -329,7 +330,7 @@ enum LinesWrite {
     /// in a live batch, an upsert conditional on the document having no lines version: it merges into a
     /// header the orders job wrote meanwhile, where an insert would collide with it.
     Update(RawDocumentBuf),
-    /// A new document (none was read).
+    /// A new document (none was read, and the batch is catching up).
     Insert(RawDocumentBuf),
 }
 
