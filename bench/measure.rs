@@ -158,19 +158,48 @@ pub fn busy_since(earlier: Option<MachineCpu>) -> String {
     }
 }
 
-/// CPU time the MongoDB server has used since it started (`serverStatus`' `extra_info`, Linux): a
-/// difference of two readings is what a piece of work cost the server, a steadier measure on a shared
-/// machine than the time it took. `None` where the server does not report it.
-pub async fn server_cpu(mongo: &mongodb::Client) -> Result<Option<Duration>> {
-    let status = mongo.database("admin").run_command(bson::doc! { "serverStatus": 1 }).await?;
-    let extra = status.get_document("extra_info").ok();
-    let micros = |key| match extra?.get(key)? {
-        bson::Bson::Int64(n) => Some(*n as u64),
-        bson::Bson::Int32(n) => Some(*n as u64),
-        bson::Bson::Double(f) => Some(*f as u64),
-        _ => None,
-    };
-    Ok(micros("user_time_us").zip(micros("system_time_us")).map(|(u, s)| Duration::from_micros(u + s)))
+/// What the MongoDB server has done since it started, from one `serverStatus`: a difference of two readings
+/// ([`ServerWork::since`]) is what a piece of work cost the server, a steadier measure on a shared machine
+/// than the time it took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerWork {
+    /// CPU time (`extra_info`, Linux; `None` where the server does not report it).
+    pub cpu: Option<Duration>,
+    /// Bytes WiredTiger wrote out of its cache (eviction and checkpoints): a page written again and again
+    /// while it is rewritten shows here, at a cost in CPU (reconciliation, compression) the writes do not.
+    pub cache_written: u64,
+}
+
+impl ServerWork {
+    pub async fn read(mongo: &mongodb::Client) -> Result<ServerWork> {
+        let status = mongo.database("admin").run_command(bson::doc! { "serverStatus": 1 }).await?;
+        let number = |b: &bson::Bson| match b {
+            bson::Bson::Int64(n) => Some(*n as u64),
+            bson::Bson::Int32(n) => Some(*n as u64),
+            bson::Bson::Double(f) => Some(*f as u64),
+            _ => None,
+        };
+        let extra = status.get_document("extra_info").ok();
+        let micros = |key| extra?.get(key).and_then(number);
+        let cpu = micros("user_time_us").zip(micros("system_time_us")).map(|(u, s)| Duration::from_micros(u + s));
+        let cache = status.get_document("wiredTiger").and_then(|wt| wt.get_document("cache")).ok();
+        let cache_written = cache.and_then(|c| c.get("bytes written from cache")).and_then(number).unwrap_or(0);
+        Ok(ServerWork { cpu, cache_written })
+    }
+
+    /// What the server did from `before` to this reading.
+    pub fn since(self, before: ServerWork) -> ServerWork {
+        ServerWork {
+            cpu: self.cpu.zip(before.cpu).map(|(now, before)| now.saturating_sub(before)),
+            cache_written: self.cache_written.saturating_sub(before.cache_written),
+        }
+    }
+
+    /// Per item of `items`: CPU microseconds, and bytes written out of the cache.
+    pub fn per(self, items: u64) -> (Option<f64>, f64) {
+        let items = items.max(1) as f64;
+        (self.cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / items), self.cache_written as f64 / items)
+    }
 }
 
 /// The kinds of operation `top` times per collection, as this benchmark names them.

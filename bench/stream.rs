@@ -136,11 +136,12 @@ pub async fn run(args: Args) -> Result<()> {
         kafka_bytes / 1_000_000
     );
     eprintln!("bench: limit, {total} bulk upserts by _id into MongoDB");
-    let (mongo_limit, upsert_cpu) = upsert_raw(&mongo, total).await?;
+    let (mongo_limit, upsert_work) = upsert_raw(&mongo, total).await?;
     // The server's CPU per upsert: what a record costs MongoDB at best, steadier than rates on a shared machine.
-    let upsert_micros = upsert_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / total.max(1) as f64);
+    let (upsert_micros, upsert_written) = upsert_work.per(total);
     println!(
-        "  limit: MongoDB upserts   {:>7.1} s {:>10.0} upserts/s  (by _id, 10,000 per update command, 4 in flight){}",
+        "  limit: MongoDB upserts   {:>7.1} s {:>10.0} upserts/s  (by _id, 10,000 per update command, 4 in flight){}; \
+         its cache wrote {upsert_written:.0} bytes per upsert",
         mongo_limit.secs(),
         mongo_limit.per_sec(),
         upsert_micros.map_or(String::new(), |us| format!("; MongoDB CPU {us:.0} us per upsert"))
@@ -154,6 +155,10 @@ pub async fn run(args: Args) -> Result<()> {
     println!(
         "  \"MongoDB time\" = where the server's time went, from its `top`: wall time on each collection by operation;"
     );
+    println!(
+        "  \"cache wrote\" = the bytes WiredTiger wrote out of its cache, per record: a page written out again and again"
+    );
+    println!("  while the jobs rewrite it costs the server CPU, in reconciliation and compression;");
     println!(
         "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores)):"
     );
@@ -176,7 +181,7 @@ pub async fn run(args: Args) -> Result<()> {
     let report = |name: &str, records: u64, run: &JobRun| {
         let rate = Rate::new(records, run.elapsed);
         let steady = run.steady_rate(records);
-        let micros = run.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / records.max(1) as f64);
+        let (micros, written) = run.server.per(records);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
             "    {:<22} {:>9} {:>8.1} {:>10.0} {:>10.0} {:>7.1} {:>6.0} {:>6} MB   {:>7.0}% {:>5.0}% {:>14} {:>8}  {:<12}",
@@ -202,6 +207,7 @@ pub async fn run(args: Args) -> Result<()> {
         if !spent.is_empty() {
             println!("      MongoDB time, us per record: {}", spent.join(", "));
         }
+        println!("      MongoDB's cache wrote {written:.0} bytes per record");
     };
     if !args.together_only {
         for (i, job) in JOBS.iter().enumerate() {
@@ -446,8 +452,8 @@ struct JobRun {
     /// When the first batch of every job had committed.
     first_batch: Option<(Duration, u64)>,
     stats: Vec<ProcessStats>,
-    /// The MongoDB server's CPU time over the run.
-    server_cpu: Option<Duration>,
+    /// What the MongoDB server did over the run.
+    server: measure::ServerWork,
     /// Where the server's time went over the run, by collection and kind of operation ([`measure::server_top`]).
     server_top: Vec<(String, u64)>,
     /// How busy the whole machine was after the first batch ([`measure::busy_since`]).
@@ -574,7 +580,7 @@ impl Jobs<'_> {
         let db = self.mongo.database(NAME);
         db.drop().await?;
         let group = format!("{NAME}-{label}-{}-{}", std::process::id(), now_nanos());
-        let cpu_before = measure::server_cpu(self.mongo).await?;
+        let server_before = measure::ServerWork::read(self.mongo).await?;
         let top_before = measure::server_top(self.mongo, NAME).await?;
         let mut machine_before = MachineCpu::now();
         let started = Instant::now();
@@ -608,11 +614,11 @@ impl Jobs<'_> {
         }
         let elapsed = started.elapsed();
         let machine_busy = measure::busy_since(machine_before);
-        let server_cpu = cpu_since(self.mongo, cpu_before).await?;
+        let server = measure::ServerWork::read(self.mongo).await?.since(server_before);
         let server_top = measure::top_since(&top_before, &measure::server_top(self.mongo, NAME).await?);
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         running.stop();
-        Ok(JobRun { elapsed, first_batch, stats, server_cpu, server_top, machine_busy, group })
+        Ok(JobRun { elapsed, first_batch, stats, server, server_top, machine_busy, group })
     }
 
     /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
@@ -842,20 +848,15 @@ fn read_raw(brokers: &str, topics: &[String], ends: &Ends) -> Result<(Rate, u64)
     Ok((Rate::new(read, started.elapsed()), bytes))
 }
 
-/// The MongoDB server's CPU time since reading `before` (`None` if it does not report it).
-async fn cpu_since(mongo: &mongodb::Client, before: Option<Duration>) -> Result<Option<Duration>> {
-    Ok(measure::server_cpu(mongo).await?.zip(before).map(|(now, before)| now.saturating_sub(before)))
-}
-
 /// `count` upserts by `_id` of documents the size of an order line's (an `update` statement per event,
 /// like the jobs write, but no transaction, no guard, unordered, 10,000 per command, 4 commands in flight).
 /// Keys repeat, so some are inserts and most replace an existing document, as in a change stream.
-async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<(Rate, Option<Duration>)> {
+async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<(Rate, measure::ServerWork)> {
     const PER_COMMAND: u64 = 10_000;
     let db = mongo.database(RAW_DATABASE);
     db.drop().await?;
     let keys = (count / 3).max(1);
-    let cpu_before = measure::server_cpu(mongo).await?;
+    let before = measure::ServerWork::read(mongo).await?;
     let started = Instant::now();
     futures::stream::iter((0..count).step_by(PER_COMMAND as usize))
         .map(|start| {
@@ -886,7 +887,7 @@ async fn upsert_raw(mongo: &mongodb::Client, count: u64) -> Result<(Rate, Option
         .try_collect::<Vec<()>>()
         .await?;
     let rate = Rate::new(count, started.elapsed());
-    let cpu = cpu_since(mongo, cpu_before).await?;
+    let work = measure::ServerWork::read(mongo).await?.since(before);
     db.drop().await?;
-    Ok((rate, cpu))
+    Ok((rate, work))
 }
