@@ -27,6 +27,14 @@ fn stack_default(setting: &str) -> String {
     script[at + needle.len()..].split(')').next().unwrap().to_owned()
 }
 
+/// The WiredTiger eviction settings scripts/stack starts mongod with.
+fn stack_eviction() -> String {
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")).unwrap();
+    let line =
+        script.lines().find_map(|l| l.strip_prefix("MONGO_EVICTION=")).expect("scripts/stack sets MONGO_EVICTION");
+    line.trim_matches('"').to_owned()
+}
+
 #[test]
 fn services_and_ports_match_the_local_stack() {
     let doc = compose();
@@ -68,6 +76,8 @@ fn capture_runs_as_the_design_requires() {
         assert!(mongo.iter().any(|a| a == "--replSet"), "{mongo:?}");
         // As scripts/stack starts mongod: no point-in-time history for reads nobody makes (README).
         assert!(mongo.iter().any(|a| a == "minSnapshotHistoryWindowInSeconds=0"), "{mongo:?}");
+        // And with its dirty-page thresholds (README, "Your own read stores").
+        assert!(mongo.iter().any(|a| *a == stack_eviction()), "{mongo:?}");
     }
     let kafka = &service(&doc, "kafka")["environment"];
     assert!(kafka["KAFKA_PROCESS_ROLES"].as_str().unwrap().contains("controller"), "single-node KRaft");
