@@ -19,9 +19,13 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_sequence().map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
+fn stack_script() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")).unwrap()
+}
+
 /// The default port scripts/stack gives a setting, e.g. CDC_PG_PORT -> 55432.
 fn stack_default(setting: &str) -> String {
-    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")).unwrap();
+    let script = stack_script();
     let needle = format!("$(setting {setting} ");
     let at = script.find(&needle).unwrap_or_else(|| panic!("scripts/stack has no setting {setting}"));
     script[at + needle.len()..].split(')').next().unwrap().to_owned()
@@ -29,7 +33,7 @@ fn stack_default(setting: &str) -> String {
 
 /// The WiredTiger eviction settings scripts/stack starts mongod with.
 fn stack_eviction() -> String {
-    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")).unwrap();
+    let script = stack_script();
     let line =
         script.lines().find_map(|l| l.strip_prefix("MONGO_EVICTION=")).expect("scripts/stack sets MONGO_EVICTION");
     line.trim_matches('"').to_owned()
@@ -71,13 +75,14 @@ fn capture_runs_as_the_design_requires() {
     assert!(pg.contains("wal_level=logical"), "{pg}");
     let connect = service(&doc, "connect")["image"].as_str().unwrap();
     assert!(connect.starts_with("quay.io/debezium/connect:3."), "{connect}");
+    let eviction = stack_eviction();
     for name in ["mongo", "mongo1", "mongo2"] {
         let mongo = strings(&service(&doc, name)["command"]);
         assert!(mongo.iter().any(|a| a == "--replSet"), "{mongo:?}");
         // As scripts/stack starts mongod: no point-in-time history for reads nobody makes (README).
         assert!(mongo.iter().any(|a| a == "minSnapshotHistoryWindowInSeconds=0"), "{mongo:?}");
         // And with its dirty-page thresholds (README, "Your own read stores").
-        assert!(mongo.iter().any(|a| *a == stack_eviction()), "{mongo:?}");
+        assert!(mongo.contains(&eviction), "{mongo:?}");
     }
     let kafka = &service(&doc, "kafka")["environment"];
     assert!(kafka["KAFKA_PROCESS_ROLES"].as_str().unwrap().contains("controller"), "single-node KRaft");
