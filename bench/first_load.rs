@@ -181,18 +181,9 @@ async fn collection_stats(db: &mongodb::Database, name: &str) -> Result<(u64, us
     let mut cursor = db.collection::<Document>(name).aggregate([doc! { "$collStats": { "storageStats": {} } }]).await?;
     let Some(stats) = cursor.try_next().await? else { bail!("no stats for {name}") };
     let storage = stats.get_document("storageStats")?;
-    let count = storage.get("count").and_then(bson_number).unwrap_or(0.0) as u64;
-    let avg = storage.get("avgObjSize").and_then(bson_number).unwrap_or(0.0) as usize;
+    let count = storage.get("count").and_then(measure::server_number).unwrap_or(0);
+    let avg = storage.get("avgObjSize").and_then(measure::server_number).unwrap_or(0) as usize;
     Ok((count, avg))
-}
-
-fn bson_number(b: &bson::Bson) -> Option<f64> {
-    match b {
-        bson::Bson::Int32(v) => Some(f64::from(*v)),
-        bson::Bson::Int64(v) => Some(*v as f64),
-        bson::Bson::Double(v) => Some(*v),
-        _ => None,
-    }
 }
 
 /// `count` documents `{_id, pad}` of about `size` bytes, 10,000 per `insert_many`, 4 in flight.

@@ -158,6 +158,17 @@ pub fn busy_since(earlier: Option<MachineCpu>) -> String {
     }
 }
 
+/// A count the server reports, whichever numeric type it chose for it (counters grow from int32 to int64;
+/// some statistics are doubles).
+pub fn server_number(b: &bson::Bson) -> Option<u64> {
+    match b {
+        bson::Bson::Int64(n) => Some(*n as u64),
+        bson::Bson::Int32(n) => Some(*n as u64),
+        bson::Bson::Double(f) => Some(*f as u64),
+        _ => None,
+    }
+}
+
 /// What the MongoDB server has done since it started, from one `serverStatus`: a difference of two readings
 /// ([`ServerWork::since`]) is what a piece of work cost the server, a steadier measure on a shared machine
 /// than the time it took.
@@ -173,17 +184,11 @@ pub struct ServerWork {
 impl ServerWork {
     pub async fn read(mongo: &mongodb::Client) -> Result<ServerWork> {
         let status = mongo.database("admin").run_command(bson::doc! { "serverStatus": 1 }).await?;
-        let number = |b: &bson::Bson| match b {
-            bson::Bson::Int64(n) => Some(*n as u64),
-            bson::Bson::Int32(n) => Some(*n as u64),
-            bson::Bson::Double(f) => Some(*f as u64),
-            _ => None,
-        };
         let extra = status.get_document("extra_info").ok();
-        let micros = |key| extra?.get(key).and_then(number);
+        let micros = |key| extra?.get(key).and_then(server_number);
         let cpu = micros("user_time_us").zip(micros("system_time_us")).map(|(u, s)| Duration::from_micros(u + s));
         let cache = status.get_document("wiredTiger").and_then(|wt| wt.get_document("cache")).ok();
-        let cache_written = cache.and_then(|c| c.get("bytes written from cache")).and_then(number).unwrap_or(0);
+        let cache_written = cache.and_then(|c| c.get("bytes written from cache")).and_then(server_number).unwrap_or(0);
         Ok(ServerWork { cpu, cache_written })
     }
 
@@ -225,11 +230,7 @@ pub async fn server_top(mongo: &mongodb::Client, database: &str) -> Result<BTree
             continue;
         };
         for (field, kind) in TOP_KINDS {
-            let time = entry.get_document(field).ok().and_then(|d| d.get("time")).and_then(|t| match t {
-                bson::Bson::Int64(n) => Some(*n as u64),
-                bson::Bson::Int32(n) => Some(*n as u64),
-                _ => None,
-            });
+            let time = entry.get_document(field).ok().and_then(|d| d.get("time")).and_then(server_number);
             *out.entry(format!("{collection} {kind}")).or_default() += time.unwrap_or(0);
         }
     }
