@@ -55,6 +55,15 @@ pub struct Source {
     pub ts_ms: i64,
     /// Read by Debezium's snapshot rather than from the WAL.
     pub snapshot: bool,
+    /// Where the job read the change (set by the runtime: the payload does not say).
+    pub place: Option<Place>,
+}
+
+/// A record's place in its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// `source` as Debezium writes it; its text is borrowed from the record (decoding allocates only rows).
@@ -100,6 +109,14 @@ impl<R> Event<R> {
             Event::Tombstone => None,
         }
     }
+
+    /// The change read at `place` of its topic.
+    pub fn at(mut self, place: Place) -> Self {
+        if let Event::Upsert { source, .. } | Event::Delete { source, .. } | Event::Truncate { source } = &mut self {
+            source.place = Some(place);
+        }
+        self
+    }
 }
 
 /// Why a record could not be decoded: what the dead-letter topic records as its reason.
@@ -134,7 +151,7 @@ pub fn decode<R: DeserializeOwned>(table: &str, value: Option<&[u8]>) -> Result<
         return Err(DecodeError::WrongTable { expected: table.to_owned(), found: raw.table.into_owned() });
     }
     let snapshot = raw.snapshot.is_some_and(|s| s != "false");
-    let source = Source { lsn: raw.lsn, tx_id: raw.tx_id, ts_ms: raw.ts_ms, snapshot };
+    let source = Source { lsn: raw.lsn, tx_id: raw.tx_id, ts_ms: raw.ts_ms, snapshot, place: None };
     let missing = |op: &str, missing| DecodeError::MissingImage { op: op.to_owned(), missing };
     match envelope.op.as_ref() {
         "c" | "u" | "r" => {

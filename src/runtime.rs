@@ -29,11 +29,11 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
-use crate::envelope::{self, Event};
+use crate::envelope::{self, Event, Place};
 use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
-use crate::sink::{Applied, Checkpoint, LANES, MongoSink, ReadModels};
+use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Progress, ReadModels};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
 pub trait Job: Send + Sync + 'static {
@@ -269,6 +269,7 @@ async fn run_store<J: Job>(
             }
             match record.change {
                 Ok(event) => {
+                    let event = event.at(Place { partition, offset });
                     if let Some(source) = event.source() {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
                         times.push((source.ts_ms, record.timestamp, record.received_ms));
@@ -298,6 +299,7 @@ async fn run_store<J: Job>(
             job: job.as_ref(),
             sink: &sink,
             group: &group,
+            applied: &checkpoints,
             epoch,
             metrics: &metrics,
             shutdown: &shutdown,
@@ -388,6 +390,8 @@ struct BatchWriter<'a, J: Job> {
     job: &'a J,
     sink: &'a MongoSink,
     group: &'a str,
+    /// The checkpoints before this batch.
+    applied: &'a HashMap<i32, i64>,
     epoch: i64,
     metrics: &'a Metrics,
     shutdown: &'a watch::Receiver<bool>,
@@ -441,7 +445,8 @@ impl<J: Job> BatchWriter<'_, J> {
             let covers = if last { checkpoints } else { &[] };
             let attempt = Instant::now();
             let applied = retry("writing the batch to MongoDB", self.shutdown, || {
-                self.sink.apply(self.job, &events[start..end], lane, self.group, covers, self.epoch)
+                let progress = Progress { applied: self.applied, moves: covers };
+                self.sink.apply(self.job, &events[start..end], lane, self.group, progress, self.epoch)
             })
             .await?;
             match applied {
@@ -924,7 +929,7 @@ mod tests {
     use crate::rows::OrderDetail;
 
     fn source(lsn: u64) -> Source {
-        Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false }
+        Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None }
     }
 
     fn line(id: i32, order_id: i32, lsn: u64) -> Event<OrderDetail> {

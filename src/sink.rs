@@ -35,7 +35,7 @@ use mongodb::{Client, ClientSession, Database, IndexModel};
 use tokio::sync::watch;
 
 use crate::config::MongoArgs;
-use crate::envelope::Event;
+use crate::envelope::{Event, Place};
 use crate::handoff::{self, Gate, Handoff, Phase};
 use crate::projection::{Collection, Write};
 use crate::runtime::Job;
@@ -87,6 +87,17 @@ pub struct Checkpoint {
     pub next_offset: i64,
 }
 
+/// Where a batch (or a piece of one) stands in its topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// The checkpoints before the batch (partition -> next offset): a change below them was written by a
+    /// batch that committed, every write of it made; at or past them, by this batch or by a try of it that
+    /// did not commit (a crash, a failed write).
+    pub applied: &'a HashMap<i32, i64>,
+    /// The checkpoints this piece moves, with its commit (none for all but a batch's last piece).
+    pub moves: &'a [Checkpoint],
+}
+
 pub struct MongoSink {
     client: Client,
     db: Database,
@@ -133,20 +144,21 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Applies `events` with `job` and moves `checkpoints` forward, in transaction lane `lane`: the writes go
-    /// out while the lane's transaction holds its truncation watermark, the checkpoints are committed with it.
-    /// `epoch` is the first_load epoch the job's checkpoints belong to: nothing is written under another.
-    /// With no events, only the checkpoints move (after lanes that wrote without them).
+    /// Applies `events` with `job` and moves the checkpoints forward (`progress.moves`), in transaction lane
+    /// `lane`: the writes go out while the lane's transaction holds its truncation watermark, the checkpoints
+    /// are committed with it. `epoch` is the first_load epoch the job's checkpoints belong to: nothing is
+    /// written under another. With no events, only the checkpoints move (after lanes that wrote without them).
     pub async fn apply<J: Job>(
         &self,
         job: &J,
         events: &[Event<J::Row>],
         lane: usize,
         group: &str,
-        checkpoints: &[Checkpoint],
+        progress: Progress<'_>,
         epoch: i64,
     ) -> Result<Applied> {
-        let checkpoint_updates: Vec<RawDocumentBuf> = checkpoints
+        let checkpoint_updates: Vec<RawDocumentBuf> = progress
+            .moves
             .iter()
             .map(|c| {
                 rawdoc! {
@@ -166,7 +178,7 @@ impl MongoSink {
         let known_done = self.done.lock().expect("handoff cache").as_ref().map(|(token, _)| *token);
         let result = async {
             let (open, writable) = watch::channel(false);
-            let store = ReadModels::new(&self.db, writable);
+            let store = ReadModels::new(&self.db, writable, progress.applied);
             // The transaction takes the lane, checks the handoff and filters the events while the projection
             // already makes its first reads (outside it): a live batch saves a round trip. Its writes wait
             // for the gate, which opens only when its reads were made under the state the lane shows: the
@@ -205,7 +217,7 @@ impl MongoSink {
                         "the projection's early reads were called off; projecting again"
                     );
                     let (_open, writable) = watch::channel(true);
-                    let store = ReadModels::new(&self.db, writable);
+                    let store = ReadModels::new(&self.db, writable, progress.applied);
                     let (projected, checkpointed) = tokio::join!(
                         project(job, &admitted, lane, &store),
                         self.write_checkpoints(&mut session, &checkpoint_updates),
@@ -344,11 +356,18 @@ pub struct ReadModels<'a> {
     /// Whether the batch may write yet: its reads may start before its transaction holds the lane, its
     /// writes may not (see [`MongoSink::apply`]).
     writable: watch::Receiver<bool>,
+    applied: &'a HashMap<i32, i64>,
 }
 
 impl<'a> ReadModels<'a> {
-    fn new(db: &'a Database, writable: watch::Receiver<bool>) -> Self {
-        ReadModels { db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0), writable }
+    fn new(db: &'a Database, writable: watch::Receiver<bool>, applied: &'a HashMap<i32, i64>) -> Self {
+        ReadModels { db, statements: AtomicUsize::new(0), raced: AtomicUsize::new(0), writable, applied }
+    }
+
+    /// Whether the change read at `place` was written by a batch that committed, every write of it made
+    /// (see [`Progress::applied`]).
+    pub fn committed(&self, place: Place) -> bool {
+        self.applied.get(&place.partition).is_some_and(|&next| place.offset < next)
     }
 
     /// Waits until the batch may write; an error if its writes were called off.
@@ -699,7 +718,8 @@ mod tests {
     async fn writes_wait_for_the_gate_and_are_called_off_when_it_closes_unopened() {
         let db = nowhere().await;
         let (open, writable) = watch::channel(false);
-        let store = ReadModels::new(&db, writable);
+        let none = HashMap::new();
+        let store = ReadModels::new(&db, writable, &none);
         // Nothing to write: nothing to wait for.
         store.write(Vec::new()).await.unwrap();
         let mut pending = std::pin::pin!(store.write(one_write()));
@@ -714,7 +734,8 @@ mod tests {
     async fn an_opened_gate_lets_the_writes_go() {
         let db = nowhere().await;
         let (open, writable) = watch::channel(false);
-        let store = ReadModels::new(&db, writable);
+        let none = HashMap::new();
+        let store = ReadModels::new(&db, writable, &none);
         let write = store.write(one_write());
         open.send(true).unwrap();
         // It went to the server, which is not there.

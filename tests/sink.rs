@@ -6,16 +6,17 @@ mod common;
 
 use bson::{Document, doc};
 use cdc_cqrs::config::MongoArgs;
-use cdc_cqrs::envelope::{Event, Source};
+use cdc_cqrs::envelope::{Event, Place, Source};
 use cdc_cqrs::projection::orders::OrdersJob;
+use cdc_cqrs::projection::products::ProductsJob;
 use cdc_cqrs::projection::{Collection, Write, encode};
-use cdc_cqrs::rows::Order;
+use cdc_cqrs::rows::{Order, Product};
 use cdc_cqrs::runtime::Job;
-use cdc_cqrs::sink::{Applied, MongoSink, ReadModels};
+use cdc_cqrs::sink::{Applied, MongoSink, Progress, ReadModels};
 use common::{Stack, unique};
 
 fn source(lsn: u64) -> Source {
-    Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false }
+    Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None }
 }
 
 fn order(id: i32, status: &str) -> Order {
@@ -27,6 +28,12 @@ fn order(id: i32, status: &str) -> Order {
         order_date: Some(1_700_000_000_000_000),
         status: Some(status.into()),
     }
+}
+
+/// A batch of a job that has applied nothing yet, moving no checkpoint.
+fn nothing_applied() -> Progress<'static> {
+    static NONE: std::sync::LazyLock<std::collections::HashMap<i32, i64>> = std::sync::LazyLock::new(Default::default);
+    Progress { applied: &NONE, moves: &[] }
 }
 
 async fn sink(stack: &Stack, database: &str) -> MongoSink {
@@ -66,7 +73,7 @@ async fn an_insert_that_finds_its_id_taken_falls_back_to_the_guarded_write() {
 
     let events: Vec<_> =
         [1, 2].map(|id| Event::Upsert { row: order(id, "new"), before: None, source: source(10) }).into();
-    let applied = sink.apply(&InsertsIntoATakenId, &events, 0, "test", &[], 0).await.unwrap();
+    let applied = sink.apply(&InsertsIntoATakenId, &events, 0, "test", nothing_applied(), 0).await.unwrap();
     assert_eq!(applied, Applied::Written { statements: 2, raced: 1 });
     assert_eq!(orders.find_one(doc! { "_id": 1 }).await.unwrap(), Some(doc! { "_id": 1 }));
     assert_eq!(
@@ -93,7 +100,7 @@ async fn the_orders_job_inserts_new_orders_and_merges_into_existing_ones() {
         Event::Upsert { row: order(3, "paid"), before: None, source: source(12) },
         Event::Delete { before: order(4, "new"), source: source(13) },
     ];
-    let applied = sink.apply(&OrdersJob, &events, 0, "test", &[], 0).await.unwrap();
+    let applied = sink.apply(&OrdersJob, &events, 0, "test", nothing_applied(), 0).await.unwrap();
     assert!(matches!(applied, Applied::Written { raced: 0, .. }), "{applied:?}");
 
     let get = |id: i32| {
@@ -112,4 +119,58 @@ async fn the_orders_job_inserts_new_orders_and_merges_into_existing_ones() {
     assert_eq!(get(3).await.get_str("status").unwrap(), "shipped", "an older change leaves a newer document");
     assert_eq!(get(4).await, doc! { "_id": 4, "_deleted": true, "_v": 13_i64 }, "a delete of an unseen order");
     sink.database().drop().await.unwrap();
+}
+
+/// The products job after a crash between a batch's product documents and their fan-out: the replayed
+/// batch holds only a later stock change (the price change reduced away), which changes no copy by itself.
+/// The document's Kafka offset, past the checkpoint, says its copies may lag, and they are fanned out; a
+/// document below the checkpoint is trusted, its copies left as they are.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_products_batch_replayed_after_a_crash_before_its_fan_out_fans_out_again() {
+    let stack = Stack::from_env();
+    let sink = sink(&stack, &unique("sink_fan_out")).await;
+    sink.create_indexes().await.unwrap();
+    let db = sink.database();
+    let price = |p: &str| bson::Bson::Decimal128(p.parse().unwrap());
+    // Both products' price went 19.90 -> 21.00 at lsn 10: product 7's by the batch that crashed (offset
+    // 5, at the checkpoint), product 8's by one that committed (offset 4). Their lines still hold 19.90:
+    // product 7's because of the crash, product 8's only in this test, to show it is left alone.
+    for (id, offset) in [(7, 5_i64), (8, 4)] {
+        let product = doc! { "_id": id, "name": "Tent", "price": price("21.00"), "stock_quantity": 3, "_v": 10_i64, "_o": offset };
+        db.collection::<Document>("products").insert_one(product).await.unwrap();
+        let detail = doc! { "_id": id * 10, "order_id": id, "product_id": id, "product_name": "Tent", "_pv": 10_i64 };
+        db.collection::<Document>("order_details").insert_one(detail).await.unwrap();
+        let line = doc! { "order_detail_id": id * 10, "product_id": id, "product": { "name": "Tent", "price": price("19.90"), "_v": 3_i64 } };
+        db.collection::<Document>("orders")
+            .insert_one(doc! { "_id": id, "lines": [line], "_lv": 1_i64 })
+            .await
+            .unwrap();
+    }
+    let stock_change = |id: i32, offset: i64| {
+        let row = Product {
+            product_id: id,
+            name: "Tent".into(),
+            description: None,
+            price: "21.00".parse().unwrap(),
+            stock_quantity: 2,
+        };
+        let source = Source { place: Some(Place { partition: 0, offset }), ..source(12 + id as u64) };
+        Event::Upsert { row, before: None, source }
+    };
+    let events = vec![stock_change(7, 6), stock_change(8, 7)];
+    let applied = std::collections::HashMap::from([(0, 5_i64)]);
+    let progress = Progress { applied: &applied, moves: &[] };
+    let written = sink.apply(&ProductsJob, &events, 0, "test", progress, 0).await.unwrap();
+    assert!(matches!(written, Applied::Written { .. }), "{written:?}");
+
+    let line_price = |id: i32| async move {
+        let order = db.collection::<Document>("orders").find_one(doc! { "_id": id }).await.unwrap().unwrap();
+        let line = order.get_array("lines").unwrap()[0].as_document().unwrap().clone();
+        line.get_document("product").unwrap().get("price").unwrap().clone()
+    };
+    assert_eq!(line_price(7).await, price("21.00"), "the replay fans out the price its document held");
+    assert_eq!(line_price(8).await, price("19.90"), "a committed document's copies are not looked at again");
+    let product = db.collection::<Document>("products").find_one(doc! { "_id": 7 }).await.unwrap().unwrap();
+    assert_eq!((product.get_i32("stock_quantity").unwrap(), product.get_i64("_o").unwrap()), (2, 6));
+    db.drop().await.unwrap();
 }

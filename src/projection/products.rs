@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use super::{
     Collection, Existing, Write, decimal, decimal_of, encode, field, guarded_replace, literal, tombstone, truncate_all,
 };
-use crate::envelope::{Event, Toasted};
+use crate::envelope::{Event, Place, Source, Toasted};
 use crate::readmodel;
 use crate::rows::Product;
 use crate::sink::ReadModels;
@@ -47,19 +47,28 @@ pub fn changes_embedded(event: &Event<Product>, written: Option<(&str, Option<De
 }
 
 /// Which copies change `event` (at `pos`) reaches, judged against its product's document as read: none
-/// when the document is newer, all when it is this change (a replay) or ahead of its copies (`_fanned:
-/// false`), else by name and price ([`changes_embedded`]).
-fn reach_from_document(event: &Event<Product>, pos: i64, document: Option<&RawDocumentBuf>) -> Reach {
+/// when the document is newer, all when it is this change (a replay) or ahead of its copies (`in_step`
+/// false: see [`copies_in_step`]), else by name and price ([`changes_embedded`]).
+fn reach_from_document(event: &Event<Product>, pos: i64, document: Option<&RawDocumentBuf>, in_step: bool) -> Reach {
     let stored_v = document.and_then(|d| d.get_i64("_v").ok()).unwrap_or(-1);
-    // Documents written before the mark existed (or by first_load) have their copies in step.
-    let copies_in_step = document.is_none_or(|d| d.get_bool("_fanned").unwrap_or(true));
     if pos < stored_v {
         Reach::default()
-    } else if pos == stored_v || !copies_in_step {
+    } else if pos == stored_v || !in_step {
         Reach::ALL
     } else {
         changes_embedded(event, document.and_then(|d| written(d)))
     }
+}
+
+/// Whether a `products` document's embedded copies hold what it does. Its change's Kafka offset (`_o`)
+/// below the checkpoint of the partition says so: the batch that wrote it committed, and a batch commits
+/// after its fan-outs. At or past it, a crash or a failed write may have come between the document and its
+/// fan-out, and the replayed batch may have reduced that change away under a later one (a stock change that
+/// changes no copy). A document with no offset was written by first_load, whose copies are in step (or,
+/// with `_fanned: false`, by a version that marked a fan-out to come instead).
+fn copies_in_step(document: &RawDocument, partition: Option<i32>, committed: impl Fn(Place) -> bool) -> bool {
+    let place = partition.zip(document.get_i64("_o").ok()).map(|(partition, offset)| Place { partition, offset });
+    document.get_bool("_fanned").unwrap_or(true) && place.is_none_or(committed)
 }
 
 /// The name and price a `products` document holds, as read (`None` for a tombstone).
@@ -68,13 +77,12 @@ fn written(document: &RawDocument) -> Option<(&str, Option<Decimal>)> {
     Some((document.get_str("name").ok()?, price))
 }
 
-/// The write of one product change to its document; `fanned_out`: whether its embedded copies already hold
-/// its name and price (else `_fanned: false` until its fan-out is done).
-pub fn project(event: &Event<Product>, fanned_out: bool) -> Option<Write> {
+/// The write of one product change to its document.
+pub fn project(event: &Event<Product>) -> Option<Write> {
     let statement = match event {
         Event::Upsert { row, source, .. } => {
             let (id, pos) = (row.product_id, source.lsn as i64);
-            guarded_replace(id, pos, encode(&document(row, pos, fanned_out)))
+            guarded_replace(id, pos, encode(&document(row, source)))
         }
         Event::Delete { before, source } => {
             let (id, pos) = (before.product_id, source.lsn as i64);
@@ -124,8 +132,8 @@ pub fn details_fan_out(id: i32, name: &Bson, pos: i64) -> Write {
 
 /// The `products` document as an aggregation expression: every value a literal, except an unavailable
 /// (TOASTed, unchanged) description, which keeps the stored one.
-fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
-    let mut expr: Document = plain_document(row, pos, fanned_out)
+fn document(row: &Product, source: &Source) -> Document {
+    let mut expr: Document = plain_document(row, source)
         .into_iter()
         .map(|(k, v)| if k == "_id" { (k, v) } else { (k, literal(v)) })
         .collect();
@@ -135,9 +143,10 @@ fn document(row: &Product, pos: i64, fanned_out: bool) -> Document {
     expr
 }
 
-/// The `products` document of `row` as of `pos` where there is none: what [`document`] makes of it then
-/// (an unavailable description, kept from a stored document that does not exist, is left out).
-fn plain_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
+/// The `products` document of `row` as of `source` where there is none: what [`document`] makes of it then
+/// (an unavailable description, kept from a stored document that does not exist, is left out). It records
+/// the change's version (`_v`) and its Kafka offset (`_o`, see [`copies_in_step`]).
+fn plain_document(row: &Product, source: &Source) -> Document {
     let description = match &row.description {
         Some(Toasted::Value(text)) => Some(text.as_str()),
         _ => None,
@@ -146,14 +155,17 @@ fn plain_document(row: &Product, pos: i64, fanned_out: bool) -> Document {
     if row.description == Some(Toasted::Unavailable) {
         document.remove("description");
     }
-    document.extend(doc! { "_v": pos, "_fanned": fanned_out });
+    document.insert("_v", source.lsn as i64);
+    if let Some(place) = source.place {
+        document.insert("_o", place.offset);
+    }
     document
 }
 
 /// What [`project`] writes where the product has no document: the document, or a tombstone.
-fn new_document(event: &Event<Product>, fanned_out: bool) -> Option<RawDocumentBuf> {
+fn new_document(event: &Event<Product>) -> Option<RawDocumentBuf> {
     match event {
-        Event::Upsert { row, source, .. } => Some(encode(&plain_document(row, source.lsn as i64, fanned_out))),
+        Event::Upsert { row, source, .. } => Some(encode(&plain_document(row, source))),
         Event::Delete { before, source } => Some(tombstone(before.product_id, source.lsn as i64)),
         Event::Truncate { .. } | Event::Tombstone => None,
     }
@@ -175,13 +187,12 @@ impl crate::runtime::Job for ProductsJob {
         let mut ids: Vec<i32> = events.iter().filter_map(|e| e.row().map(|r| r.product_id)).collect();
         ids.sort_unstable();
         ids.dedup();
-        let projection = doc! { "name": 1, "price": 1, "_v": 1, "_fanned": 1 };
+        let projection = doc! { "name": 1, "price": 1, "_v": 1, "_o": 1, "_fanned": 1 };
         let stored = store.fields(Collection::Products, &ids, projection).await?;
         // Which changes reach embedded copies: judged against what an earlier event of the same product (a
         // kept one) leaves behind, or the document when its copies hold what it does. A change the
-        // document already holds is a replay, and a document marked `_fanned: false` is ahead of its
-        // copies: a crash came between its write and its fan-out (and the replayed batch may have reduced
-        // that change away under a later one), so it fans out again (guarded, it changes nothing twice).
+        // document already holds is a replay, and a document ahead of its copies ([`copies_in_step`]) fans
+        // out again whatever change comes (guarded, it changes nothing twice).
         let mut current: HashMap<i32, (&str, Option<Decimal>)> = HashMap::new();
         let mut fanned: HashMap<i32, (&Product, i64, Reach)> = HashMap::new();
         for event in events {
@@ -189,7 +200,12 @@ impl crate::runtime::Job for ProductsJob {
             let (id, pos) = (row.product_id, source.lsn as i64);
             let reach = match current.get(&id) {
                 Some(&before) => changes_embedded(event, Some(before)),
-                None => reach_from_document(event, pos, stored.get(&id)),
+                None => {
+                    let document = stored.get(&id);
+                    let partition = source.place.map(|p| p.partition);
+                    let in_step = document.is_none_or(|d| copies_in_step(d, partition, |p| store.committed(p)));
+                    reach_from_document(event, pos, document, in_step)
+                }
             };
             if reach != Reach::default() {
                 let earlier = fanned.get(&id).map_or(Reach::default(), |&(_, _, r)| r);
@@ -197,11 +213,8 @@ impl crate::runtime::Job for ProductsJob {
             }
             current.insert(id, (&row.name, Some(row.price)));
         }
-        let fanned_out = |e: &Event<Product>| e.row().is_none_or(|r| !fanned.contains_key(&r.product_id));
         let existing = Existing::known(stored.keys().copied(), events);
-        let new = |e: &Event<Product>| new_document(e, fanned_out(e));
-        let guarded = |e: &Event<Product>| project(e, fanned_out(e));
-        existing.write(store, Collection::Products, events, Self::key, new, guarded).await?;
+        existing.write(store, Collection::Products, events, Self::key, new_document, project).await?;
         // Only where the product is embedded, looked for after its document is written: an order line has
         // its order_details document, written before it, and that collection's index on (product_id,
         // order_id) answers for both (a fan-out that matches nothing still costs a lookup).
@@ -219,13 +232,7 @@ impl crate::runtime::Job for ProductsJob {
                 writes.push(details_fan_out(*id, &name, pos));
             }
         }
-        store.write(writes).await?;
-        // The copies hold these versions now: the next change is judged against the document again.
-        let done = fanned.iter().map(|(&id, &(_, pos, _))| {
-            let mark = doc! { "q": { "_id": id, "_v": pos }, "u": { "$set": { "_fanned": true } } };
-            Write::new(Collection::Products, mark)
-        });
-        store.write(done.collect()).await
+        store.write(writes).await
     }
 }
 
@@ -243,28 +250,40 @@ mod tests {
             price: price.parse().unwrap(),
             stock_quantity: 3,
         };
-        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, snapshot: false };
+        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, snapshot: false, place: None };
         Event::Upsert { row, before: None, source }
     }
 
     #[test]
     fn a_document_ahead_of_its_copies_fans_out_any_later_change() {
-        let stored = |fanned: Option<bool>| {
+        let stored = |offset: Option<i64>, fanned: Option<bool>| {
             let mut d = doc! { "name": "Tent", "price": decimal("19.90".parse().unwrap()), "_v": 5_i64 };
+            if let Some(offset) = offset {
+                d.insert("_o", offset);
+            }
             if let Some(fanned) = fanned {
                 d.insert("_fanned", fanned);
             }
             encode(&d)
         };
+        // Partition 2 is checkpointed at offset 40: records below it were written by committed batches.
+        let committed = |p: Place| p.partition == 2 && p.offset < 40;
+        let in_step = |d: &RawDocumentBuf| copies_in_step(d, Some(2), committed);
+        assert!(in_step(&stored(Some(39), None)), "its batch committed after its fan-out");
+        assert!(!in_step(&stored(Some(40), None)), "written by a batch that did not commit");
+        assert!(in_step(&stored(None, None)), "written by first_load");
+        assert!(!in_step(&stored(None, Some(false))), "marked by an older version");
+        assert!(copies_in_step(&stored(Some(40), None), None, committed), "a change not read from Kafka");
+
         let stock_change = change("Tent", "19.90");
-        // Copies in step (marked, or written before the mark existed): a stock change reaches none.
-        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(Some(true)))), Reach::default());
-        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(None))), Reach::default());
+        let document = stored(Some(39), None);
+        // Copies in step: a stock change reaches none.
+        assert_eq!(reach_from_document(&stock_change, 10, Some(&document), true), Reach::default());
         // Written, then a crash before its fan-out: the replay may hold only this later change.
-        assert_eq!(reach_from_document(&stock_change, 10, Some(&stored(Some(false)))), Reach::ALL);
+        assert_eq!(reach_from_document(&stock_change, 10, Some(&document), false), Reach::ALL);
         // The document's own change replayed; an older one.
-        assert_eq!(reach_from_document(&stock_change, 5, Some(&stored(Some(true)))), Reach::ALL);
-        assert_eq!(reach_from_document(&stock_change, 3, Some(&stored(Some(false)))), Reach::default());
+        assert_eq!(reach_from_document(&stock_change, 5, Some(&document), true), Reach::ALL);
+        assert_eq!(reach_from_document(&stock_change, 3, Some(&document), false), Reach::default());
     }
 
     #[test]
