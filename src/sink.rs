@@ -398,9 +398,9 @@ impl<'a> ReadModels<'a> {
         Ok(())
     }
 
-    /// Applies conditional upserts of `collection` (each `q` names the `_id` and the state the projection
-    /// read), all of them even when some fail, and returns the positions of those that lost a race: the
-    /// document changed since it was read, so the filter matched nothing and the upsert collided with it.
+    /// Applies conditional upserts of `collection` ([`crate::projection::set_if_unchanged`]), all of them
+    /// even when some fail, and returns the positions of those that lost a race: the document changed since
+    /// it was read, and the statement failed its check ([`CHANGED_SINCE_READ`]) or collided with it.
     pub async fn write_if_unchanged(
         &self,
         collection: Collection,
@@ -556,6 +556,10 @@ async fn project<J: Job>(job: &J, events: &[Event<J::Row>], lane: usize, store: 
     Ok(())
 }
 
+/// MongoDB's error code for a failed conversion: what a write conditional on the document as read fails
+/// with when it changed since ([`crate::projection::set_if_unchanged`]).
+pub const CHANGED_SINCE_READ: i32 = 241;
+
 /// MongoDB's error code for dropping an index that is not there.
 const INDEX_NOT_FOUND: i32 = 27;
 
@@ -690,7 +694,7 @@ async fn run_writes(
             let error = error.as_document().context("a write error that is not a document")?;
             let code = error.get_i32("code").unwrap_or_default();
             let index = error.get_i32("index").unwrap_or_default() as usize;
-            if ordered || code != DUPLICATE_KEY {
+            if ordered || (code != DUPLICATE_KEY && code != CHANGED_SINCE_READ) {
                 bail!("MongoDB refused an {} of {collection}: {error}", name.as_str());
             }
             lost.push(n * STATEMENTS_PER_COMMAND + index);

@@ -9,7 +9,7 @@ use cdc_cqrs::config::MongoArgs;
 use cdc_cqrs::envelope::{Event, Place, Source};
 use cdc_cqrs::projection::orders::OrdersJob;
 use cdc_cqrs::projection::products::ProductsJob;
-use cdc_cqrs::projection::{Collection, Write, encode};
+use cdc_cqrs::projection::{Collection, Write, encode, set_if_unchanged};
 use cdc_cqrs::rows::{Order, Product};
 use cdc_cqrs::runtime::Job;
 use cdc_cqrs::sink::{Applied, MongoSink, Progress, ReadModels};
@@ -173,4 +173,72 @@ async fn a_products_batch_replayed_after_a_crash_before_its_fan_out_fans_out_aga
     let product = db.collection::<Document>("products").find_one(doc! { "_id": 7 }).await.unwrap().unwrap();
     assert_eq!((product.get_i32("stock_quantity").unwrap(), product.get_i64("_o").unwrap()), (2, 6));
     db.drop().await.unwrap();
+}
+
+/// Writes lines to orders 1-5, each conditional on the lines version read (`read`), and keeps which lost.
+struct WritesLinesAsRead {
+    read: Vec<(i32, Option<i64>)>,
+    lost: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Job for WritesLinesAsRead {
+    const TABLE: &'static str = "order_details";
+    const BIN: &'static str = "test";
+    type Row = Order;
+
+    fn key(row: &Order) -> i32 {
+        row.order_id
+    }
+
+    async fn apply(&self, _: &[Event<Order>], store: &ReadModels<'_>) -> anyhow::Result<()> {
+        let lines = |id: i32| encode(&doc! { "lines": [ { "order_detail_id": id * 10 } ], "totals": { "items": 1 } });
+        let statements = self.read.iter().map(|&(id, read)| set_if_unchanged(id, read, lines(id))).collect();
+        *self.lost.lock().unwrap() = store.write_if_unchanged(Collection::Orders, statements).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lines_write_is_made_only_on_the_lines_it_read() {
+    let stack = Stack::from_env();
+    let sink = sink(&stack, &unique("sink_lines")).await;
+    let orders = sink.database().collection::<Document>("orders");
+    let stored = [
+        doc! { "_id": 1, "status": "paid", "lines": [], "_lv": 3_i64 },
+        doc! { "_id": 2, "status": "paid", "lines": [], "_lv": 4_i64 }, // another writer moved it from 3
+        doc! { "_id": 3, "status": "paid" },                            // a header, no lines yet
+        doc! { "_id": 5, "lines": [ { "order_detail_id": 51 } ], "_lv": 1_i64 }, // written since read (none)
+    ];
+    orders.insert_many(stored).await.unwrap();
+    let job = WritesLinesAsRead {
+        read: vec![(1, Some(3)), (2, Some(3)), (3, None), (4, None), (5, None)],
+        lost: Default::default(),
+    };
+    let events = vec![Event::Upsert { row: order(1, "paid"), before: None, source: source(10) }];
+    let applied = sink.apply(&job, &events, 0, "test", nothing_applied(), 0).await.unwrap();
+    assert!(matches!(applied, Applied::Written { statements: 3, raced: 2 }), "{applied:?}");
+    assert_eq!(*job.lost.lock().unwrap(), [1, 4], "orders 2 and 5 changed since they were read");
+
+    let get = |id: i32| {
+        let orders = orders.clone();
+        async move { orders.find_one(doc! { "_id": id }).await.unwrap().unwrap() }
+    };
+    let written = |id: i32, lv: i64, status: Option<&str>| {
+        let mut d = doc! { "_id": id };
+        if let Some(status) = status {
+            d.insert("status", status);
+        }
+        d.extend(doc! { "lines": [ { "order_detail_id": id * 10 } ], "totals": { "items": 1 } });
+        d.insert("_lv", lv);
+        d
+    };
+    assert_eq!(
+        get(1).await,
+        doc! { "_id": 1, "status": "paid", "lines": [ { "order_detail_id": 10 } ], "_lv": 4_i64, "totals": { "items": 1 } }
+    );
+    assert_eq!(get(2).await, doc! { "_id": 2, "status": "paid", "lines": [], "_lv": 4_i64 }, "left as it was");
+    assert_eq!(get(3).await, written(3, 1, Some("paid")), "merged into the header");
+    assert_eq!(get(4).await, written(4, 1, None), "a new document");
+    assert_eq!(get(5).await, doc! { "_id": 5, "lines": [ { "order_detail_id": 51 } ], "_lv": 1_i64 }, "left as it was");
+    sink.database().drop().await.unwrap();
 }
