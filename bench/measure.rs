@@ -1,7 +1,7 @@
 //! Measuring what the benchmarks report: rates, a child process's wall time, CPU and peak memory, latency
 //! quantiles from a job's Prometheus histogram, and the machine they ran on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,63 @@ impl ProcessStats {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         Ok(ProcessStats { cpu_secs: ticks / per_sec, peak_rss_kb })
+    }
+}
+
+/// CPU seconds each process of the stack has used, by service (told apart by executable name,
+/// `/proc/PID/comm`): two readings say which service a busy machine was busy with. A process that ended
+/// between them is not counted (the workload's connections and the jobs last the whole run).
+pub struct ServiceCpu(HashMap<u32, (&'static str, f64)>);
+
+/// Executable name (or its start) -> the service it is.
+const SERVICES: [(&str, &str); 6] = [
+    ("postgres", "PostgreSQL"),
+    ("java", "Kafka Connect"),
+    ("tansu", "the broker"),
+    ("noida", "the broker"),
+    ("mongod", "MongoDB"),
+    ("stream_", "the jobs"),
+];
+
+impl ServiceCpu {
+    pub fn now() -> ServiceCpu {
+        let own = std::process::id();
+        let pids = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()));
+        let by_pid = pids
+            .filter_map(|pid| {
+                let service = if pid == own {
+                    "this bench (and its workload)"
+                } else {
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                    SERVICES.iter().find(|(name, _)| comm.starts_with(name))?.1
+                };
+                Some((pid, (service, ProcessStats::of(pid).ok()?.cpu_secs)))
+            })
+            .collect();
+        ServiceCpu(by_pid)
+    }
+
+    /// Each service's CPU since `before`, as a share of one core over `elapsed`, largest first:
+    /// "MongoDB 61%, the broker 40%, ...".
+    pub fn since(&self, before: &ServiceCpu, elapsed: Duration) -> String {
+        let mut used: Vec<(&str, f64)> = Vec::new();
+        for (pid, &(service, secs)) in &self.0 {
+            let spent = secs - before.0.get(pid).map_or(0.0, |&(_, then)| then);
+            match used.iter_mut().find(|(s, _)| *s == service) {
+                Some((_, total)) => *total += spent,
+                None => used.push((service, spent)),
+            }
+        }
+        used.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        used.iter()
+            .map(|(service, spent)| format!("{service} {:.0}%", 100.0 * spent / secs))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

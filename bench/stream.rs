@@ -6,10 +6,11 @@
 //!    database, timed until their MongoDB checkpoints reach the topic ends; CPU and peak RSS per job.
 //! 3. The limits beside it: one consumer reading the three topics raw, and as many bulk upserts by `_id`
 //!    as there are events, straight into MongoDB.
-//! 4. Freshness: the jobs caught up, the workload at `--rate` transactions per second; the jobs' own
-//!    histograms say how long each change took from its PostgreSQL commit, and from its Kafka record, to
-//!    the MongoDB commit that made it visible; a plain consumer beside them says how much of the latter is
-//!    the broker's delivery (record timestamp -> a consumer has it).
+//! 4. Freshness: the jobs caught up, the workload at `--rate` transactions per second (several rates run
+//!    one after another and end with a table of them); the jobs' own histograms say how long each change
+//!    took from its PostgreSQL commit, and from its Kafka record, to the MongoDB commit that made it
+//!    visible; a plain consumer beside them says how much of the latter is the broker's delivery (record
+//!    timestamp -> a consumer has it).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -27,7 +28,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::measure::{self, Histogram, MachineCpu, ProcessStats, Rate};
+use crate::measure::{self, Histogram, MachineCpu, ProcessStats, Rate, ServiceCpu};
 
 /// The PostgreSQL database, connector, slot, topic prefix and MongoDB database the benchmark owns.
 const NAME: &str = "cdc_bench_stream";
@@ -48,9 +49,10 @@ pub struct Args {
     #[arg(long)]
     fresh: bool,
 
-    /// Transactions per second of the freshness run.
-    #[arg(long, default_value_t = 500.0)]
-    rate: f64,
+    /// Transactions per second of the freshness run; several, comma-separated ("50,200,500"), run one
+    /// after the other on the same caught-up jobs and end with a table of the jobs' freshness by load.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "500", value_parser = positive_rate)]
+    rate: Vec<f64>,
 
     /// The freshness run's mix of transactions (insert_sample_data's --mix). Price changes fan out to every
     /// order holding the product, the heaviest write of the model.
@@ -160,8 +162,9 @@ pub async fn run(args: Args) -> Result<()> {
     );
     println!("  while the jobs rewrite it costs the server CPU, in reconciliation and compression;");
     println!(
-        "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores)):"
+        "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores),"
     );
+    println!("  \"CPU ..., share of one core\" = which service it was busy with (/proc/PID/stat)):");
     println!(
         "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>6} {:>14} {:>8}  {:<12}",
         "",
@@ -208,6 +211,7 @@ pub async fn run(args: Args) -> Result<()> {
             println!("      MongoDB time, us per record: {}", spent.join(", "));
         }
         println!("      MongoDB's cache wrote {written:.0} bytes per record");
+        println!("      CPU after the first batch, share of one core: {}", run.services);
     };
     if !args.together_only {
         for (i, job) in JOBS.iter().enumerate() {
@@ -228,65 +232,106 @@ pub async fn run(args: Args) -> Result<()> {
     drop(paused);
 
     if args.freshness_secs > 0 {
-        eprintln!("bench: freshness, {} tx/s for {} s with the jobs caught up", args.rate, args.freshness_secs);
-        let f = jobs.freshness(&pg, &topics, &together.group).await?;
-        println!(
-            "  freshness: {} changes applied while insert_sample_data ran {:.0} tx/s for {} s (the three jobs){}:",
-            f.source.count(),
-            f.tx_per_sec,
-            args.freshness_secs,
-            if f.behind > 0 {
-                format!(", {} records still not applied 2 minutes after it", f.behind)
-            } else {
-                String::new()
-            }
-        );
-        println!("    {:<40} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max");
-        for (name, h) in [
-            ("PostgreSQL commit -> visible in MongoDB", &f.source),
-            ("  of which in the jobs (Kafka record ->)", &f.in_job),
-            ("    of which since the job received it", &f.since_received),
-        ] {
-            println!(
-                "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
-                name,
-                h.quantile_ms(0.50),
-                h.quantile_ms(0.95),
-                h.quantile_ms(0.99),
-                h.max_ms()
-            );
+        let mut by_load = Vec::new();
+        for &rate in &args.rate {
+            eprintln!("bench: freshness, {rate} tx/s for {} s with the jobs caught up", args.freshness_secs);
+            let f = jobs.freshness(&pg, &topics, &together.group, rate).await?;
+            report_freshness(&args, &f);
+            by_load.push(f);
         }
-        let d = &f.delivery_ms;
-        println!(
-            "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
-            "    of which Kafka delivery (record ->)",
-            nearest_rank(d, 0.50),
-            nearest_rank(d, 0.95),
-            nearest_rank(d, 0.99),
-            nearest_rank(d, 1.0)
-        );
-        for (((job, stats), (batches, conflicts)), (in_job, since_received)) in
-            JOBS.iter().zip(&f.stats).zip(&f.batches).zip(&f.job_in_job)
-        {
-            println!(
-                "    {job:<22} in the job p50 {:>6.1} ms, p99 {:>6.1} ms (since received p50 {:>5.1}, p99 {:>5.1}); CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
-                in_job.quantile_ms(0.50),
-                in_job.quantile_ms(0.99),
-                since_received.quantile_ms(0.50),
-                since_received.quantile_ms(0.99),
-                stats.cpu_secs,
-                100.0 * stats.cpu_secs / args.freshness_secs as f64,
-                stats.peak_rss_kb / 1024
-            );
+        if by_load.len() > 1 {
+            report_by_load(&by_load);
         }
-        println!("    (quantiles interpolated in the jobs' histogram buckets; max exact)");
-        println!(
-            "    machine busy while the workload ran: {} (PostgreSQL, Kafka Connect, the broker, MongoDB, the workload and the jobs share these cores)",
-            f.machine_busy
-        );
     }
     mongo.shutdown().await;
     Ok(())
+}
+
+/// A `--rate` value: transactions per second, above 0.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!("`{s}` is not a rate: give transactions per second above 0, e.g. --rate 50,200,500")),
+    }
+}
+
+/// One freshness run's report: where a change's time went, per job and for the three.
+fn report_freshness(args: &Args, f: &Freshness) {
+    println!(
+        "  freshness: {} changes applied while insert_sample_data ran {:.0} tx/s for {} s (the three jobs){}:",
+        f.source.count(),
+        f.tx_per_sec,
+        args.freshness_secs,
+        if f.behind > 0 {
+            format!(", {} records still not applied 2 minutes after it", f.behind)
+        } else {
+            String::new()
+        }
+    );
+    println!("    {:<40} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max");
+    for (name, h) in [
+        ("PostgreSQL commit -> visible in MongoDB", &f.source),
+        ("  of which in the jobs (Kafka record ->)", &f.in_job),
+        ("    of which since the job received it", &f.since_received),
+    ] {
+        println!(
+            "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
+            name,
+            h.quantile_ms(0.50),
+            h.quantile_ms(0.95),
+            h.quantile_ms(0.99),
+            h.max_ms()
+        );
+    }
+    let d = &f.delivery_ms;
+    println!(
+        "    {:<40} {:>5.1} ms {:>5.1} ms {:>5.1} ms {:>5.0} ms",
+        "    of which Kafka delivery (record ->)",
+        nearest_rank(d, 0.50),
+        nearest_rank(d, 0.95),
+        nearest_rank(d, 0.99),
+        nearest_rank(d, 1.0)
+    );
+    for (((job, stats), (batches, conflicts)), (in_job, since_received)) in
+        JOBS.iter().zip(&f.stats).zip(&f.batches).zip(&f.job_in_job)
+    {
+        println!(
+            "    {job:<22} in the job p50 {:>6.1} ms, p99 {:>6.1} ms (since received p50 {:>5.1}, p99 {:>5.1}); CPU {:>5.1} s ({:>3.0}% of one core)  peak RSS {} MB  {batches} batches, {conflicts} write conflicts",
+            in_job.quantile_ms(0.50),
+            in_job.quantile_ms(0.99),
+            since_received.quantile_ms(0.50),
+            since_received.quantile_ms(0.99),
+            stats.cpu_secs,
+            100.0 * stats.cpu_secs / args.freshness_secs as f64,
+            stats.peak_rss_kb / 1024
+        );
+    }
+    println!("    (quantiles interpolated in the jobs' histogram buckets; max exact)");
+    println!(
+        "    machine busy while the workload ran: {} (PostgreSQL, Kafka Connect, the broker, MongoDB, the workload and the jobs share these cores)",
+        f.machine_busy
+    );
+    println!("    CPU while the workload ran, share of one core: {}", f.services);
+}
+
+/// The freshness runs side by side: p99 of each part, against the target for the jobs' share.
+fn report_by_load(runs: &[Freshness]) {
+    println!("  freshness by load, p99 (the target: the jobs' share, from the Kafka record, under 50 ms):");
+    println!(
+        "    {:>6} {:>16} {:>16} {:>16} {:>16}  machine busy",
+        "tx/s", "commit->visible", "in the jobs", "since received", "Kafka delivery"
+    );
+    for f in runs {
+        println!(
+            "    {:>6.0} {:>13.1} ms {:>13.1} ms {:>13.1} ms {:>13.1} ms  {}",
+            f.tx_per_sec,
+            f.source.quantile_ms(0.99),
+            f.in_job.quantile_ms(0.99),
+            f.since_received.quantile_ms(0.99),
+            nearest_rank(&f.delivery_ms, 0.99),
+            f.machine_busy
+        );
+    }
 }
 
 fn records(ends: &Ends) -> u64 {
@@ -458,6 +503,8 @@ struct JobRun {
     server_top: Vec<(String, u64)>,
     /// How busy the whole machine was after the first batch ([`measure::busy_since`]).
     machine_busy: String,
+    /// Which service it was busy with, over the same time ([`ServiceCpu`]).
+    services: String,
     group: String,
 }
 
@@ -496,6 +543,8 @@ struct Freshness {
     delivery_ms: Vec<i64>,
     /// How busy the whole machine was while the workload ran ([`measure::busy_since`]).
     machine_busy: String,
+    /// Which service it was busy with ([`ServiceCpu`]).
+    services: String,
 }
 
 /// Running the project's job binaries against the benchmark's topics.
@@ -583,6 +632,7 @@ impl Jobs<'_> {
         let server_before = measure::ServerWork::read(self.mongo).await?;
         let top_before = measure::server_top(self.mongo, NAME).await?;
         let mut machine_before = MachineCpu::now();
+        let mut services_before = (ServiceCpu::now(), Instant::now());
         let started = Instant::now();
         let mut running = self.start(which, &group)?;
         let ends: Ends = which
@@ -603,6 +653,7 @@ impl Jobs<'_> {
                 first_batch = Some((started.elapsed(), applied));
                 // Over the same time as "steady/s": the group join before it leaves the machine idle.
                 machine_before = MachineCpu::now();
+                services_before = (ServiceCpu::now(), Instant::now());
             }
             if behind(&progress, &ends) == 0 {
                 break;
@@ -614,17 +665,18 @@ impl Jobs<'_> {
         }
         let elapsed = started.elapsed();
         let machine_busy = measure::busy_since(machine_before);
+        let services = ServiceCpu::now().since(&services_before.0, services_before.1.elapsed());
         let server = measure::ServerWork::read(self.mongo).await?.since(server_before);
         let server_top = measure::top_since(&top_before, &measure::server_top(self.mongo, NAME).await?);
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         running.stop();
-        Ok(JobRun { elapsed, first_batch, stats, server, server_top, machine_busy, group })
+        Ok(JobRun { elapsed, first_batch, stats, server, server_top, machine_busy, services, group })
     }
 
-    /// Starts the three jobs again where the catch-up run `group` left them (their histograms empty),
-    /// runs the workload at the configured rate and reads the jobs' freshness histograms once they have
+    /// Starts the three jobs again where the run `group` left them (their histograms empty), runs the
+    /// workload at `rate` transactions per second and reads the jobs' freshness histograms once they have
     /// applied all of it.
-    async fn freshness(&self, pg: &PgArgs, topics: &[String], group: &str) -> Result<Freshness> {
+    async fn freshness(&self, pg: &PgArgs, topics: &[String], group: &str, rate: f64) -> Result<Freshness> {
         let db = self.mongo.database(NAME);
         register_connector(&ConnectClient::new(&self.args.connect_url)?, pg).await?;
         let mut running = self.start(&[0, 1, 2], group)?;
@@ -650,14 +702,16 @@ impl Jobs<'_> {
             orders_per_tx: 1,
             changes: None,
             duration: Some(Duration::from_secs(self.args.freshness_secs)),
-            rate: Some(self.args.rate),
+            rate: Some(rate),
             seed: now_nanos() as u64,
             mix: self.args.mix.clone(),
             connections: 4,
         };
         let machine_before = MachineCpu::now();
+        let services_before = ServiceCpu::now();
         let summary = workload::run(&pool, &plan, &ProgressBar::hidden()).await?;
         let machine_busy = measure::busy_since(machine_before);
+        let services = ServiceCpu::now().since(&services_before, summary.elapsed);
         let ends = {
             wait_drained(&self.args.brokers, topics).await?;
             topic_ends(&self.args.brokers, topics)?
@@ -699,6 +753,7 @@ impl Jobs<'_> {
             behind,
             delivery_ms,
             machine_busy,
+            services,
         })
     }
 }
