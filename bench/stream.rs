@@ -181,9 +181,11 @@ pub async fn run(args: Args) -> Result<()> {
         "x upsert",
         "machine busy"
     );
-    let report = |name: &str, records: u64, run: &JobRun| {
+    let mut caught_up = Vec::new();
+    let mut report = |name: &str, records: u64, run: &JobRun| {
         let rate = Rate::new(records, run.elapsed);
         let steady = run.steady_rate(records);
+        caught_up.push(CatchUp { name: name.to_owned(), steady, limit, peak_rss_mb: run.peak_rss_mb() });
         let (micros, written) = run.server.per(records);
         let cost = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
@@ -220,6 +222,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     if args.singles_only {
+        report_targets(&caught_up, &[]);
         mongo.shutdown().await;
         return Ok(());
     }
@@ -231,8 +234,8 @@ pub async fn run(args: Args) -> Result<()> {
     }
     drop(paused);
 
+    let mut by_load = Vec::new();
     if args.freshness_secs > 0 {
-        let mut by_load = Vec::new();
         for &rate in &args.rate {
             eprintln!("bench: freshness, {rate} tx/s for {} s with the jobs caught up", args.freshness_secs);
             let f = jobs.freshness(&pg, &topics, &together.group, rate).await?;
@@ -243,8 +246,64 @@ pub async fn run(args: Args) -> Result<()> {
             report_by_load(&by_load);
         }
     }
+    report_targets(&caught_up, &by_load);
     mongo.shutdown().await;
     Ok(())
+}
+
+/// The targets the benchmark is read against (issue #6, on 2 cores).
+const TARGET_STEADY_PER_SEC: f64 = 50_000.0;
+const TARGET_SHARE_OF_LIMIT: f64 = 0.70;
+const TARGET_IN_JOBS_P99_MS: f64 = 50.0;
+const TARGET_PEAK_RSS_MB: u64 = 100;
+
+/// A catch-up's figures the targets are read on.
+struct CatchUp {
+    name: String,
+    steady: f64,
+    /// The lower of the run's two limits.
+    limit: f64,
+    peak_rss_mb: u64,
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+/// Every figure of the run against the targets, one line each, so a run says at its end where it stands.
+fn report_targets(caught_up: &[CatchUp], freshness: &[Freshness]) {
+    println!(
+        "  against the targets: catch-up >= {TARGET_STEADY_PER_SEC:.0} records/s steady and >= {:.0}% of the lower limit; \
+         the jobs' share of freshness (from the Kafka record) p99 < {TARGET_IN_JOBS_P99_MS:.0} ms; a job's peak RSS < {TARGET_PEAK_RSS_MB} MB",
+        100.0 * TARGET_SHARE_OF_LIMIT
+    );
+    for c in caught_up {
+        let share = c.steady / c.limit;
+        println!(
+            "    {:<22} {:>7.0} records/s {:<8} {:>4.0}% of the limit {:<8} peak RSS {:>3} MB {}",
+            c.name,
+            c.steady,
+            verdict(c.steady >= TARGET_STEADY_PER_SEC),
+            100.0 * share,
+            verdict(share >= TARGET_SHARE_OF_LIMIT),
+            c.peak_rss_mb,
+            verdict(c.peak_rss_mb < TARGET_PEAK_RSS_MB)
+        );
+    }
+    for f in freshness {
+        let p99 = f.in_job.quantile_ms(0.99);
+        let rss = f.stats.iter().map(|s| s.peak_rss_kb).max().unwrap_or(0) / 1024;
+        println!(
+            "    freshness at {:>4.0} tx/s: in the jobs p99 {:>6.1} ms {:<8} (since received {:.1} ms, Kafka delivery {:.1} ms)  peak RSS {:>3} MB {}",
+            f.tx_per_sec,
+            p99,
+            verdict(p99 < TARGET_IN_JOBS_P99_MS),
+            f.since_received.quantile_ms(0.99),
+            nearest_rank(&f.delivery_ms, 0.99),
+            rss,
+            verdict(rss < TARGET_PEAK_RSS_MB)
+        );
+    }
 }
 
 /// A `--rate` value: transactions per second, above 0.
@@ -258,10 +317,11 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 /// One freshness run's report: where a change's time went, per job and for the three.
 fn report_freshness(args: &Args, f: &Freshness) {
     println!(
-        "  freshness: {} changes applied while insert_sample_data ran {:.0} tx/s for {} s (the three jobs){}:",
+        "  freshness: {} changes applied while insert_sample_data ran {:.0} tx/s for {} s (the three jobs; the topics held {} records before){}:",
         f.source.count(),
         f.tx_per_sec,
         args.freshness_secs,
+        f.held,
         if f.behind > 0 {
             format!(", {} records still not applied 2 minutes after it", f.behind)
         } else {
@@ -545,6 +605,9 @@ struct Freshness {
     machine_busy: String,
     /// Which service it was busy with ([`ServiceCpu`]).
     services: String,
+    /// Records in the topics when the run began: tansu's memory storage spends more on every fetch the more
+    /// it holds, so its delivery depends on it (README, "Freshness by load").
+    held: u64,
 }
 
 /// Running the project's job binaries against the benchmark's topics.
@@ -695,6 +758,7 @@ impl Jobs<'_> {
         let before: Vec<ProcessStats> =
             running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
         let pool = postgres::pool(pg, NAME, 5).await?;
+        let held = records(&topic_ends(&self.args.brokers, topics)?);
         let probe = DeliveryProbe::start(&self.args.brokers, topics)?;
         let plan = workload::Workload {
             products: 0,
@@ -754,6 +818,7 @@ impl Jobs<'_> {
             delivery_ms,
             machine_busy,
             services,
+            held,
         })
     }
 }
