@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod feed;
 pub mod handoff;
 pub mod kafka;
 pub mod metrics;

@@ -108,7 +108,7 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub batches: Counter,
     pub conflicts: Counter,
-    pub partition_pauses: Counter,
+    pub partitions_held_back: Counter,
     pub batch_seconds: Summary,
     pub lag_records: Gauge,
     pub lag_ms: Gauge,
@@ -142,10 +142,10 @@ const SERIES: [Series; 12] = [
         |m| m.conflicts.get().to_string(),
     ),
     (
-        "cdc_partition_pauses_total",
+        "cdc_partitions_held_back_total",
         "counter",
-        "Partitions paused while catching up: the job held half a batch of records of it, ahead of the others.",
-        |m| m.partition_pauses.get().to_string(),
+        "Partitions left unread while catching up: the job held half a batch of records of it, ahead of the others.",
+        |m| m.partitions_held_back.get().to_string(),
     ),
     ("cdc_batch_seconds_sum", "counter", "Time spent on committed batches.", |m| {
         format!("{:.6}", m.batch_seconds.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
@@ -185,7 +185,7 @@ impl Metrics {
             dead_lettered: Counter::default(),
             batches: Counter::default(),
             conflicts: Counter::default(),
-            partition_pauses: Counter::default(),
+            partitions_held_back: Counter::default(),
             batch_seconds: Summary::default(),
             lag_records: Gauge::default(),
             lag_ms: Gauge::default(),

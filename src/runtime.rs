@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -30,6 +29,7 @@ use tracing::Instrument;
 
 use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
 use crate::envelope::{self, Event, Place};
+use crate::feed::Feed;
 use crate::handoff;
 use crate::kafka;
 use crate::metrics::{Metrics, serve};
@@ -179,11 +179,13 @@ async fn run_store<J: Job>(
         .with_context(|| format!("stopped before {} answered", store.name))?;
     retry("creating the read models' indexes", &shutdown, || sink.create_indexes()).await?;
     let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN)) + &suffix;
-    let consumer: StreamConsumer = kafka::consumer_config(&args.kafka, &format!("{group}{suffix}"))
+    let member = if J::BATCHES_BY_TIME { kafka::partition_queues_config } else { kafka::consumer_config };
+    let consumer: StreamConsumer = member(&args.kafka, &format!("{group}{suffix}"))
         .set("group.instance.id", &instance_id)
         .create()
         .context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
+    let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
     let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
     tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %store.mongo.database, "started");
 
@@ -201,19 +203,18 @@ async fn run_store<J: Job>(
     // batches are slices of time, which takes the oldest of them.
     let hand_size = if J::BATCHES_BY_TIME { HAND_BATCHES * batch_size } else { batch_size };
     let mut prefetched = Vec::new();
-    let mut ahead = Ahead::default();
     loop {
         if *shutdown.borrow() {
             break;
         }
         let carried = std::mem::take(&mut prefetched);
-        let linger = Duration::from_millis(args.batch_ms);
-        let hand = poll_hand::<J::Row>(&consumer, J::TABLE, carried, hand_size, linger, &shutdown).await;
-        let now_assigned = assignment(&consumer);
-        if hand.is_empty() {
+        if carried.is_empty() {
             // Nothing in hand, so no partition is ahead of another.
-            ahead.resume_all(&consumer, &topic);
+            feed.release_all();
         }
+        let linger = Duration::from_millis(args.batch_ms);
+        let hand = poll_hand::<J::Row>(&feed, J::TABLE, carried, hand_size, linger, &shutdown).await;
+        let now_assigned = assignment(feed.consumer());
         if hand.is_empty() && !reload && now_assigned == assigned {
             // Idle: a first_load epoch may still have moved the checkpoints back.
             if last_epoch_check.elapsed() > Duration::from_secs(1) {
@@ -239,17 +240,21 @@ async fn run_store<J: Job>(
             metrics.assigned_partitions.set(assigned.len() as i64);
             reload = false;
             positions = Positions::default();
-            ahead.resume_all(&consumer, &topic);
-            positions.seek_all(&consumer, &topic, &assigned, &checkpoints);
+            feed.split(&assigned);
+            positions.seek_all(feed.consumer(), &topic, &assigned, &checkpoints);
         }
-        let hand = positions.resume_at_checkpoints(&consumer, &topic, hand, &checkpoints);
+        let hand = positions.resume_at_checkpoints(feed.consumer(), &topic, hand, &checkpoints);
         if hand.is_empty() {
             continue;
         }
         // What is not taken now is carried to the next batch (never dropped: nothing would fetch it again).
         let (batch, held) = oldest(hand, batch_size);
         if J::BATCHES_BY_TIME {
-            metrics.partition_pauses.inc(ahead.pace(&consumer, &topic, &held, batch_size) as u64);
+            let mut counts: HashMap<i32, usize> = HashMap::new();
+            for r in &held {
+                *counts.entry(r.partition).or_default() += 1;
+            }
+            metrics.partitions_held_back.inc(feed.pace(&counts, batch_size) as u64);
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         // In the batch's order.
@@ -308,7 +313,7 @@ async fn run_store<J: Job>(
         // The next batch's records are fetched while this one is written.
         let room = hand_size.saturating_sub(held.len());
         let (written, fetched) =
-            while_prefetching(&consumer, J::TABLE, room, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
+            while_prefetching(&feed, J::TABLE, room, writer.write(reduced, &batch_checkpoints, &mut chunk)).await;
         prefetched = held;
         prefetched.extend(fetched);
         let written = match written? {
@@ -341,7 +346,7 @@ async fn run_store<J: Job>(
             checkpoints.insert(partition, next_offset);
             tpl.add_partition_offset(&topic, partition, Offset::Offset(next_offset))?;
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        if let Err(e) = feed.consumer().commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing offsets to Kafka (MongoDB checkpoints are authoritative)");
         }
         metrics.batches.inc(1);
@@ -370,7 +375,7 @@ async fn run_store<J: Job>(
         }
         if last_lag_check.elapsed() > Duration::from_secs(5) {
             last_lag_check = Instant::now();
-            metrics.lag_records.set(lag_records(&consumer, &topic, &checkpoints));
+            metrics.lag_records.set(lag_records(feed.consumer(), &topic, &checkpoints));
         }
     }
     tracing::info!(job = J::TABLE, "stopped");
@@ -536,6 +541,32 @@ impl<R: DeserializeOwned> Record<R> {
     }
 }
 
+/// `hand` with each partition's records in offset order, in the places its records had. They arrive in that
+/// order, except across a split of the partition's queue ([`Feed::split`]): a record fetched before it can
+/// come, through the consumer's own queue, after one fetched since; a batch's per-key reduction and its
+/// checkpoints count on the order.
+fn in_offset_order<R>(hand: Vec<Record<R>>) -> Vec<Record<R>> {
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    let ordered = hand.iter().all(|r| last.insert(r.partition, r.offset).is_none_or(|before| before < r.offset));
+    if ordered {
+        return hand;
+    }
+    let mut places: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+    for (i, r) in hand.iter().enumerate() {
+        places.entry(r.partition).or_default().push(i);
+    }
+    let mut taken: Vec<Option<Record<R>>> = hand.into_iter().map(Some).collect();
+    let mut out: Vec<Option<Record<R>>> = (0..taken.len()).map(|_| None).collect();
+    for slots in places.values() {
+        let mut by_offset = slots.clone();
+        by_offset.sort_by_key(|&i| taken[i].as_ref().map_or(0, |r| r.offset));
+        for (&slot, &from) in slots.iter().zip(&by_offset) {
+            out[slot] = taken[from].take();
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
 /// How many batches' worth of records a job whose batches are slices of time keeps in hand, to take the
 /// oldest of: enough to hold every partition when a broker answers each fetch from one partition (tansu:
 /// ~7,000 records of one partition per 4 MB fetch).
@@ -552,6 +583,7 @@ const HAND_BATCHES: usize = 3;
 /// for order_details' catch-up). A batch that is one slice of time holds them together. Records of one
 /// partition come in timestamp order (Kafka Connect's producer stamps them as it sends them).
 fn oldest<R>(hand: Vec<Record<R>>, size: usize) -> (Vec<Record<R>>, Vec<Record<R>>) {
+    let hand = in_offset_order(hand);
     if hand.len() <= size {
         return (hand, Vec::new());
     }
@@ -574,74 +606,10 @@ fn oldest<R>(hand: Vec<Record<R>>, size: usize) -> (Vec<Record<R>>, Vec<Record<R
     hand.into_iter().partition(|_| taken.next().unwrap_or(false))
 }
 
-/// The partitions whose fetching is paused because the records in hand are far ahead in them.
-///
-/// Taking the oldest records ([`oldest`]) only makes batches of one time if every partition is read at
-/// about the same pace. A broker need not serve them so (tansu fills each fetch from the partitions in the
-/// order asked, and one of four fell seconds behind the others in a catch-up): a partition with half a
-/// batch or more held back is paused until the others catch up with it, which also bounds the hand.
-/// librdkafka resumes a paused partition from the last record handed to the job.
-#[derive(Default)]
-struct Ahead {
-    paused: HashSet<i32>,
-}
-
-impl Ahead {
-    /// Pauses the partitions `held` (carried to the next batch) has half a batch or more of, resumes the
-    /// other paused ones; returns how many it paused.
-    fn pace<R>(&mut self, consumer: &StreamConsumer, topic: &str, held: &[Record<R>], size: usize) -> usize {
-        let mut counts: HashMap<i32, usize> = HashMap::new();
-        for r in held {
-            *counts.entry(r.partition).or_default() += 1;
-        }
-        let is_ahead = |p: &i32| counts.get(p).is_some_and(|&n| n >= size / 2);
-        let pause: Vec<i32> = counts.keys().filter(|p| is_ahead(p) && !self.paused.contains(p)).copied().collect();
-        let resume: Vec<i32> = self.paused.iter().filter(|p| !is_ahead(p)).copied().collect();
-        let mut paused = 0;
-        if !pause.is_empty() {
-            match consumer.pause(&partition_list(topic, &pause)) {
-                Ok(()) => {
-                    self.paused.extend(&pause);
-                    paused = pause.len();
-                }
-                Err(e) => tracing::debug!(error = %e, "pausing partitions ahead"),
-            }
-        }
-        self.resume(consumer, topic, &resume);
-        paused
-    }
-
-    /// Resumes every paused partition (the assignment or the checkpoints changed).
-    fn resume_all(&mut self, consumer: &StreamConsumer, topic: &str) {
-        let all: Vec<i32> = self.paused.iter().copied().collect();
-        self.resume(consumer, topic, &all);
-    }
-
-    fn resume(&mut self, consumer: &StreamConsumer, topic: &str, partitions: &[i32]) {
-        if partitions.is_empty() {
-            return;
-        }
-        match consumer.resume(&partition_list(topic, partitions)) {
-            Ok(()) => partitions.iter().for_each(|p| {
-                self.paused.remove(p);
-            }),
-            Err(e) => tracing::debug!(error = %e, "resuming partitions"),
-        }
-    }
-}
-
-fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for &p in partitions {
-        tpl.add_partition(topic, p);
-    }
-    tpl
-}
-
 /// Runs `work` (a batch's write) while taking the records that arrive meanwhile, up to `max`: the next
 /// batch is in hand when the write is done.
 async fn while_prefetching<R: DeserializeOwned, T>(
-    consumer: &StreamConsumer,
+    feed: &Feed,
     table: &str,
     max: usize,
     work: impl Future<Output = T>,
@@ -652,7 +620,7 @@ async fn while_prefetching<R: DeserializeOwned, T>(
         tokio::select! {
             biased;
             out = &mut work => return (out, fetched),
-            Ok(m) = consumer.recv(), if fetched.len() < max => fetched.push(Record::take(table, &m)),
+            Ok(m) = feed.recv(), if fetched.len() < max => fetched.push(Record::take(table, &m)),
         }
     }
 }
@@ -673,7 +641,7 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// change is written at once, and under load the records that arrive while a batch is written make the
 /// next one.
 async fn poll_hand<R: DeserializeOwned>(
-    consumer: &StreamConsumer,
+    feed: &Feed,
     table: &str,
     carried: Vec<Record<R>>,
     size: usize,
@@ -684,16 +652,16 @@ async fn poll_hand<R: DeserializeOwned>(
     let mut hand = carried;
     if hand.is_empty() {
         let first_by = tokio::time::Instant::now() + IDLE_WAIT;
-        let Some(first) = next_record(consumer, table, first_by, &mut shutdown).await else { return hand };
+        let Some(first) = next_record(feed, table, first_by, &mut shutdown).await else { return hand };
         hand.push(first);
     }
     let linger_until = tokio::time::Instant::now() + linger;
     while hand.len() < size {
-        let record = match consumer.recv().now_or_never() {
+        let record = match feed.ready() {
             Some(Ok(m)) => Record::take(table, &m),
             // Nothing ready (an error is reported by the next wait).
             _ if linger.is_zero() => break,
-            _ => match next_record(consumer, table, linger_until, &mut shutdown).await {
+            _ => match next_record(feed, table, linger_until, &mut shutdown).await {
                 Some(record) => record,
                 None => break,
             },
@@ -705,14 +673,14 @@ async fn poll_hand<R: DeserializeOwned>(
 
 /// The next record, or `None` at `deadline` or shutdown; poll errors are logged and waited out.
 async fn next_record<R: DeserializeOwned>(
-    consumer: &StreamConsumer,
+    feed: &Feed,
     table: &str,
     deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Record<R>> {
     loop {
         tokio::select! {
-            received = consumer.recv() => match received {
+            received = feed.recv() => match received {
                 Ok(m) => return Some(Record::take(table, &m)),
                 Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => {
                     tracing::info!("waiting for the topic to be created (Debezium creates it with the first change)");
@@ -993,6 +961,15 @@ mod tests {
         // Fewer records than a batch: all of them, none carried.
         let (batch, held) = oldest(held, 6);
         assert_eq!((batch.len(), held.len()), (6, 0));
+    }
+
+    #[test]
+    fn a_partitions_records_are_put_back_in_offset_order_in_their_places() {
+        // Partition 1's offset 5 came late (through the consumer's queue, across a split).
+        let hand = vec![record(1, 6, 10), record(0, 3, 11), record(1, 7, 12), record(1, 5, 9), record(0, 4, 13)];
+        let (batch, held) = oldest(hand, 10);
+        assert_eq!(places(&batch), [(1, 5), (0, 3), (1, 6), (1, 7), (0, 4)]);
+        assert!(held.is_empty());
     }
 
     #[test]
