@@ -84,7 +84,7 @@ impl Feed {
         if let Some(message) = self.consumer.recv().now_or_never() {
             return Some(message);
         }
-        let mut readable: Vec<&Partition> = self.queues.iter().filter(|p| !self.held_back.contains(&p.id)).collect();
+        let mut readable = self.readable();
         readable.sort_unstable_by_key(|p| p.read_to_ms.load(Ordering::Relaxed));
         readable.into_iter().find_map(|p| p.queue.recv().now_or_never().map(|m| p.took(m)))
     }
@@ -97,7 +97,7 @@ impl Feed {
         if let Some(message) = self.ready() {
             return message;
         }
-        let readable: Vec<&Partition> = self.queues.iter().filter(|p| !self.held_back.contains(&p.id)).collect();
+        let readable = self.readable();
         let mut next: Vec<NextMessage<'_>> = Vec::with_capacity(readable.len() + 1);
         next.push(Box::pin(self.consumer.recv()));
         next.extend(readable.iter().map(|p| Box::pin(p.queue.recv()) as NextMessage<'_>));
@@ -106,6 +106,11 @@ impl Feed {
             Some(i) => readable[i].took(message),
             None => message,
         }
+    }
+
+    /// The partitions' queues that are not held back.
+    fn readable(&self) -> Vec<&Partition> {
+        self.queues.iter().filter(|p| !self.held_back.contains(&p.id)).collect()
     }
 
     /// Holds back the partitions `held` (records carried to the next batch: `(partition, count)`) has half a

@@ -551,16 +551,23 @@ fn in_offset_order<R>(hand: Vec<Record<R>>) -> Vec<Record<R>> {
     if ordered {
         return hand;
     }
+    // Each partition's places in `hand`, and the same places in the order of their records' offsets.
     let mut places: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
     for (i, r) in hand.iter().enumerate() {
         places.entry(r.partition).or_default().push(i);
     }
+    let moves: Vec<(Vec<usize>, Vec<usize>)> = places
+        .into_values()
+        .map(|slots| {
+            let mut by_offset = slots.clone();
+            by_offset.sort_by_key(|&i| hand[i].offset);
+            (slots, by_offset)
+        })
+        .collect();
     let mut taken: Vec<Option<Record<R>>> = hand.into_iter().map(Some).collect();
     let mut out: Vec<Option<Record<R>>> = (0..taken.len()).map(|_| None).collect();
-    for slots in places.values() {
-        let mut by_offset = slots.clone();
-        by_offset.sort_by_key(|&i| taken[i].as_ref().map_or(0, |r| r.offset));
-        for (&slot, &from) in slots.iter().zip(&by_offset) {
+    for (slots, by_offset) in &moves {
+        for (&slot, &from) in slots.iter().zip(by_offset) {
             out[slot] = taken[from].take();
         }
     }
