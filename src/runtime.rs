@@ -82,7 +82,8 @@ pub struct JobArgs {
 
     /// Static group membership id, stable across restarts of this process, unique among the group's
     /// processes (Kafka KIP-345): a restarted job takes its partitions back at once, without a rebalance.
-    /// Default: <hostname>-<job binary>; give each process of a scaled-out job its own.
+    /// Default: <hostname>-<job binary>; give each process of a scaled-out job its own, or "" for dynamic
+    /// membership (what scaling out on the local brokers needs: README, "Known gaps").
     #[arg(long, env = "CDC_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
@@ -178,12 +179,18 @@ async fn run_store<J: Job>(
         .await
         .with_context(|| format!("stopped before {} answered", store.name))?;
     retry("creating the read models' indexes", &shutdown, || sink.create_indexes()).await?;
-    let instance_id = args.instance_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), J::BIN)) + &suffix;
     let member = if J::BATCHES_BY_TIME { kafka::partition_queues_config } else { kafka::consumer_config };
-    let consumer: StreamConsumer = member(&args.kafka, &format!("{group}{suffix}"))
-        .set("group.instance.id", &instance_id)
-        .create()
-        .context("Kafka consumer")?;
+    let mut config = member(&args.kafka, &format!("{group}{suffix}"));
+    // An empty id asks for dynamic membership.
+    let instance_id = match args.instance_id.as_deref() {
+        Some("") => String::new(),
+        Some(id) => format!("{id}{suffix}"),
+        None => format!("{}-{}{suffix}", hostname(), J::BIN),
+    };
+    if !instance_id.is_empty() {
+        config.set("group.instance.id", &instance_id);
+    }
+    let consumer: StreamConsumer = config.create().context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
     let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
