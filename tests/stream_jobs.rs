@@ -14,8 +14,10 @@ use common::Capture;
 const ALL: [&str; 3] = ["products", "orders", "order_details"];
 const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
 const CONVERGE: Duration = Duration::from_secs(240);
-/// Dynamic group membership (see the slices test).
+/// Dynamic group membership, and an assignment every member gives up and takes anew in one round (see the
+/// slices test).
 const DYNAMIC: (&str, &str) = ("CDC_INSTANCE_ID", "");
+const EAGER: (&str, &str) = ("CDC_KAFKA_OPTIONS", "partition.assignment.strategy=roundrobin");
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_read_models_converge_and_survive_a_replay() {
@@ -134,9 +136,9 @@ async fn jobs_far_apart_and_killed_mid_stream_still_converge() {
 /// still equal PostgreSQL's projection. Then a second process of the job joins the group and takes half the
 /// partitions (each reads a partition through a queue of its own, made anew whenever its assignment changes),
 /// and the workload writes on: still equal. Then the second leaves and the first takes its partitions back,
-/// and the workload writes on: still equal. The two keep the jobs' `cooperative-sticky` assignment (partitions
-/// move one by one, and a queue is made anew for the ones that stay too) with dynamic membership: noida-db and
-/// tansu mishandle static members (README, "Known gaps").
+/// and the workload writes on: still equal. The two take dynamic membership and librdkafka's eager
+/// `roundrobin` assignment, the one way both local brokers share a group's partitions and hand them back
+/// (README, "Known gaps").
 #[tokio::test(flavor = "multi_thread")]
 async fn order_details_catching_up_in_slices_of_time_converges() {
     let cap = Capture::start("slices").await;
@@ -160,7 +162,7 @@ async fn order_details_catching_up_in_slices_of_time_converges() {
     jobs.push(cap.spawn_job_with(
         "stream_order_details",
         "stream_order_details",
-        &[("CDC_BATCH_SIZE", "40"), ("CDC_METRICS_ADDR", &addr), DYNAMIC],
+        &[("CDC_BATCH_SIZE", "40"), ("CDC_METRICS_ADDR", &addr), DYNAMIC, EAGER],
     ));
     cap.converge(&ALL, CONVERGE).await;
     let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
@@ -171,7 +173,7 @@ async fn order_details_catching_up_in_slices_of_time_converges() {
     let second = cap.spawn_job_with(
         "stream_order_details",
         "stream_order_details",
-        &[("CDC_BATCH_SIZE", "40"), ("CDC_METRICS_ADDR", &second_addr), DYNAMIC],
+        &[("CDC_BATCH_SIZE", "40"), ("CDC_METRICS_ADDR", &second_addr), DYNAMIC, EAGER],
     );
     let joined = std::time::Instant::now();
     while assigned_partitions(&second_addr).await == 0.0 {
