@@ -14,9 +14,9 @@ use common::Capture;
 const ALL: [&str; 3] = ["products", "orders", "order_details"];
 const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
 const CONVERGE: Duration = Duration::from_secs(240);
-/// Dynamic group membership, and an assignment every member gives up and takes anew in one round (see the
-/// slices test).
+/// Dynamic group membership (see the slices test).
 const DYNAMIC: (&str, &str) = ("CDC_INSTANCE_ID", "");
+/// A group assignment every member gives up and takes anew in one round (see the slices test).
 const EAGER: (&str, &str) = ("CDC_KAFKA_OPTIONS", "partition.assignment.strategy=roundrobin");
 
 #[tokio::test(flavor = "multi_thread")]
