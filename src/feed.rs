@@ -113,16 +113,20 @@ impl Feed {
         self.queues.iter().filter(|p| !self.held_back.contains(&p.id)).collect()
     }
 
-    /// Holds back the partitions `held` (records carried to the next batch: `(partition, count)`) has half a
+    /// Holds back the partitions `held` (the partition of each record carried to the next batch) has half a
     /// batch or more of, and reads the others again; returns how many it newly held back.
     ///
     /// Taking the oldest records in hand only makes batches of one time if every partition is read at about
     /// the same pace. A broker need not serve them so (tansu fills each fetch from the partitions in the
     /// order asked, and one of four fell seconds behind the others in a catch-up); holding back those
     /// ahead also bounds the records in hand.
-    pub fn pace(&mut self, held: &HashMap<i32, usize>, batch_size: usize) -> usize {
+    pub fn pace(&mut self, held: impl IntoIterator<Item = i32>, batch_size: usize) -> usize {
+        let mut counts: HashMap<i32, usize> = HashMap::new();
+        for p in held {
+            *counts.entry(p).or_default() += 1;
+        }
         let ahead: HashSet<i32> =
-            self.queues.iter().map(|p| p.id).filter(|p| held.get(p).is_some_and(|&n| n >= batch_size / 2)).collect();
+            self.queues.iter().map(|p| p.id).filter(|p| counts.get(p).is_some_and(|&n| n >= batch_size / 2)).collect();
         let newly = ahead.difference(&self.held_back).count();
         self.held_back = ahead;
         newly

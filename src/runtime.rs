@@ -257,11 +257,7 @@ async fn run_store<J: Job>(
         // What is not taken now is carried to the next batch (never dropped: nothing would fetch it again).
         let (batch, held) = oldest(hand, batch_size);
         if J::BATCHES_BY_TIME {
-            let mut counts: HashMap<i32, usize> = HashMap::new();
-            for r in &held {
-                *counts.entry(r.partition).or_default() += 1;
-            }
-            metrics.partitions_held_back.inc(feed.pace(&counts, batch_size) as u64);
+            metrics.partitions_held_back.inc(feed.pace(held.iter().map(|r| r.partition), batch_size) as u64);
         }
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         // In the batch's order.
