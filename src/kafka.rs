@@ -68,6 +68,16 @@ pub fn producer_config(args: &KafkaArgs) -> ClientConfig {
     with_options(cfg, args)
 }
 
+/// A reader of single records at given places, outside any group: it never commits.
+pub fn reader_config(args: &KafkaArgs) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &args.brokers)
+        .set("group.id", "cdc-cqrs-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    with_options(cfg, args)
+}
+
 /// The user's own settings (`--kafka-option`) over the project's.
 fn with_options(mut cfg: ClientConfig, args: &KafkaArgs) -> ClientConfig {
     for option in &args.options {

@@ -7,6 +7,7 @@
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod envelope;
 pub mod feed;
 pub mod handoff;

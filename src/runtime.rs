@@ -4,7 +4,8 @@
 //! is written. The jobs differ only in their [`Job`] (table and projection).
 //!
 //! Failure handling: a record that does not decode goes to the dead-letter topic, with the reason in its
-//! headers, before the batch is written (so it is never lost); MongoDB or Kafka being unreachable means
+//! headers, before the batch is written (so it is never lost), and so does a change MongoDB refuses for
+//! what it holds ([`BatchWriter`] isolates it); MongoDB or Kafka being unreachable means
 //! the same batch is retried with backoff and no offset moves; SIGTERM or Ctrl-C lets the batch in hand
 //! finish, then the job exits. Offsets committed to Kafka are only a convenience (lag, restart position):
 //! the checkpoints in MongoDB decide what is applied (re-read whenever the partition assignment changes,
@@ -20,14 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Args;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
+use crate::dead_letter::{DeadLetters, SourceRecord};
 use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
@@ -193,7 +194,7 @@ async fn run_store<J: Job>(
     let consumer: StreamConsumer = config.create().context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
-    let producer: FutureProducer = kafka::producer_config(&args.kafka).create().context("Kafka producer")?;
+    let dead_letters = DeadLetters::new(&args.kafka, dead_letter_topic, topic.clone(), store.name.clone())?;
     tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %store.mongo.database, "started");
 
     let mut checkpoints = HashMap::new();
@@ -284,16 +285,16 @@ async fn run_store<J: Job>(
                     }
                     events.push(event);
                 }
-                Err(rejected) => dead.push((partition, offset, rejected)),
+                Err(rejected) => dead.push((Place { partition, offset }, rejected)),
             }
         }
         metrics.records_in.inc(batch_len as u64);
 
-        for (partition, offset, rejected) in &dead {
+        for (place, rejected) in &dead {
             let reason = &rejected.reason;
-            tracing::warn!(job = J::TABLE, partition, offset, %reason, "dead-lettering a record");
+            tracing::warn!(job = J::TABLE, place.partition, place.offset, %reason, "dead-lettering a record");
             retry("writing to the dead-letter topic", &shutdown, || {
-                dead_letter(&producer, &dead_letter_topic, &topic, (*partition, *offset), rejected)
+                dead_letters.undecodable(*place, &rejected.record, reason)
             })
             .await?;
             metrics.dead_lettered.inc(1);
@@ -311,6 +312,7 @@ async fn run_store<J: Job>(
             epoch,
             metrics: &metrics,
             shutdown: &shutdown,
+            dead_letters: &dead_letters,
             max_chunk: batch_size,
         };
         // The next batch's records are fetched while this one is written.
@@ -392,8 +394,9 @@ async fn run_store<J: Job>(
 /// statements one after the other), then the checkpoints move on their own: a crash in between replays
 /// the batch, and every write is guarded by its source position, so the replay changes nothing. A lane is
 /// written in smaller pieces when its transaction outlives MongoDB's limit (`chunk` halves and grows back
-/// slowly: a property of the data); a conflict on its truncation watermark is retried after a short random
-/// pause.
+/// slowly: a property of the data), or when MongoDB refuses a write for what it holds, until the change
+/// that made the write stands alone: that one is dead-lettered and the lane goes on without it. A conflict
+/// on its truncation watermark is retried after a short random pause.
 struct BatchWriter<'a, J: Job> {
     job: &'a J,
     sink: &'a MongoSink,
@@ -403,6 +406,7 @@ struct BatchWriter<'a, J: Job> {
     epoch: i64,
     metrics: &'a Metrics,
     shutdown: &'a watch::Receiver<bool>,
+    dead_letters: &'a DeadLetters,
     max_chunk: usize,
 }
 
@@ -469,6 +473,20 @@ impl<J: Job> BatchWriter<'_, J> {
                     tokio::time::sleep(conflict_pause(conflicts_in_a_row)).await;
                     continue;
                 }
+                Applied::Refused(reason) if end - start > 1 => {
+                    *chunk = ((end - start) / 2).max(1);
+                    let pieces_of = *chunk;
+                    tracing::debug!(job = J::TABLE, pieces_of, %reason, "isolating a refused change");
+                    continue;
+                }
+                Applied::Refused(reason) => {
+                    self.dead_letter(&events[start], &reason).await?;
+                    start = end;
+                    if start == events.len() && checkpoints.is_empty() {
+                        return Ok(Ok(written));
+                    }
+                    continue; // the lane's checkpoints, if the refused change was its last
+                }
                 Applied::TooLarge => {
                     *chunk = ((end - start) / 2).max(1);
                     tracing::warn!(job = J::TABLE, events = *chunk, "writing the batch in smaller pieces");
@@ -488,6 +506,17 @@ impl<J: Job> BatchWriter<'_, J> {
             }
             start = end;
         }
+    }
+}
+
+impl<J: Job> BatchWriter<'_, J> {
+    /// Sends a change MongoDB refused to the dead-letter topic, with the refusal as its reason.
+    async fn dead_letter(&self, event: &Event<J::Row>, reason: &str) -> Result<()> {
+        let place = event.source().and_then(|s| s.place).context("a refused change without its place")?;
+        tracing::warn!(job = J::TABLE, place.partition, place.offset, %reason, "dead-lettering a refused change");
+        retry("writing to the dead-letter topic", self.shutdown, || self.dead_letters.refused(place, reason)).await?;
+        self.metrics.dead_lettered.inc(1);
+        Ok(())
     }
 }
 
@@ -527,8 +556,7 @@ struct Record<R> {
 
 /// A record that did not decode: kept whole, for the dead-letter topic.
 struct Rejected {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    record: SourceRecord,
     reason: String,
 }
 
@@ -536,8 +564,8 @@ impl<R: DeserializeOwned> Record<R> {
     /// Decodes a message of `table`'s topic, as it comes from the consumer.
     fn take(table: &str, m: &BorrowedMessage<'_>) -> Self {
         let change = envelope::decode::<R>(table, m.payload()).map_err(|reason| {
-            let (key, payload) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
-            Box::new(Rejected { key, payload, reason: reason.to_string() })
+            let record = SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) };
+            Box::new(Rejected { record, reason: reason.to_string() })
         });
         let (partition, offset, timestamp) = (m.partition(), m.offset(), m.timestamp().to_millis());
         Record { partition, offset, timestamp, received_ms: now_ms(), change }
@@ -806,32 +834,6 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
         })
         .map(|(_, e)| e)
         .collect()
-}
-
-/// Sends a record that did not decode (from `source_topic` at `place`, partition and offset) to `topic`,
-/// whole, with the reason and where it came from in its headers.
-async fn dead_letter(
-    producer: &FutureProducer,
-    topic: &str,
-    source_topic: &str,
-    place: (i32, i64),
-    rejected: &Rejected,
-) -> Result<()> {
-    let (partition, offset) = (place.0.to_string(), place.1.to_string());
-    let headers = OwnedHeaders::new()
-        .insert(Header { key: "reason", value: Some(&rejected.reason) })
-        .insert(Header { key: "source_topic", value: Some(source_topic) })
-        .insert(Header { key: "source_partition", value: Some(&partition) })
-        .insert(Header { key: "source_offset", value: Some(&offset) });
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-    if let Some(k) = &rejected.key {
-        record = record.key(k);
-    }
-    if let Some(p) = &rejected.payload {
-        record = record.payload(p);
-    }
-    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
-    Ok(())
 }
 
 /// The partitions this member holds, sorted.

@@ -42,6 +42,9 @@ use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
 const STATEMENTS_PER_COMMAND: usize = 10_000;
+/// ... and at most this many bytes of them, whatever their number: the server refuses a command over 16 MB
+/// (an order's statement carries all its lines).
+const BYTES_PER_COMMAND: usize = 8 << 20;
 pub(crate) const CHECKPOINTS: &str = "_checkpoints";
 pub(crate) const TRUNCATIONS: &str = "_truncations";
 
@@ -70,6 +73,9 @@ pub enum Applied {
     /// Nothing written: the batch's transaction conflicted on its truncation watermark (a TRUNCATE, a phase
     /// change of first_load, another process of the job). Redone by the runtime after a short random pause.
     Conflict,
+    /// Checkpoints not moved: MongoDB refused a write for what it holds (see [`Refused`]), with this reason.
+    /// Written again it would be refused again: the runtime finds the change that made it and dead-letters it.
+    Refused(String),
 }
 
 /// A lane's `_truncations` document as a batch took it: the table's newest TRUNCATE, and the token of the
@@ -248,6 +254,10 @@ impl MongoSink {
     /// What a batch whose transaction failed becomes: the writes it made stand (they are idempotent), its
     /// checkpoints did not move.
     fn failed(&self, e: anyhow::Error, attempt: std::time::Instant, events: usize) -> Result<Applied> {
+        if refused_for_the_data(&e) {
+            tracing::debug!(events, error = %format!("{e:#}"), "MongoDB refused a write of the batch");
+            return Ok(Applied::Refused(format!("{e:#}")));
+        }
         // The server killed a transaction that ran too long (it then reports it as gone, a transient error):
         // smaller batches, not the same again.
         if is_transient(&e) && attempt.elapsed() > TOO_LONG {
@@ -612,6 +622,35 @@ pub(crate) fn is_transient(e: &anyhow::Error) -> bool {
     e.downcast_ref::<mongodb::error::Error>().is_some_and(|me| me.contains_label(TRANSIENT_TRANSACTION_ERROR))
 }
 
+/// A write statement MongoDB refused, with the server's error code and its account of why.
+#[derive(Debug, thiserror::Error)]
+#[error("MongoDB refused an {verb} of {collection}: {detail}")]
+pub struct Refused {
+    verb: &'static str,
+    collection: String,
+    code: i32,
+    detail: String,
+}
+
+/// Server error codes that mean a write is refused for what it holds, and would be again: a document over
+/// 16 MB (10334, and 17419 for an update's result), a collection validator's refusal (121), a value or field
+/// name the server does not take (2, 9, 14, 28, 52, 55, 56, 57, 66), an index key too long (17280). Any
+/// other refusal (a duplicate key or a conflict: a race; a step-down, a timeout) is retried as it is.
+const REFUSED_FOR_THE_DATA: [i32; 13] = [2, 9, 14, 28, 52, 55, 56, 57, 66, 121, 10334, 17280, 17419];
+
+/// Whether `e` is MongoDB refusing a write for what it holds: a statement's error, or the whole command's
+/// (a statement too large for any command).
+pub(crate) fn refused_for_the_data(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let statement = cause.downcast_ref::<Refused>().map(|r| r.code);
+        let command = cause.downcast_ref::<mongodb::error::Error>().and_then(|me| match me.kind.as_ref() {
+            mongodb::error::ErrorKind::Command(c) => Some(c.code),
+            _ => None,
+        });
+        statement.or(command).is_some_and(|code| REFUSED_FOR_THE_DATA.contains(&code))
+    })
+}
+
 /// Commits, retrying while the outcome is unknown (commit is idempotent).
 pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
     loop {
@@ -648,7 +687,8 @@ enum Verb {
     Insert,
 }
 
-/// Runs `verb` commands for `items`, [`STATEMENTS_PER_COMMAND`] at a time (see [`update`]).
+/// Runs `verb` commands for `items`, [`STATEMENTS_PER_COMMAND`] and [`BYTES_PER_COMMAND`] at most at a time (see
+/// [`update`]).
 async fn run_writes(
     db: &Database,
     mut session: Option<&mut ClientSession>,
@@ -658,16 +698,21 @@ async fn run_writes(
     ordered: bool,
 ) -> Result<Vec<usize>> {
     const DUPLICATE_KEY: i32 = 11000;
-    let (name, list) = match verb {
-        Verb::Update => (bson::cstr!("update"), bson::cstr!("updates")),
-        Verb::Insert => (bson::cstr!("insert"), bson::cstr!("documents")),
+    let (name, list, verb) = match verb {
+        Verb::Update => (bson::cstr!("update"), bson::cstr!("updates"), "update"),
+        Verb::Insert => (bson::cstr!("insert"), bson::cstr!("documents"), "insert"),
     };
     let mut lost = Vec::new();
     let mut items = items.into_iter().peekable();
     let mut n = 0;
     while items.peek().is_some() {
         let mut array = RawArrayBuf::new();
-        for item in items.by_ref().take(STATEMENTS_PER_COMMAND) {
+        let (mut count, mut bytes) = (0, 0);
+        while let Some(item) = items.next_if(|item| {
+            count == 0 || (count < STATEMENTS_PER_COMMAND && bytes + item.as_bytes().len() <= BYTES_PER_COMMAND)
+        }) {
+            count += 1;
+            bytes += item.as_bytes().len();
             array.push(item);
         }
         let mut command = RawDocumentBuf::new();
@@ -695,11 +740,12 @@ async fn run_writes(
             let code = error.get_i32("code").unwrap_or_default();
             let index = error.get_i32("index").unwrap_or_default() as usize;
             if ordered || (code != DUPLICATE_KEY && code != CHANGED_SINCE_READ) {
-                bail!("MongoDB refused an {} of {collection}: {error}", name.as_str());
+                let detail = error.to_string();
+                return Err(Refused { verb, collection: collection.to_owned(), code, detail }.into());
             }
-            lost.push(n * STATEMENTS_PER_COMMAND + index);
+            lost.push(n + index);
         }
-        n += 1;
+        n += count;
     }
     Ok(lost)
 }
@@ -745,5 +791,16 @@ mod tests {
         // It went to the server, which is not there.
         let failed = write.await.unwrap_err();
         assert!(failed.downcast_ref::<mongodb::error::Error>().is_some(), "{failed:#}");
+    }
+
+    #[test]
+    fn only_a_refusal_for_the_data_is_not_retried() {
+        let refusal = |code| Refused { verb: "update", collection: "orders".into(), code, detail: String::new() };
+        let wrapped = anyhow::Error::new(refusal(10334)).context("writing order lines");
+        assert!(refused_for_the_data(&wrapped), "a document over 16 MB, under context");
+        assert!(refused_for_the_data(&refusal(121).into()), "a validator's rule");
+        assert!(!refused_for_the_data(&refusal(11000).into()), "a duplicate key is a race");
+        assert!(!refused_for_the_data(&refusal(11602).into()), "an election is retried");
+        assert!(!refused_for_the_data(&anyhow!("server selection timed out")));
     }
 }

@@ -1,6 +1,6 @@
 //! stream_products against the real services: the `products` read model converges to PostgreSQL through
-//! inserts, price and stock updates, deletes, an out-of-line (TOASTed) description, a poison record, a full
-//! replay from the first offset, and a TRUNCATE.
+//! inserts, price and stock updates, deletes, an out-of-line (TOASTed) description, a record that does not
+//! decode, a change MongoDB refuses, a full replay from the first offset, and a TRUNCATE.
 
 mod common;
 
@@ -113,11 +113,51 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     assert_eq!(value.as_deref(), Some(&b"{not json"[..]));
     assert!(headers.iter().any(|(k, v)| k == "reason" && v.contains("not a Debezium JSON envelope")), "{headers:?}");
     assert!(headers.iter().any(|(k, v)| k == "source_topic" && v == &topic), "{headers:?}");
+
+    // A change MongoDB refuses for what it holds (here a validator's rule; in life, say, an order grown past
+    // 16 MB) goes to the dead-letter topic as its source record, with MongoDB's reason and the store that
+    // refused it, and the job goes on with the changes after it, in the same batch or not.
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    let read_db = mongo.database(&cap.name);
+    let products = read_db.collection::<bson::Document>("products");
+    let rule = bson::doc! { "collMod": "products", "validator": { "name": { "$ne": "refused by MongoDB" } } };
+    read_db.run_command(rule).await.unwrap();
+    let before = products.find_one(bson::doc! {"_id": 2}).await.unwrap().expect("product 2");
+    // One transaction, so that its changes are likely to share a batch.
+    sqlx::raw_sql(
+        "BEGIN;
+         UPDATE products SET stock_quantity = 555 WHERE product_id = 3;
+         UPDATE products SET name = 'refused by MongoDB' WHERE product_id = 2;
+         UPDATE products SET stock_quantity = 444 WHERE product_id = 4;
+         COMMIT;",
+    )
+    .execute(&mut cap.pg)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let applied = bson::doc! { "$or": [{"_id": 3, "stock_quantity": 555}, {"_id": 4, "stock_quantity": 444}] };
+    while products.count_documents(applied.clone()).await.unwrap() < 2 {
+        assert!(started.elapsed() < CONVERGE, "the changes beside the refused one were never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dead = raw_records(&cap.stack.brokers, &dead_letter);
+    assert_eq!(dead.len(), 2, "the undecodable record and the refused change");
+    let (value, headers) = dead.iter().find(|(_, h)| h.iter().any(|(k, _)| k == "store")).expect("the refusal");
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let source: serde_json::Value = serde_json::from_slice(value.as_deref().expect("the source record")).unwrap();
+    let after = source.get("payload").unwrap_or(&source)["after"].clone();
+    assert_eq!(after["product_id"], 2, "{source}");
+    assert_eq!(after["name"], "refused by MongoDB", "{source}");
+    assert!(header("reason").is_some_and(|r| r.contains("Document failed validation")), "{headers:?}");
+    assert_eq!(header("source_topic"), Some(topic.as_str()));
+    assert!(header("source_offset").is_some_and(|o| o.parse::<i64>().is_ok()), "{headers:?}");
+    let unchanged = products.find_one(bson::doc! {"_id": 2}).await.unwrap().expect("product 2");
+    assert_eq!(unchanged.get_str("name").ok(), before.get_str("name").ok(), "the refused change wrote nothing");
+    read_db.run_command(bson::doc! { "collMod": "products", "validator": {} }).await.unwrap();
     job.stop();
 
-    // Replay everything from the first offset (new group, checkpoints gone): still equal, the deleted
-    // product stays deleted.
-    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    // Replay everything from the first offset (new group, checkpoints gone): still equal (the refused
+    // change too, now that MongoDB takes it), the deleted product stays deleted.
     mongo.database(&cap.name).collection::<bson::Document>("_checkpoints").drop().await.unwrap();
     let replay = cap.spawn_job("stream_products", "products-replay");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -142,10 +182,10 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
     cap.teardown().await;
 }
 
-/// Every record of a topic, raw: value and headers (reads until 2 s pass without a new one).
 /// A record's value and headers.
 type RawRecord = (Option<Vec<u8>>, Vec<(String, String)>);
 
+/// Every record of a topic, raw: value and headers (reads until 2 s pass without a new one).
 fn raw_records(brokers: &str, topic: &str) -> Vec<RawRecord> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)

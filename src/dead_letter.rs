@@ -1,0 +1,91 @@
+//! The dead-letter topic (DESIGN invariant 6): a record a job cannot apply goes there whole, with why and
+//! where it came from in its headers, and the job goes on.
+//!
+//! Two kinds of records end there: one that does not decode (sent before its batch is written), and a change
+//! MongoDB refuses for what it holds, a document over 16 MB say (the runtime writes its batch in halves until
+//! the change stands alone). A job keeps only the decoded change, so a refused change's record is read back
+//! from its topic: what lands in the dead-letter topic is always the source record, ready to be sent again.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaArgs;
+use crate::envelope::Place;
+use crate::kafka;
+
+/// Where one job's pipeline sends what it cannot apply.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    kafka: KafkaArgs,
+    /// The dead-letter topic.
+    topic: String,
+    /// The table topic the job reads.
+    source_topic: String,
+    /// The read store the pipeline writes (a refusal is one store's).
+    store: String,
+}
+
+/// A record as it was in its topic.
+pub struct SourceRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl DeadLetters {
+    pub fn new(kafka: &KafkaArgs, topic: String, source_topic: String, store: String) -> Result<DeadLetters> {
+        let producer = kafka::producer_config(kafka).create().context("Kafka producer")?;
+        Ok(DeadLetters { producer, kafka: kafka.clone(), topic, source_topic, store })
+    }
+
+    /// Sends a record that did not decode, whole.
+    pub async fn undecodable(&self, place: Place, record: &SourceRecord, reason: &str) -> Result<()> {
+        self.send(place, record, reason, None).await
+    }
+
+    /// Sends the record of a change MongoDB refused, read back from its topic.
+    pub async fn refused(&self, place: Place, reason: &str) -> Result<()> {
+        let record = self.read_back(place).await?;
+        self.send(place, &record, reason, Some(&self.store)).await
+    }
+
+    async fn send(&self, place: Place, record: &SourceRecord, reason: &str, store: Option<&str>) -> Result<()> {
+        let (partition, offset) = (place.partition.to_string(), place.offset.to_string());
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(reason) })
+            .insert(Header { key: "source_topic", value: Some(&self.source_topic) })
+            .insert(Header { key: "source_partition", value: Some(&partition) })
+            .insert(Header { key: "source_offset", value: Some(&offset) });
+        if let Some(store) = store {
+            headers = headers.insert(Header { key: "store", value: Some(store) });
+        }
+        let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(k) = &record.key {
+            out = out.key(k);
+        }
+        if let Some(p) = &record.payload {
+            out = out.payload(p);
+        }
+        self.producer.send(out, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
+        Ok(())
+    }
+
+    /// The record at `place` of the source topic.
+    async fn read_back(&self, place: Place) -> Result<SourceRecord> {
+        let reader: StreamConsumer = kafka::reader_config(&self.kafka).create().context("Kafka reader")?;
+        let mut at = TopicPartitionList::new();
+        at.add_partition_offset(&self.source_topic, place.partition, Offset::Offset(place.offset))?;
+        reader.assign(&at)?;
+        let m = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+            .await
+            .context("reading a refused change's record back from its topic: no answer in 10 s")??;
+        if m.offset() != place.offset {
+            bail!("the refused change's record at offset {} is no longer in its topic", place.offset);
+        }
+        Ok(SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) })
+    }
+}
