@@ -335,12 +335,14 @@ enum LinesWrite {
 }
 
 /// One order's `lines` (sorted by `order_detail_id`; raw BSON as read, a line rebuilt only when it changes)
-/// and `_removed` (`(order_detail_id, _v)` of lines gone), changed only by events newer than what the order
-/// knows of that line; `version` is the `_lv` read, and `exists` whether a document was.
+/// and `_removed` (`order_detail_id` -> `_v` of lines gone), changed only by events newer than what the order
+/// knows of that line; `version` is the `_lv` read, and `exists` whether a document was. A line is found by
+/// binary search: an order of n lines changed by a batch of as many costs n log n, not n squared (measured, an
+/// order of 10,000 lines in one batch: over 60 s in a debug build with a scan per line).
 #[derive(Debug, Default)]
 struct OrderLines {
     lines: Vec<RawDocumentBuf>,
-    removed: Vec<(i32, i64)>,
+    removed: BTreeMap<i32, i64>,
     version: Option<i64>,
     exists: bool,
     changed: bool,
@@ -369,16 +371,29 @@ impl OrderLines {
             }
             .with_context(|| format!("an order whose {name} are not BSON"))
         };
-        let lines = array("lines")?.into_iter().map(RawDocument::to_owned).collect();
-        let removed = array("_removed")?.into_iter().filter_map(|r| Some((line_id(r)?, line_version(r)))).collect();
+        let mut lines: Vec<RawDocumentBuf> = array("lines")?.into_iter().map(RawDocument::to_owned).collect();
+        if !lines.is_sorted_by_key(|l| line_id(l)) {
+            lines.sort_by_key(|l| line_id(l)); // written unsorted by a version before sorting
+        }
+        let mut removed = BTreeMap::new();
+        for r in array("_removed")? {
+            if let Some(id) = line_id(r) {
+                let v = removed.entry(id).or_insert(-1);
+                *v = line_version(r).max(*v);
+            }
+        }
         Ok(OrderLines { lines, removed, version: order.get_i64("_lv").ok(), exists: true, changed: false })
+    }
+
+    /// Where line `id` is in `lines`, or where it would go.
+    fn find(&self, id: i32) -> Result<usize, usize> {
+        self.lines.binary_search_by_key(&Some(id), |l| line_id(l))
     }
 
     /// The newest position this order knows for line `id` (present or removed), -1 if none.
     fn seen(&self, id: i32) -> i64 {
-        let present = self.lines.iter().filter(|l| line_id(l) == Some(id)).map(|l| line_version(l));
-        let removed = self.removed.iter().filter(|(r, _)| *r == id).map(|&(_, v)| v);
-        present.chain(removed).max().unwrap_or(-1)
+        let present = self.find(id).map_or(-1, |i| line_version(&self.lines[i]));
+        present.max(self.removed.get(&id).copied().unwrap_or(-1))
     }
 
     /// Line `row` as of `pos`, its product copied from `product` (as read; `None`: not known yet) or from
@@ -386,7 +401,7 @@ impl OrderLines {
     /// still refreshes its product copy, which a crashed run may have left stale.
     fn upsert(&mut self, row: &OrderDetail, pos: i64, product: Option<&RawDocumentBuf>) {
         let id = row.order_detail_id;
-        let at = self.lines.iter().position(|l| line_id(l) == Some(id));
+        let at = self.find(id).ok();
         let same_product = at.filter(|&i| self.lines[i].get_i32("product_id").ok() == Some(row.product_id));
         let stored_copy = same_product.and_then(|i| self.lines[i].get_document("product").ok());
         let copy_version = |copy: Option<&RawDocument>| copy.and_then(|c| c.get_i64("_v").ok()).unwrap_or(-1);
@@ -409,12 +424,9 @@ impl OrderLines {
         };
         let mut line = readmodel::order_line(row, product);
         line.append(cstr!("_v"), pos);
-        match at {
-            Some(i) => self.lines[i] = line,
-            None => {
-                let i = self.lines.partition_point(|l| line_id(l).is_some_and(|other| other < id));
-                self.lines.insert(i, line);
-            }
+        match self.find(id) {
+            Ok(i) => self.lines[i] = line,
+            Err(i) => self.lines.insert(i, line),
         }
         self.changed = true;
     }
@@ -423,9 +435,10 @@ impl OrderLines {
         if pos <= self.seen(id) {
             return;
         }
-        self.lines.retain(|l| line_id(l) != Some(id));
-        self.removed.retain(|&(r, _)| r != id);
-        self.removed.push((id, pos));
+        if let Ok(i) = self.find(id) {
+            self.lines.remove(i);
+        }
+        self.removed.insert(id, pos);
         self.changed = true;
     }
 
@@ -438,7 +451,7 @@ impl OrderLines {
             self.changed = true;
         }
         for line in older {
-            self.removed.push((line_id(&line).unwrap_or_default(), pos));
+            self.removed.insert(line_id(&line).unwrap_or_default(), pos);
         }
     }
 
@@ -470,7 +483,7 @@ impl OrderLines {
         }
         let totals = encode(&self.totals()?);
         let removed: RawArrayBuf =
-            self.removed.iter().map(|&(id, v)| rawdoc! { "order_detail_id": id, "_v": v }).collect();
+            self.removed.iter().map(|(&id, &v)| rawdoc! { "order_detail_id": id, "_v": v }).collect();
         let lines: RawArrayBuf = self.lines.into_iter().collect();
         if !self.exists && !live {
             let document =
@@ -650,7 +663,7 @@ mod tests {
         lines.remove(1, 30);
         lines.upsert(&line(1, "2.50", 2, "0"), 25, None);
         assert_eq!(ids(&lines), [2]);
-        assert_eq!(lines.removed, vec![(1, 30)]);
+        assert_eq!(lines.removed, BTreeMap::from([(1, 30)]));
         // A TRUNCATE newer than every line empties the order.
         lines.truncate(40);
         assert!(lines.lines.is_empty());
