@@ -28,6 +28,9 @@ pub struct DeadLetters {
     source_topic: String,
     /// The read store the pipeline writes (a refusal is one store's).
     store: String,
+    /// Reads refused changes' records back, made at the first (refusals tend to come in runs: every further
+    /// line of an order past 16 MB).
+    reader: tokio::sync::Mutex<Option<StreamConsumer>>,
 }
 
 /// A record as it was in its topic.
@@ -39,7 +42,8 @@ pub struct SourceRecord {
 impl DeadLetters {
     pub fn new(kafka: &KafkaArgs, topic: String, source_topic: String, store: String) -> Result<DeadLetters> {
         let producer = kafka::producer_config(kafka).create().context("Kafka producer")?;
-        Ok(DeadLetters { producer, kafka: kafka.clone(), topic, source_topic, store })
+        let reader = tokio::sync::Mutex::new(None);
+        Ok(DeadLetters { producer, kafka: kafka.clone(), topic, source_topic, store, reader })
     }
 
     /// Sends a record that did not decode, whole.
@@ -76,7 +80,11 @@ impl DeadLetters {
 
     /// The record at `place` of the source topic.
     async fn read_back(&self, place: Place) -> Result<SourceRecord> {
-        let reader: StreamConsumer = kafka::reader_config(&self.kafka).create().context("Kafka reader")?;
+        let mut reader = self.reader.lock().await;
+        let reader = match &mut *reader {
+            Some(reader) => reader,
+            empty => empty.insert(kafka::reader_config(&self.kafka).create().context("Kafka reader")?),
+        };
         let mut at = TopicPartitionList::new();
         at.add_partition_offset(&self.source_topic, place.partition, Offset::Offset(place.offset))?;
         reader.assign(&at)?;

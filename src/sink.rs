@@ -390,7 +390,8 @@ impl<'a> ReadModels<'a> {
     }
 
     /// Applies `writes`, one command per collection, the collections at once (guarded writes commute, so
-    /// the order across collections does not matter). Any refused statement fails the batch.
+    /// their order does not matter). Any refused statement fails the batch, once every other has run: a
+    /// change MongoDB refuses one write of (a fan-out to an order at 16 MB) still makes its others.
     pub async fn write(&self, writes: Vec<Write>) -> Result<()> {
         if writes.is_empty() {
             return Ok(());
@@ -402,7 +403,17 @@ impl<'a> ReadModels<'a> {
         }
         futures::future::try_join_all(by_collection.into_iter().map(|(collection, statements)| {
             self.statements.fetch_add(statements.len(), Ordering::Relaxed);
-            update(self.db, None, collection.name(), statements, true)
+            async move {
+                let lost = update(self.db, None, collection.name(), statements, false).await?;
+                if let Some(&first) = lost.first() {
+                    bail!(
+                        "{} writes of {} collided with another writer's (the first: statement {first}); redoing the batch",
+                        lost.len(),
+                        collection.name()
+                    );
+                }
+                Ok(())
+            }
         }))
         .await?;
         Ok(())
