@@ -507,9 +507,7 @@ impl<J: Job> BatchWriter<'_, J> {
             start = end;
         }
     }
-}
 
-impl<J: Job> BatchWriter<'_, J> {
     /// Sends a change MongoDB refused to the dead-letter topic, with the refusal as its reason.
     async fn dead_letter(&self, event: &Event<J::Row>, reason: &str) -> Result<()> {
         let place = event.source().and_then(|s| s.place).context("a refused change without its place")?;

@@ -42,8 +42,8 @@ use crate::runtime::Job;
 
 /// `update` commands hold at most this many statements (the server's limit is 100,000).
 const STATEMENTS_PER_COMMAND: usize = 10_000;
-/// ... and at most this many bytes of them, whatever their number: the server refuses a command over 16 MB
-/// (an order's statement carries all its lines).
+/// Write commands hold at most this many bytes of statements, however few: the server refuses a command over
+/// 16 MB (an order's statement carries all its lines).
 const BYTES_PER_COMMAND: usize = 8 << 20;
 pub(crate) const CHECKPOINTS: &str = "_checkpoints";
 pub(crate) const TRUNCATIONS: &str = "_truncations";
