@@ -88,12 +88,23 @@ impl DeadLetters {
         let mut at = TopicPartitionList::new();
         at.add_partition_offset(&self.source_topic, place.partition, Offset::Offset(place.offset))?;
         reader.assign(&at)?;
-        let m = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+        // Past anything still queued from an earlier place.
+        let at_place = async {
+            loop {
+                let m = reader.recv().await?;
+                if m.partition() == place.partition && m.offset() >= place.offset {
+                    let record =
+                        SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) };
+                    return Ok::<_, rdkafka::error::KafkaError>((m.offset() == place.offset).then_some(record));
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), at_place)
             .await
-            .context("reading a refused change's record back from its topic: no answer in 10 s")??;
-        if m.offset() != place.offset {
-            bail!("the refused change's record at offset {} is no longer in its topic", place.offset);
+            .context("reading a refused change's record back from its topic: no answer in 10 s")??
+        {
+            Some(record) => Ok(record),
+            None => bail!("the refused change's record at offset {} is no longer in its topic", place.offset),
         }
-        Ok(SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) })
     }
 }
