@@ -39,6 +39,13 @@ pub struct SourceRecord {
     pub payload: Option<Vec<u8>>,
 }
 
+impl SourceRecord {
+    /// A copy of `m`'s key and payload.
+    pub fn of(m: &impl Message) -> SourceRecord {
+        SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) }
+    }
+}
+
 impl DeadLetters {
     pub fn new(kafka: &KafkaArgs, topic: String, source_topic: String, store: String) -> Result<DeadLetters> {
         let producer = kafka::producer_config(kafka).create().context("Kafka producer")?;
@@ -93,9 +100,8 @@ impl DeadLetters {
             loop {
                 let m = reader.recv().await?;
                 if m.partition() == place.partition && m.offset() >= place.offset {
-                    let record =
-                        SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) };
-                    return Ok::<_, rdkafka::error::KafkaError>((m.offset() == place.offset).then_some(record));
+                    let record = (m.offset() == place.offset).then(|| SourceRecord::of(&m));
+                    return Ok::<_, rdkafka::error::KafkaError>(record);
                 }
             }
         };

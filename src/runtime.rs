@@ -561,10 +561,8 @@ struct Rejected {
 impl<R: DeserializeOwned> Record<R> {
     /// Decodes a message of `table`'s topic, as it comes from the consumer.
     fn take(table: &str, m: &BorrowedMessage<'_>) -> Self {
-        let change = envelope::decode::<R>(table, m.payload()).map_err(|reason| {
-            let record = SourceRecord { key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) };
-            Box::new(Rejected { record, reason: reason.to_string() })
-        });
+        let change = envelope::decode::<R>(table, m.payload())
+            .map_err(|reason| Box::new(Rejected { record: SourceRecord::of(m), reason: reason.to_string() }));
         let (partition, offset, timestamp) = (m.partition(), m.offset(), m.timestamp().to_millis());
         Record { partition, offset, timestamp, received_ms: now_ms(), change }
     }

@@ -255,8 +255,9 @@ impl MongoSink {
     /// checkpoints did not move.
     fn failed(&self, e: anyhow::Error, attempt: std::time::Instant, events: usize) -> Result<Applied> {
         if refused_for_the_data(&e) {
-            tracing::debug!(events, error = %format!("{e:#}"), "MongoDB refused a write of the batch");
-            return Ok(Applied::Refused(format!("{e:#}")));
+            let reason = format!("{e:#}");
+            tracing::debug!(events, %reason, "MongoDB refused a write of the batch");
+            return Ok(Applied::Refused(reason));
         }
         // The server killed a transaction that ran too long (it then reports it as gone, a transient error):
         // smaller batches, not the same again.
@@ -709,9 +710,9 @@ async fn run_writes(
     ordered: bool,
 ) -> Result<Vec<usize>> {
     const DUPLICATE_KEY: i32 = 11000;
-    let (name, list, verb) = match verb {
-        Verb::Update => (bson::cstr!("update"), bson::cstr!("updates"), "update"),
-        Verb::Insert => (bson::cstr!("insert"), bson::cstr!("documents"), "insert"),
+    let (name, list) = match verb {
+        Verb::Update => (bson::cstr!("update"), bson::cstr!("updates")),
+        Verb::Insert => (bson::cstr!("insert"), bson::cstr!("documents")),
     };
     let mut lost = Vec::new();
     let mut items = items.into_iter().peekable();
@@ -752,7 +753,7 @@ async fn run_writes(
             let index = error.get_i32("index").unwrap_or_default() as usize;
             if ordered || (code != DUPLICATE_KEY && code != CHANGED_SINCE_READ) {
                 let detail = error.to_string();
-                return Err(Refused { verb, collection: collection.to_owned(), code, detail }.into());
+                return Err(Refused { verb: name.as_str(), collection: collection.to_owned(), code, detail }.into());
             }
             lost.push(n + index);
         }
