@@ -14,6 +14,9 @@ use rust_decimal::Decimal;
 use crate::projection::decimal128;
 use crate::rows::OrderDetail;
 
+/// MongoDB's limit on a document's size (`maxBsonObjectSize`): an order with enough lines reaches it.
+pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
+
 /// Money, at its column's scale (`numeric(10,2)`), whoever read it: PostgreSQL's binary protocol gives a
 /// zero as `0`, Debezium as `"0.00"`.
 pub fn money(d: Decimal) -> Decimal128 {

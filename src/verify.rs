@@ -6,7 +6,7 @@
 use std::fmt;
 
 use anyhow::{Context, Result};
-use bson::{Document, doc};
+use bson::{Bson, Document, doc};
 use futures::{Stream, StreamExt, TryStreamExt};
 use mongodb::Database;
 use rust_decimal::Decimal;
@@ -93,7 +93,7 @@ async fn merge(
                 report.actual += 1;
                 if x != y {
                     report.different += 1;
-                    note(&mut report, format!("_id {}: expected {x}, found {y}", id(x)));
+                    note(&mut report, format!("_id {}: {}", id(x), difference(x, y)));
                 }
                 (e, a) = (expected.try_next().await?, actual.try_next().await?);
             }
@@ -113,6 +113,46 @@ async fn merge(
         }
     }
     Ok(report)
+}
+
+/// What differs between the document expected and the one found, field by field, each value cut short:
+/// whole documents (an order of thousands of lines) would be megabytes of report.
+fn difference(expected: &Document, found: &Document) -> String {
+    let mut parts = Vec::new();
+    for (key, x) in expected {
+        match (found.get(key), x) {
+            (None, _) => parts.push(format!("{key} missing, expected {}", brief(Some(x)))),
+            (Some(Bson::Array(ys)), Bson::Array(xs)) if xs != ys => {
+                let at = xs.iter().zip(ys).position(|(x, y)| x != y).unwrap_or(xs.len().min(ys.len()));
+                parts.push(format!(
+                    "{key}: {} expected, {} found, from [{at}] on: expected {}, found {}",
+                    xs.len(),
+                    ys.len(),
+                    brief(xs.get(at)),
+                    brief(ys.get(at))
+                ));
+            }
+            (Some(y), _) if y != x => {
+                parts.push(format!("{key}: expected {}, found {}", brief(Some(x)), brief(Some(y))))
+            }
+            _ => {}
+        }
+    }
+    for (key, y) in found.iter().filter(|(key, _)| !expected.contains_key(key)) {
+        parts.push(format!("{key} unexpected: {}", brief(Some(y))));
+    }
+    parts.join("; ")
+}
+
+/// A value as BSON's extended JSON, at most 200 characters of it.
+fn brief(value: Option<&Bson>) -> String {
+    const SHOWN: usize = 200;
+    let Some(value) = value else { return "nothing".into() };
+    let text = value.to_string();
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}... ({} characters)", &text[..cut], text.chars().count()),
+        None => text,
+    }
 }
 
 /// One line of an order as the verify query aggregates it.
@@ -202,5 +242,29 @@ fn expected_documents<'a>(
             readmodel::document(&readmodel::order_detail(&row, Some(&name), status.as_deref()))
         })
         .boxed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_difference_names_the_fields_and_where_a_list_parts() {
+        let line = |id: i32| doc! { "order_detail_id": id, "quantity": 1 };
+        let expected = doc! { "_id": 1, "status": "paid", "lines": (1..=3).map(line).collect::<Vec<_>>() };
+        let found = doc! { "_id": 1, "status": "pending", "lines": [line(1), line(2)], "extra": true };
+        assert_eq!(
+            difference(&expected, &found),
+            "status: expected \"paid\", found \"pending\"; \
+             lines: 3 expected, 2 found, from [2] on: expected { \"order_detail_id\": 3, \"quantity\": 1 }, found nothing; \
+             extra unexpected: true"
+        );
+        let long = doc! { "_id": 1, "name": "n".repeat(1000) };
+        let shown = difference(&long, &doc! { "_id": 1 });
+        assert!(
+            shown.starts_with("name missing, expected \"nnn") && shown.ends_with("... (1002 characters)"),
+            "{shown}"
+        );
     }
 }

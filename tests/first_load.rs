@@ -209,3 +209,85 @@ async fn a_load_killed_half_way_is_run_again() {
     client.shutdown().await;
     cap.teardown().await;
 }
+
+/// An order with more lines than one 16 MB document holds: first_load embeds the first ones with their
+/// totals, writes every order_details document and says which lines it left out (it used to fail the whole
+/// load); the stream then takes the order as it would have built it: a change to an embedded line applies,
+/// one to a line left out is refused by MongoDB and dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_past_16_mb_is_loaded_with_the_lines_that_fit() {
+    // Lines with a 100-character product name take ~317 bytes embedded: 53,100 pass 16 MB by ~140.
+    const LINES: i64 = 53_100;
+    let cap = Capture::start_after_sql(
+        "fl_big",
+        &format!(
+            "INSERT INTO products (name, price, stock_quantity) SELECT repeat('p', 100), 1.00, 10 FROM generate_series(1, 10);
+             INSERT INTO orders (order_id, customer_name, address, phone) VALUES (1, 'big', 'here', '1'), (2, 'small', 'there', '2');
+             INSERT INTO order_details (order_id, product_id, unit_price, quantity) SELECT 1, 1 + g % 10, 1.00, 1 FROM generate_series(1, {LINES}) g;
+             INSERT INTO order_details (order_id, product_id, unit_price, quantity) VALUES (2, 1, 2.00, 2);"
+        ),
+    )
+    .await;
+    let out = success("first_load", &cap.run_first_load(&[]));
+    assert!(out.contains("order 1 is over MongoDB's 16 MB document limit"), "{out}");
+    cap.converge(&["products", "order_details"], Duration::from_secs(5)).await;
+
+    let client = mongo(&cap).await;
+    let orders = client.database(&cap.name).collection::<Document>("orders");
+    let bytes = doc! { "$project": { "bytes": { "$bsonSize": "$$ROOT" } } };
+    let sizes: Vec<Document> =
+        futures::TryStreamExt::try_collect(orders.aggregate(vec![bytes]).await.unwrap()).await.unwrap();
+    assert!(sizes[0].get_i32("bytes").unwrap() <= 16 << 20, "{sizes:?}");
+    let order = orders.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    let embedded: Vec<i64> = order
+        .get_array("lines")
+        .unwrap()
+        .iter()
+        .map(|l| i64::from(l.as_document().unwrap().get_i32("order_detail_id").unwrap()))
+        .collect();
+    let kept = embedded.len() as i64;
+    assert!(kept > LINES - 1000 && kept < LINES, "{kept} of {LINES} lines embedded");
+    assert_eq!(embedded, (1..=kept).collect::<Vec<_>>(), "the first lines, in order");
+    let totals = order.get_document("totals").unwrap();
+    assert_eq!(i64::from(totals.get_i32("items").unwrap()), kept, "the totals are of what it holds: {totals}");
+    assert_eq!(i64::from(totals.get_i32("quantity").unwrap()), kept, "{totals}");
+    assert!(out.contains(&format!("{kept} lines embedded, {} left out", LINES - kept)), "{out}");
+    let state = handoff(&client, &cap).await.unwrap();
+    let summary = state.get_document("summary").map(|s| s.get_i64("lines_not_embedded"));
+    assert!(matches!(summary, Ok(Ok(n)) if n == LINES - kept), "{state}");
+    // verify names the order, briefly.
+    let report =
+        cap.stack.command("verify").env("CDC_MONGO_DATABASE", &cap.name).args(["--database", &cap.name]).output();
+    let report = String::from_utf8_lossy(&report.unwrap().stdout).into_owned();
+    assert!(report.contains(&format!("lines: {LINES} expected, {kept} found, from [{kept}] on")), "{report}");
+    assert!(report.len() < 10_000, "a short report: {} bytes", report.len());
+
+    // The stream goes on from there: one transaction changes the first line and the last one.
+    let job = cap.spawn_job("stream_order_details", "big");
+    let mut pg = cap.connect().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN;
+         UPDATE order_details SET quantity = 5 WHERE order_detail_id = 1;
+         UPDATE order_details SET quantity = 7 WHERE order_detail_id = {LINES};
+         COMMIT;"
+    )))
+    .execute(&mut pg)
+    .await
+    .unwrap();
+    let applied = doc! { "_id": 1, "lines.0.quantity": 5, "totals.quantity": kept + 4 };
+    wait_for("the embedded line's change", CONVERGE, async || {
+        orders.count_documents(applied.clone()).await.unwrap() == 1
+    })
+    .await;
+    let topic = format!("{}.dead_letter", cap.name);
+    let dead = common::read_topics(&cap.stack.brokers, &[topic], Duration::from_secs(2), CONVERGE, |r| !r.is_empty());
+    let [dead] = &dead[..] else { panic!("one dead letter: {dead:?}") };
+    let value = dead.value.as_ref().unwrap();
+    let after = &value.get("payload").unwrap_or(value)["after"];
+    assert_eq!((after["order_detail_id"].as_i64(), after["quantity"].as_i64()), (Some(LINES), Some(7)), "{value}");
+    cap.converge(&["order_details"], CONVERGE).await;
+    job.stop();
+    drop(pg);
+    client.shutdown().await;
+    cap.teardown().await;
+}

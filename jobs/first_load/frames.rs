@@ -9,7 +9,7 @@
 
 use anyhow::{Context, Result, bail};
 use bson::raw::cstr;
-use bson::{RawArrayBuf, RawDocumentBuf};
+use bson::{Document, RawArrayBuf, RawBsonRef, RawDocumentBuf};
 use cdc_cqrs::projection::encode;
 use cdc_cqrs::readmodel;
 use cdc_cqrs::rows::OrderDetail;
@@ -26,6 +26,18 @@ const LARGEST_LINE_CENTS: i128 = (i64::MAX / 1000) as i128;
 pub struct Documents {
     pub orders: Vec<RawDocumentBuf>,
     pub order_details: Vec<RawDocumentBuf>,
+    /// Orders whose lines would take their document past MongoDB's limit.
+    pub oversized: Vec<Oversized>,
+}
+
+/// An order with more lines than its document can hold: it embeds the first ones (by `order_detail_id`)
+/// and its totals are theirs, as a stream job leaves such an order (it dead-letters each line MongoDB
+/// refuses). The lines left out still have their `order_details` documents.
+#[derive(Debug)]
+pub struct Oversized {
+    pub order_id: i32,
+    pub embedded: usize,
+    pub left_out: Vec<i32>,
 }
 
 /// `products` documents (nothing to join: one row, one document).
@@ -140,18 +152,29 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
     let (l_name, l_product_price, l_status, l_total) =
         (strs(lines, "name")?, i64s(lines, "price_cents")?, strs(lines, "status")?, i64s(lines, "line_total_cents")?);
 
-    let mut out =
-        Documents { orders: Vec::with_capacity(orders.height()), order_details: Vec::with_capacity(lines.height()) };
-    // (order, line, embedded line), in the frame's (order, line) order.
-    let mut order_lines: Vec<(i32, i32, RawDocumentBuf)> = Vec::with_capacity(lines.height());
+    let mut out = Documents {
+        orders: Vec::with_capacity(orders.height()),
+        order_details: Vec::with_capacity(lines.height()),
+        ..Documents::default()
+    };
+    let amounts = |i: usize| {
+        (
+            Decimal::new(l_price[i].unwrap_or(0), 2),
+            l_quantity[i].unwrap_or(0),
+            Decimal::new(l_discount[i].unwrap_or(0), 3),
+        )
+    };
+    // (order, row, embedded line), in the frame's (order, line) order.
+    let mut order_lines: Vec<(i32, usize, RawDocumentBuf)> = Vec::with_capacity(lines.height());
     for i in 0..lines.height() {
+        let (unit_price, quantity, discount) = amounts(i);
         let row = OrderDetail {
             order_detail_id: required(l_id[i])?,
             order_id: required(l_order[i])?,
             product_id: required(l_product[i])?,
-            unit_price: Decimal::new(l_price[i].unwrap_or(0), 2),
-            quantity: l_quantity[i].unwrap_or(0),
-            discount: Decimal::new(l_discount[i].unwrap_or(0), 3),
+            unit_price,
+            quantity,
+            discount,
         };
         let (name, price) = match (&l_name[i], l_product_price[i]) {
             (Some(name), Some(price)) => (name.as_str(), Decimal::new(price, 2)),
@@ -164,7 +187,7 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         let product = readmodel::line_product(name, readmodel::money(price), Some(0));
         let mut line = readmodel::order_line_with_total(&row, Some(product), Decimal::new(l_total[i].unwrap_or(0), 2));
         line.append(cstr!("_v"), 0_i64);
-        order_lines.push((row.order_id, row.order_detail_id, line));
+        order_lines.push((row.order_id, i, line));
 
         let mut detail = readmodel::order_detail(&row, Some(name), l_status[i].as_deref());
         detail.append(cstr!("_v"), 0_i64);
@@ -182,13 +205,14 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         (strs(orders, "customer_name")?, strs(orders, "address")?, strs(orders, "phone")?, strs(orders, "status")?);
     // Both frames are sorted by order: walk them together.
     let mut order_lines = order_lines.into_iter().peekable();
+    let mut mine: Vec<(usize, RawDocumentBuf)> = Vec::new();
     for i in 0..orders.height() {
         let id = required(o_id[i])?;
-        let mut embedded = RawArrayBuf::new();
-        while let Some((_, _, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
-            embedded.push(line);
+        mine.clear();
+        while let Some((_, row, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
+            mine.push((row, line));
         }
-        let mut order = readmodel::order_header(
+        let header = readmodel::order_header(
             id,
             o_name[i].as_deref().unwrap_or_default(),
             o_address[i].as_deref().unwrap_or_default(),
@@ -202,16 +226,47 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
             Decimal::new(o_subtotal[i].unwrap_or(0), 2),
             Decimal::new(o_total[i].unwrap_or(0), 2),
         );
-        order.append(cstr!("lines"), embedded);
-        order.append(cstr!("totals"), encode(&totals));
-        order.append(cstr!("_v"), 0_i64);
-        order.append(cstr!("_deleted"), false);
+        let mut order = order_document(header.clone(), &mine, &totals);
+        if order.as_bytes().len() > readmodel::MAX_DOCUMENT_BYTES {
+            // As the stream does, embed the lines that fit (the first ones) and leave the rest out.
+            let kept = lines_that_fit(order.as_bytes().len(), &mine);
+            let kept_amounts: Vec<_> = mine[..kept].iter().map(|&(row, _)| amounts(row)).collect();
+            order = order_document(header, &mine[..kept], &readmodel::order_totals(&kept_amounts));
+            let left_out = mine[kept..].iter().map(|&(row, _)| l_id[row].unwrap_or_default()).collect();
+            out.oversized.push(Oversized { order_id: id, embedded: kept, left_out });
+        }
         out.orders.push(order);
     }
-    if let Some((_, line, _)) = order_lines.next() {
-        bail!("line {line} belongs to no order of its range");
+    if let Some((_, row, _)) = order_lines.next() {
+        bail!("line {} belongs to no order of its range", l_id[row].unwrap_or_default());
     }
     Ok(out)
+}
+
+/// An `orders` document: its header, its embedded lines, their totals, version 0.
+fn order_document(mut order: RawDocumentBuf, lines: &[(usize, RawDocumentBuf)], totals: &Document) -> RawDocumentBuf {
+    let mut embedded = RawArrayBuf::new();
+    for (_, line) in lines {
+        embedded.push(RawBsonRef::Document(line));
+    }
+    order.append(cstr!("lines"), embedded);
+    order.append(cstr!("totals"), encode(totals));
+    order.append(cstr!("_v"), 0_i64);
+    order.append(cstr!("_deleted"), false);
+    order
+}
+
+/// How many of `lines` (the first ones) an order document of `bytes` holding them all keeps to stay within
+/// MongoDB's limit: the last ones go, each with its array entry (type byte, index as a key and its NUL).
+/// Totals are of fixed-size values, so the document shrinks by exactly what goes.
+fn lines_that_fit(bytes: usize, lines: &[(usize, RawDocumentBuf)]) -> usize {
+    let mut bytes = bytes;
+    let mut kept = lines.len();
+    while bytes > readmodel::MAX_DOCUMENT_BYTES && kept > 0 {
+        kept -= 1;
+        bytes -= 2 + kept.to_string().len() + lines[kept].1.as_bytes().len();
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -280,5 +335,68 @@ mod tests {
             assert_eq!(embedded.get_array("lines").unwrap(), &expected, "order {id}");
         }
         assert!(docs.orders[7].get_array("lines").unwrap().is_empty(), "order 8 has no lines");
+    }
+
+    /// An order whose lines pass 16 MB embeds the first ones, up to the limit, with their totals; the next
+    /// order, in the same range, is whole.
+    #[test]
+    fn an_order_past_the_document_limit_embeds_the_lines_that_fit() {
+        const LINES: i32 = 55_000; // ~317 bytes each embedded with a 100-character product name
+        let mut lines = Lines::default();
+        for i in 0..=LINES {
+            lines.order_detail_id.push(LINES + 1 - i); // out of order on purpose; the last one is order 2's
+            lines.order_id.push(if i == LINES { 2 } else { 1 });
+            lines.product_id.push(1);
+            lines.unit_price_cents.push(100 + i64::from(i % 7));
+            lines.quantity.push(1 + i % 3);
+            lines.discount_milli.push(i64::from(i % 2) * 250);
+        }
+        let expected: Vec<(i32, (Decimal, i32, Decimal))> = (0..LINES as usize)
+            .map(|i| {
+                let amounts = (
+                    Decimal::new(lines.unit_price_cents[i], 2),
+                    lines.quantity[i],
+                    Decimal::new(lines.discount_milli[i], 3),
+                );
+                (lines.order_detail_id[i], amounts)
+            })
+            .collect();
+        let orders = Orders {
+            order_id: vec![1, 2],
+            customer_name: vec!["big".into(), "small".into()],
+            address: vec!["a".into(); 2],
+            phone: vec!["0".into(); 2],
+            order_date_us: vec![None; 2],
+            status: vec![Some("pending".into()); 2],
+        };
+        let products = ProductRefs { product_id: vec![1], name: vec!["p".repeat(100)], price_cents: vec![100] };
+        let docs = order_documents(OrderRange { orders, lines, products }).unwrap();
+
+        assert_eq!(docs.order_details.len(), LINES as usize + 1, "every line has its order_details document");
+        let big = &docs.orders[0];
+        assert!(big.as_bytes().len() <= readmodel::MAX_DOCUMENT_BYTES);
+        let big = readmodel::document(big);
+        let embedded: Vec<i32> = big
+            .get_array("lines")
+            .unwrap()
+            .iter()
+            .map(|l| l.as_document().unwrap().get_i32("order_detail_id").unwrap())
+            .collect();
+        let mut expected = expected;
+        expected.sort_by_key(|&(id, _)| id);
+        let kept = embedded.len();
+        assert!(kept > 50_000 && kept < LINES as usize, "{kept} lines embedded");
+        assert_eq!(embedded, expected[..kept].iter().map(|&(id, _)| id).collect::<Vec<_>>(), "the first lines");
+        // One more line would not have fitted.
+        let line_bytes = encode(big.get_array("lines").unwrap().last().unwrap().as_document().unwrap());
+        assert!(docs.orders[0].as_bytes().len() + line_bytes.as_bytes().len() + 2 + 5 > readmodel::MAX_DOCUMENT_BYTES);
+        let amounts: Vec<_> = expected[..kept].iter().map(|&(_, a)| a).collect();
+        assert_eq!(big.get_document("totals").unwrap(), &readmodel::order_totals(&amounts), "totals of what it holds");
+
+        let [over] = &docs.oversized[..] else { panic!("{:?}", docs.oversized.len()) };
+        assert_eq!((over.order_id, over.embedded), (1, kept));
+        assert_eq!(over.left_out, expected[kept..].iter().map(|&(id, _)| id).collect::<Vec<_>>());
+        let small = readmodel::document(&docs.orders[1]);
+        assert_eq!(small.get_array("lines").unwrap().len(), 1, "order 2 is whole");
     }
 }

@@ -28,6 +28,7 @@ use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::Mutex;
 
+use frames::Oversized;
 use source::{Reader, SnapshotSource};
 
 // Millions of small documents are built and freed across threads: glibc's per-thread arenas made the
@@ -120,7 +121,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
     let target = Target::new(db.clone(), rebuild);
     target.reset().await?;
 
-    let tables = copy(cli, &source, &target).await?;
+    let (tables, oversized) = copy(cli, &source, &target).await?;
     target.create_indexes().await?;
     let snapshot = source.snapshot.clone();
     drop(source);
@@ -129,6 +130,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
         "products": tables[0].documents as i64,
         "orders": tables[1].documents as i64,
         "order_details": tables[2].documents as i64,
+        "lines_not_embedded": oversized.iter().map(|o| o.left_out.len() as i64).sum::<i64>(),
         "seconds": started.elapsed().as_secs_f64(),
     };
     let epoch = match epoch {
@@ -141,7 +143,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
         }
     };
     handoff::finish(&db, epoch, summary_doc).await?;
-    Ok(Summary { epoch, rebuild, snapshot: Some(snapshot.to_string()), tables, elapsed: started.elapsed() })
+    Ok(Summary { epoch, rebuild, snapshot: Some(snapshot.to_string()), tables, oversized, elapsed: started.elapsed() })
 }
 
 /// One unit of work: a key range of one table.
@@ -159,7 +161,7 @@ struct TableCount {
     documents: u64,
 }
 
-async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<Vec<TableCount>> {
+async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<(Vec<TableCount>, Vec<Oversized>)> {
     let mut first = source.reader().await?;
     let mut work: Vec<Range> = source::key_ranges(&mut first, "products", cli.chunk)
         .await?
@@ -183,13 +185,16 @@ async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<Vec
     bars.finish();
     let mut tables: Vec<TableCount> =
         source::TABLES.iter().map(|&name| TableCount { name, ..Default::default() }).collect();
-    for counts in per_worker {
+    let mut oversized = Vec::new();
+    for (counts, worker_oversized) in per_worker {
         for (t, c) in tables.iter_mut().zip(counts) {
             t.rows += c.rows;
             t.documents += c.documents;
         }
+        oversized.extend(worker_oversized);
     }
-    Ok(tables)
+    oversized.sort_by_key(|o| o.order_id);
+    Ok((tables, oversized))
 }
 
 /// Takes ranges until none is left: read, build (on the blocking pool: polars and BSON are CPU work),
@@ -199,8 +204,9 @@ async fn worker(
     work: Arc<Mutex<std::vec::IntoIter<Range>>>,
     target: &Target,
     bars: &Bars,
-) -> Result<Vec<TableCount>> {
+) -> Result<(Vec<TableCount>, Vec<Oversized>)> {
     let mut counts = vec![TableCount::default(); 3];
+    let mut oversized = Vec::new();
     loop {
         let Some(range) = work.lock().await.next() else { break };
         match range {
@@ -223,6 +229,15 @@ async fn worker(
                 bars.read(2, lines);
                 let docs = tokio::task::spawn_blocking(move || frames::order_documents(range)).await??;
                 let built = started.elapsed();
+                for order in &docs.oversized {
+                    tracing::warn!(
+                        order_id = order.order_id,
+                        embedded = order.embedded,
+                        left_out = order.left_out.len(),
+                        first_left_out = order.left_out.first(),
+                        "an order's lines exceed MongoDB's 16 MB document limit: the first ones are embedded"
+                    );
+                }
                 let (o, d) = tokio::try_join!(
                     target.insert(Collection::Orders, &docs.orders),
                     target.insert(Collection::OrderDetails, &docs.order_details)
@@ -240,11 +255,12 @@ async fn worker(
                 counts[1].documents += o;
                 counts[2].rows += lines;
                 counts[2].documents += d;
+                oversized.extend(docs.oversized);
             }
         }
     }
     reader.close().await.context("ending a snapshot reader")?;
-    Ok(counts)
+    Ok((counts, oversized))
 }
 
 /// One progress bar per table: documents written of rows in the snapshot, rows read, rate, ETA.
@@ -294,12 +310,20 @@ struct Summary {
     rebuild: bool,
     snapshot: Option<String>,
     tables: Vec<TableCount>,
+    oversized: Vec<Oversized>,
     elapsed: Duration,
 }
 
 impl Summary {
     fn resumed_swap(epoch: i64) -> Summary {
-        Summary { epoch, rebuild: true, snapshot: None, tables: Vec::new(), elapsed: Duration::ZERO }
+        Summary {
+            epoch,
+            rebuild: true,
+            snapshot: None,
+            tables: Vec::new(),
+            oversized: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
     }
 }
 
@@ -329,6 +353,18 @@ impl fmt::Display for Summary {
             )?;
         }
         let rows: u64 = self.tables.iter().map(|t| t.rows).sum();
-        writeln!(f, "  {:<14} {:>10} rows {:>21} {:>10.0} rows/s", "all", rows, "", rows as f64 / secs)
+        writeln!(f, "  {:<14} {:>10} rows {:>21} {:>10.0} rows/s", "all", rows, "", rows as f64 / secs)?;
+        for order in &self.oversized {
+            let (first, last) = (order.left_out.first().unwrap_or(&0), order.left_out.last().unwrap_or(&0));
+            writeln!(
+                f,
+                "  order {} is over MongoDB's 16 MB document limit: {} lines embedded, {} left out (order_detail_id \
+                 {first} to {last}; their order_details documents are written, `verify` lists the order)",
+                order.order_id,
+                order.embedded,
+                order.left_out.len(),
+            )?;
+        }
+        Ok(())
     }
 }

@@ -346,15 +346,33 @@ impl Capture {
     /// Sets up the write model, writes the workload `prefill` (when not empty) and only then starts
     /// capturing: the stream holds none of those rows, only first_load can bring them.
     pub async fn start_after(what: &str, prefill: &[&str]) -> Capture {
-        let stack = Stack::from_env();
-        let name = unique(what);
-        sweep_stale(&stack).await;
-        success("setup_pg_db", &stack.run("setup_pg_db", &["--database", &name]));
+        let (stack, name) = Capture::set_up(what).await;
         if !prefill.is_empty() {
             let mut args = vec!["--database", &name, "--quiet"];
             args.extend_from_slice(prefill);
             success("insert_sample_data", &stack.run("insert_sample_data", &args));
         }
+        Capture::capture(stack, name).await
+    }
+
+    /// [`Capture::start_after`] with rows written by `sql` instead of a workload.
+    pub async fn start_after_sql(what: &str, sql: &str) -> Capture {
+        let (stack, name) = Capture::set_up(what).await;
+        let mut pg = stack.connect(&name).await.expect("connect");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut pg).await.expect("the rows written before the capture");
+        drop(pg);
+        Capture::capture(stack, name).await
+    }
+
+    async fn set_up(what: &str) -> (Stack, String) {
+        let stack = Stack::from_env();
+        let name = unique(what);
+        sweep_stale(&stack).await;
+        success("setup_pg_db", &stack.run("setup_pg_db", &["--database", &name]));
+        (stack, name)
+    }
+
+    async fn capture(stack: Stack, name: String) -> Capture {
         let args = ["--name", &name, "--database", &name, "--topic-prefix", &name, "--slot", &name, "--timeout", "180"];
         success("register_connector", &stack.run("register_connector", &args));
         let mut pg = stack.connect(&name).await.expect("connect");
