@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bson::oid::ObjectId;
-use bson::{Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
+use bson::{Document, RawArrayBuf, RawBsonRef, RawDocument, RawDocumentBuf, doc, rawdoc};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Database, IndexModel};
@@ -405,7 +405,13 @@ impl<'a> ReadModels<'a> {
         futures::future::try_join_all(by_collection.into_iter().map(|(collection, statements)| {
             self.statements.fetch_add(statements.len(), Ordering::Relaxed);
             async move {
-                let lost = update(self.db, None, collection.name(), statements, false).await?;
+                // Kept aside: a refused one is run again document by document (see `one_by_one`).
+                let multi: Vec<(usize, RawDocumentBuf)> =
+                    statements.iter().enumerate().filter(|(_, s)| is_multi(s)).map(|(i, s)| (i, s.clone())).collect();
+                let lost = match update(self.db, None, collection.name(), statements, false).await {
+                    Err(e) => return Err(self.one_by_one(collection, &multi, e).await),
+                    Ok(lost) => lost,
+                };
                 if let Some(&first) = lost.first() {
                     bail!(
                         "{} writes of {} collided with another writer's (the first: statement {first}); redoing the batch",
@@ -418,6 +424,30 @@ impl<'a> ReadModels<'a> {
         }))
         .await?;
         Ok(())
+    }
+
+    /// `refusal` of a statement that changes several documents by `_id` (a fan-out of copies), after the
+    /// statement has been run again for each of them alone: MongoDB stops a multi-document update at the first
+    /// document it refuses (an order at 16 MB), which would leave the documents after it without their copy.
+    async fn one_by_one(
+        &self,
+        collection: Collection,
+        multi: &[(usize, RawDocumentBuf)],
+        refusal: anyhow::Error,
+    ) -> anyhow::Error {
+        let refused = refusal.downcast_ref::<Refused>().map(|r| r.index);
+        let statement = multi.iter().find(|(i, _)| Some(*i) == refused).map(|(_, s)| s);
+        let singles = statement.and_then(|s| per_document(s));
+        if let Some(singles) = singles {
+            tracing::debug!(collection = collection.name(), documents = singles.len(), "a refused fan-out, one by one");
+            // Their own refusals are that one again: the error reported is the first.
+            if let Err(e) = update(self.db, None, collection.name(), singles, false).await
+                && !refused_for_the_data(&e)
+            {
+                return e;
+            }
+        }
+        refusal
     }
 
     /// Applies conditional upserts of `collection` ([`crate::projection::set_if_unchanged`]), all of them
@@ -642,6 +672,48 @@ pub struct Refused {
     collection: String,
     code: i32,
     detail: String,
+    /// The refused statement's (or document's) place among those given.
+    index: usize,
+}
+
+/// Whether an update statement may change several documents.
+fn is_multi(statement: &RawDocument) -> bool {
+    statement.get_bool("multi").unwrap_or(false)
+}
+
+/// An update statement of several documents by `_id` (`q: {_id: {$in: [...]}, ...}`, `multi`) as one
+/// statement per document; `None` for any other.
+fn per_document(statement: &RawDocument) -> Option<Vec<RawDocumentBuf>> {
+    let filter = statement.get_document("q").ok()?;
+    let ids = filter.get_document("_id").ok()?.get_array("$in").ok()?;
+    if !is_multi(statement) {
+        return None;
+    }
+    let ids: Vec<RawBsonRef> = ids.into_iter().collect::<Result<_, _>>().ok()?;
+    if ids.len() < 2 {
+        return None;
+    }
+    let single = |id: RawBsonRef| -> Option<RawDocumentBuf> {
+        let mut q = RawDocumentBuf::new();
+        q.append(bson::cstr!("_id"), id);
+        for field in filter {
+            let (key, value) = field.ok()?;
+            if key.as_str() != "_id" {
+                q.append(key, value);
+            }
+        }
+        let mut one = RawDocumentBuf::new();
+        for field in statement {
+            let (key, value) = field.ok()?;
+            match key.as_str() {
+                "q" => one.append(key, std::mem::take(&mut q)),
+                "multi" => one.append(key, false),
+                _ => one.append(key, value),
+            }
+        }
+        Some(one)
+    };
+    ids.into_iter().map(single).collect()
 }
 
 /// Server error codes that mean a write is refused for what it holds, and would be again: a document over
@@ -753,7 +825,8 @@ async fn run_writes(
             let index = error.get_i32("index").unwrap_or_default() as usize;
             if ordered || (code != DUPLICATE_KEY && code != CHANGED_SINCE_READ) {
                 let detail = error.to_string();
-                return Err(Refused { verb: name.as_str(), collection: collection.to_owned(), code, detail }.into());
+                let (verb, collection, index) = (name.as_str(), collection.to_owned(), n + index);
+                return Err(Refused { verb, collection, code, detail, index }.into());
             }
             lost.push(n + index);
         }
@@ -774,6 +847,33 @@ mod tests {
 
     fn one_write() -> Vec<Write> {
         vec![Write::raw(Collection::Products, rawdoc! { "q": { "_id": 1 }, "u": { "$set": { "name": "x" } } })]
+    }
+
+    #[test]
+    fn a_fan_out_by_ids_splits_into_one_statement_per_document() {
+        let (name, price) = (bson::Bson::from("Tent"), crate::projection::decimal("19.90".parse().unwrap()));
+        let [fan_out] = &crate::projection::products::lines_fan_out(7, &name, &price, 10, &[1, 2, 3])[..] else {
+            panic!("one statement")
+        };
+        let fan_out = Document::try_from(fan_out.statement.as_ref()).unwrap();
+        let singles: Vec<Document> = per_document(&crate::projection::encode(&fan_out))
+            .unwrap()
+            .iter()
+            .map(|s| Document::try_from(s.as_ref()).unwrap())
+            .collect();
+        assert_eq!(singles.len(), 3);
+        for (id, single) in (1..=3).zip(&singles) {
+            let mut expected = fan_out.clone();
+            let q = expected.get_document_mut("q").unwrap();
+            q.insert("_id", id);
+            expected.insert("multi", false);
+            assert_eq!(single, &expected, "the same statement, for order {id} alone");
+            assert_eq!(single.get_document("q").unwrap().keys().next().map(String::as_str), Some("_id"));
+        }
+        let one_document = doc! { "q": { "_id": { "$in": [1] } }, "u": { "$set": { "x": 1 } }, "multi": true };
+        assert!(per_document(&crate::projection::encode(&one_document)).is_none());
+        let by_other_key = doc! { "q": { "product_id": 7 }, "u": { "$set": { "x": 1 } }, "multi": true };
+        assert!(per_document(&crate::projection::encode(&by_other_key)).is_none());
     }
 
     #[tokio::test]
@@ -807,7 +907,8 @@ mod tests {
 
     #[test]
     fn only_a_refusal_for_the_data_is_not_retried() {
-        let refusal = |code| Refused { verb: "update", collection: "orders".into(), code, detail: String::new() };
+        let refusal =
+            |code| Refused { verb: "update", collection: "orders".into(), code, detail: String::new(), index: 0 };
         let wrapped = anyhow::Error::new(refusal(10334)).context("writing order lines");
         assert!(refused_for_the_data(&wrapped), "a document over 16 MB, under context");
         assert!(refused_for_the_data(&refusal(121).into()), "a validator's rule");

@@ -185,6 +185,65 @@ async fn products_converge_through_updates_deletes_poison_replay_and_truncate() 
 /// A record's value and headers.
 type RawRecord = (Option<Vec<u8>>, Vec<(String, String)>);
 
+/// A copy MongoDB refuses in one order (here a validator's rule; in life, an order at 16 MB) costs only that
+/// copy: the product's other orders still get its new name, though one statement updates them all and MongoDB
+/// stops such a statement at the first document it refuses; the change is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_refused_in_one_order_still_reaches_the_others() {
+    let mut cap = Capture::start("fanout").await;
+    sqlx::raw_sql(
+        "INSERT INTO products (product_id, name, price, stock_quantity) VALUES (1, 'old name', 5.00, 10);
+         INSERT INTO orders (order_id, customer_name, address, phone) VALUES (1, 'a', 'x', '1'), (2, 'b', 'x', '2'), (3, 'c', 'x', '3');
+         INSERT INTO order_details (order_id, product_id, unit_price, quantity) VALUES (1, 1, 5.00, 1), (2, 1, 5.00, 1), (3, 1, 5.00, 1);",
+    )
+    .execute(&mut cap.pg)
+    .await
+    .unwrap();
+    let products = cap.spawn_job("stream_products", "fanout");
+    let details = cap.spawn_job("stream_order_details", "fanout");
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    let db = mongo.database(&cap.name);
+    let orders = db.collection::<bson::Document>("orders");
+    let named = |name: &str| bson::doc! { "lines.product.name": name };
+    let started = std::time::Instant::now();
+    while orders.count_documents(named("old name")).await.unwrap() < 3 {
+        assert!(started.elapsed() < CONVERGE, "the three orders never embedded the product");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    db.run_command(bson::doc! { "collMod": "orders", "validator": { "_id": { "$ne": 2 } } }).await.unwrap();
+    sqlx::query("UPDATE products SET name = 'new name' WHERE product_id = 1").execute(&mut cap.pg).await.unwrap();
+    let dead_letter = format!("{}.dead_letter", cap.name);
+    let started = std::time::Instant::now();
+    while orders.count_documents(named("new name")).await.unwrap() < 2 {
+        assert!(started.elapsed() < CONVERGE, "the orders beside the refused one never got the new name");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dead = common::read_topics(
+        &cap.stack.brokers,
+        std::slice::from_ref(&dead_letter),
+        Duration::from_secs(1),
+        CONVERGE,
+        |r| !r.is_empty(),
+    );
+    let renamed: Vec<i32> =
+        orders.distinct("_id", named("new name")).await.unwrap().iter().map(|id| id.as_i32().unwrap()).collect();
+    assert_eq!(renamed, [1, 3], "order 3, after the refused order 2, has its copy too");
+    let value = dead[0].value.as_ref().expect("the source record");
+    assert_eq!(value.get("payload").unwrap_or(value)["after"]["name"], "new name", "{value}");
+    let headers = raw_records(&cap.stack.brokers, &dead_letter).remove(0).1;
+    assert!(headers.iter().any(|(k, v)| k == "reason" && v.contains("Document failed validation")), "{headers:?}");
+    // order_details hold the name too: every copy there is written.
+    cap.converge(&["products"], CONVERGE).await;
+    let details_named = bson::doc! { "product_name": "new name" };
+    assert_eq!(db.collection::<bson::Document>("order_details").count_documents(details_named).await.unwrap(), 3);
+    db.run_command(bson::doc! { "collMod": "orders", "validator": {} }).await.unwrap();
+    products.stop();
+    details.stop();
+    mongo.shutdown().await;
+    cap.teardown().await;
+}
+
 /// Every record of a topic, raw: value and headers (reads until 2 s pass without a new one).
 fn raw_records(brokers: &str, topic: &str) -> Vec<RawRecord> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
