@@ -1,6 +1,7 @@
 //! stream_products against the real services: the `products` read model converges to PostgreSQL through
 //! inserts, price and stock updates, deletes, an out-of-line (TOASTed) description, a record that does not
-//! decode, a change MongoDB refuses, a full replay from the first offset, and a TRUNCATE.
+//! decode, a change MongoDB refuses, a full replay from the first offset, and a TRUNCATE; and a renamed
+//! product whose copy one order refuses, which reaches the product's other orders all the same.
 
 mod common;
 
