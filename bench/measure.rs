@@ -144,9 +144,9 @@ impl ServiceCpu {
         ServiceCpu(by_pid)
     }
 
-    /// Each service's CPU since `before`, as a share of one core over `elapsed`, largest first:
-    /// "MongoDB 61%, the broker 40%, ...".
-    pub fn since(&self, before: &ServiceCpu, elapsed: Duration) -> String {
+    /// Each service's CPU since `before`, as a share of one core over `elapsed`, largest first, and per record
+    /// when `records` were applied meanwhile: "MongoDB 61% (40 us a record), the broker 40% (...), ...".
+    pub fn since(&self, before: &ServiceCpu, elapsed: Duration, records: Option<u64>) -> String {
         let mut used: Vec<(&str, f64)> = Vec::new();
         for (pid, &(service, secs)) in &self.0 {
             let spent = secs - before.0.get(pid).map_or(0.0, |&(_, then)| then);
@@ -158,7 +158,12 @@ impl ServiceCpu {
         used.sort_by(|a, b| b.1.total_cmp(&a.1));
         let secs = elapsed.as_secs_f64().max(1e-9);
         used.iter()
-            .map(|(service, spent)| format!("{service} {:.0}%", 100.0 * spent / secs))
+            .map(|(service, spent)| match records.filter(|&n| n > 0 && spent / secs >= 0.01) {
+                Some(n) => {
+                    format!("{service} {:.0}% ({:.0} us a record)", 100.0 * spent / secs, 1e6 * spent / n as f64)
+                }
+                None => format!("{service} {:.0}%", 100.0 * spent / secs),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }

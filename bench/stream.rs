@@ -164,7 +164,9 @@ pub async fn run(args: Args) -> Result<()> {
     println!(
         "  \"machine busy\" = the whole machine's CPU after the first batch (/proc/stat: every service shares these cores),"
     );
-    println!("  \"CPU ..., share of one core\" = which service it was busy with (/proc/PID/stat)):");
+    println!(
+        "  \"CPU ..., share of one core\" = which service it was busy with (/proc/PID/stat), and its CPU per record applied):"
+    );
     println!(
         "    {:<22} {:>9} {:>8} {:>10} {:>10} {:>7} {:>6} {:>9}   {:>8} {:>6} {:>14} {:>8}  {:<12}",
         "",
@@ -714,11 +716,12 @@ impl Jobs<'_> {
             })
             .collect();
         let mut first_batch = None;
+        let mut applied: u64;
         let timeout = Duration::from_secs(3600);
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let progress = checkpoints(&db, &group).await?;
-            let applied: u64 = progress.values().flat_map(|p| p.values()).map(|&n| n as u64).sum();
+            applied = progress.values().flat_map(|p| p.values()).map(|&n| n as u64).sum();
             if first_batch.is_none() && ends.keys().all(|t| progress.contains_key(t)) {
                 first_batch = Some((started.elapsed(), applied));
                 // Over the same time as "steady/s": the group join before it leaves the machine idle.
@@ -735,7 +738,8 @@ impl Jobs<'_> {
         }
         let elapsed = started.elapsed();
         let machine_busy = measure::busy_since(machine_before);
-        let services = ServiceCpu::now().since(&services_before.0, services_before.1.elapsed());
+        let since_first = applied - first_batch.map_or(0, |(_, done)| done);
+        let services = ServiceCpu::now().since(&services_before.0, services_before.1.elapsed(), Some(since_first));
         let server = measure::ServerWork::read(self.mongo).await?.since(server_before);
         let server_top = measure::top_since(&top_before, &measure::server_top(self.mongo, NAME).await?);
         let stats = running.children.iter().map(|c| ProcessStats::of(c.id())).collect::<Result<_>>()?;
@@ -783,7 +787,7 @@ impl Jobs<'_> {
         let services_before = ServiceCpu::now();
         let summary = workload::run(&pool, &plan, &ProgressBar::hidden()).await?;
         let machine_busy = measure::busy_since(machine_before);
-        let services = ServiceCpu::now().since(&services_before, summary.elapsed);
+        let services = ServiceCpu::now().since(&services_before, summary.elapsed, None);
         let ends = {
             wait_drained(&self.args.brokers, topics).await?;
             topic_ends(&self.args.brokers, topics)?
