@@ -14,16 +14,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures::FutureExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{DefaultConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 
-type PartitionQueue = StreamPartitionQueue<DefaultConsumerContext>;
+use crate::kafka::{JobConsumer, JobContext};
+
+type PartitionQueue = StreamPartitionQueue<JobContext>;
 type NextMessage<'a> = Pin<Box<dyn Future<Output = KafkaResult<BorrowedMessage<'a>>> + Send + 'a>>;
 
 /// A job's consumer, with its partitions' own queues when they are split.
 pub struct Feed {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<JobConsumer>,
     topic: String,
     by_partition: bool,
     /// Each assigned partition's queue (empty unless `by_partition`).
@@ -42,7 +43,7 @@ struct Partition {
 impl Feed {
     /// Reads `topic` through `consumer`; `by_partition`: through a queue per partition, once
     /// [`Feed::split`] is told which are assigned.
-    pub fn new(consumer: StreamConsumer, topic: &str, by_partition: bool) -> Self {
+    pub fn new(consumer: JobConsumer, topic: &str, by_partition: bool) -> Self {
         Feed {
             consumer: Arc::new(consumer),
             topic: topic.to_owned(),
@@ -52,7 +53,7 @@ impl Feed {
         }
     }
 
-    pub fn consumer(&self) -> &StreamConsumer {
+    pub fn consumer(&self) -> &JobConsumer {
         &self.consumer
     }
 

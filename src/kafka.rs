@@ -3,7 +3,9 @@
 //! One place decides how the project talks to the broker, so the broker fidelity test exercises exactly
 //! the consumer the stream jobs run.
 
-use rdkafka::ClientConfig;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::KafkaArgs;
 
@@ -85,3 +87,27 @@ fn with_options(mut cfg: ClientConfig, args: &KafkaArgs) -> ClientConfig {
     }
     cfg
 }
+
+/// A stream job's consumer.
+pub type JobConsumer = StreamConsumer<JobContext>;
+
+/// What a stream job's consumer tells of librdkafka's errors: a topic that does not exist yet is what a job
+/// started before Debezium's first change of its table meets (Debezium creates the topic then), not an
+/// error; anything else is logged as librdkafka says it.
+pub struct JobContext;
+
+impl ClientContext for JobContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+            tracing::warn!(
+                reason,
+                "the topic does not exist yet: Debezium creates it with the table's first change (if it never \
+                 comes, check --topic-prefix)"
+            );
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for JobContext {}

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
@@ -32,7 +32,7 @@ use crate::dead_letter::{DeadLetters, SourceRecord};
 use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
-use crate::kafka;
+use crate::kafka::{self, JobConsumer, JobContext};
 use crate::metrics::{Metrics, serve};
 use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Progress, ReadModels};
 
@@ -191,7 +191,7 @@ async fn run_store<J: Job>(
     if !instance_id.is_empty() {
         config.set("group.instance.id", &instance_id);
     }
-    let consumer: StreamConsumer = config.create().context("Kafka consumer")?;
+    let consumer: JobConsumer = config.create_with_context(JobContext).context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
     let dead_letters = DeadLetters::new(&args.kafka, dead_letter_topic, topic.clone(), store.name.clone())?;
@@ -748,13 +748,7 @@ impl Positions {
     /// Moves every assigned partition to its checkpoint at once (after a reload; the records in hand may
     /// be past it, and an idle partition would bring no record to notice it by). Records that still come
     /// from past a checkpoint are caught by [`Positions::resume_at_checkpoints`].
-    fn seek_all(
-        &mut self,
-        consumer: &StreamConsumer,
-        topic: &str,
-        partitions: &[i32],
-        checkpoints: &HashMap<i32, i64>,
-    ) {
+    fn seek_all(&mut self, consumer: &JobConsumer, topic: &str, partitions: &[i32], checkpoints: &HashMap<i32, i64>) {
         for &p in partitions {
             if let Err(e) = seek(consumer, topic, p, resume_offset(checkpoints, p)) {
                 tracing::debug!(partition = p, error = %e, "seek after reload failed; the first record will tell");
@@ -766,7 +760,7 @@ impl Positions {
     /// read from past its checkpoint is sought back and its records dropped (they come again).
     fn resume_at_checkpoints<R>(
         &mut self,
-        consumer: &StreamConsumer,
+        consumer: &JobConsumer,
         topic: &str,
         batch: Vec<Record<R>>,
         checkpoints: &HashMap<i32, i64>,
@@ -804,7 +798,7 @@ fn resume_offset(checkpoints: &HashMap<i32, i64>, p: i32) -> i64 {
 }
 
 /// Moves the consumer's position in partition `p` (librdkafka waits for the fetcher: off the async threads).
-fn seek(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> rdkafka::error::KafkaResult<()> {
+fn seek(consumer: &JobConsumer, topic: &str, p: i32, offset: i64) -> rdkafka::error::KafkaResult<()> {
     tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(5)))
 }
 
@@ -833,7 +827,7 @@ fn reduce<J: Job>(events: Vec<Event<J::Row>>) -> Vec<Event<J::Row>> {
 }
 
 /// The partitions this member holds, sorted.
-fn assignment(consumer: &StreamConsumer) -> Vec<i32> {
+fn assignment(consumer: &JobConsumer) -> Vec<i32> {
     let mut partitions: Vec<i32> =
         consumer.assignment().map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
     partitions.sort_unstable();
@@ -841,7 +835,7 @@ fn assignment(consumer: &StreamConsumer) -> Vec<i32> {
 }
 
 /// Records between the checkpoints and the ends of the topic's partitions.
-fn lag_records(consumer: &StreamConsumer, topic: &str, checkpoints: &HashMap<i32, i64>) -> i64 {
+fn lag_records(consumer: &JobConsumer, topic: &str, checkpoints: &HashMap<i32, i64>) -> i64 {
     tokio::task::block_in_place(|| {
         checkpoints
             .iter()
