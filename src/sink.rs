@@ -684,11 +684,11 @@ fn is_multi(statement: &RawDocument) -> bool {
 /// An update statement of several documents by `_id` (`q: {_id: {$in: [...]}, ...}`, `multi`) as one
 /// statement per document; `None` for any other.
 fn per_document(statement: &RawDocument) -> Option<Vec<RawDocumentBuf>> {
-    let filter = statement.get_document("q").ok()?;
-    let ids = filter.get_document("_id").ok()?.get_array("$in").ok()?;
     if !is_multi(statement) {
         return None;
     }
+    let filter = statement.get_document("q").ok()?;
+    let ids = filter.get_document("_id").ok()?.get_array("$in").ok()?;
     let ids: Vec<RawBsonRef> = ids.into_iter().collect::<Result<_, _>>().ok()?;
     if ids.len() < 2 {
         return None;

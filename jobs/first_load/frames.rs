@@ -212,26 +212,29 @@ fn to_bson(orders: &DataFrame, lines: &DataFrame) -> Result<Documents> {
         while let Some((_, row, line)) = order_lines.next_if(|(order, _, _)| *order == id) {
             mine.push((row, line));
         }
-        let header = readmodel::order_header(
-            id,
-            o_name[i].as_deref().unwrap_or_default(),
-            o_address[i].as_deref().unwrap_or_default(),
-            o_phone[i].as_deref().unwrap_or_default(),
-            o_date[i],
-            o_status[i].as_deref(),
-        );
+        // Built again only for an order over the limit.
+        let header = || {
+            readmodel::order_header(
+                id,
+                o_name[i].as_deref().unwrap_or_default(),
+                o_address[i].as_deref().unwrap_or_default(),
+                o_phone[i].as_deref().unwrap_or_default(),
+                o_date[i],
+                o_status[i].as_deref(),
+            )
+        };
         let totals = readmodel::totals(
             o_items[i].unwrap_or(0),
             o_quantity[i].unwrap_or(0) as i32,
             Decimal::new(o_subtotal[i].unwrap_or(0), 2),
             Decimal::new(o_total[i].unwrap_or(0), 2),
         );
-        let mut order = order_document(header.clone(), &mine, &totals);
+        let mut order = order_document(header(), &mine, &totals);
         if order.as_bytes().len() > readmodel::MAX_DOCUMENT_BYTES {
             // As the stream does, embed the lines that fit (the first ones) and leave the rest out.
             let kept = lines_that_fit(order.as_bytes().len(), &mine);
             let kept_amounts: Vec<_> = mine[..kept].iter().map(|&(row, _)| amounts(row)).collect();
-            order = order_document(header, &mine[..kept], &readmodel::order_totals(&kept_amounts));
+            order = order_document(header(), &mine[..kept], &readmodel::order_totals(&kept_amounts));
             let left_out = mine[kept..].iter().map(|&(row, _)| l_id[row].unwrap_or_default()).collect();
             out.oversized.push(Oversized { order_id: id, embedded: kept, left_out });
         }
