@@ -21,14 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Args;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
-use crate::dead_letter::{DeadLetters, SourceRecord};
+use crate::dead_letter::{DeadLetters, SourceRecord, redrive};
 use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
@@ -279,7 +279,9 @@ async fn run_store<J: Job>(
             match record.change {
                 Ok(event) => {
                     let event = event.at(Place { partition, offset });
-                    if let Some(source) = event.source() {
+                    // A change sent back from the dead-letter topic is old news: its commit would read
+                    // as lag and its freshness as the time it spent there.
+                    if let Some(source) = event.source().filter(|_| !record.redriven) {
                         newest_source_ms = newest_source_ms.max(Some(source.ts_ms));
                         times.push((source.ts_ms, record.timestamp, record.received_ms));
                     }
@@ -549,6 +551,8 @@ struct Record<R> {
     timestamp: Option<i64>,
     /// When the job took it from the consumer, epoch milliseconds.
     received_ms: i64,
+    /// A dead letter sent back (`dead_letters redrive`): a late copy, not timed as fresh.
+    redriven: bool,
     change: Result<Event<R>, Box<Rejected>>,
 }
 
@@ -564,7 +568,9 @@ impl<R: DeserializeOwned> Record<R> {
         let change = envelope::decode::<R>(table, m.payload())
             .map_err(|reason| Box::new(Rejected { record: SourceRecord::of(m), reason: reason.to_string() }));
         let (partition, offset, timestamp) = (m.partition(), m.offset(), m.timestamp().to_millis());
-        Record { partition, offset, timestamp, received_ms: now_ms(), change }
+        // Debezium's records carry no headers: only a record sent back costs the look.
+        let redriven = m.headers().is_some_and(|h| h.iter().any(|h| h.key == redrive::REDRIVEN_FROM));
+        Record { partition, offset, timestamp, received_ms: now_ms(), redriven, change }
     }
 }
 
@@ -942,6 +948,7 @@ mod tests {
             offset,
             timestamp: (ms >= 0).then_some(ms),
             received_ms: 0,
+            redriven: false,
             change: Ok(Event::Tombstone),
         }
     }

@@ -4,7 +4,10 @@
 //! Two kinds of records end there: one that does not decode (sent before its batch is written), and a change
 //! MongoDB refuses for what it holds, a document over 16 MB say (the runtime writes its batch in halves until
 //! the change stands alone). A job keeps only the decoded change, so a refused change's record is read back
-//! from its topic: what lands in the dead-letter topic is always the source record, ready to be sent again.
+//! from its topic: what lands in the dead-letter topic is always the source record, ready to be sent again
+//! ([`redrive`], the `dead_letters` tool).
+
+pub mod redrive;
 
 use std::time::Duration;
 

@@ -1,0 +1,194 @@
+//! `dead_letters`: what the jobs could not apply, and sending it back once the cause is fixed.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cdc_cqrs::cli;
+use cdc_cqrs::config::KafkaArgs;
+use cdc_cqrs::dead_letter::redrive::{DeadLetter, DeadLetterTopic, Filter, SendBack};
+use clap::{Parser, Subcommand};
+
+/// List the dead-letter topic (what the stream jobs could not apply: records that did not decode, changes
+/// MongoDB refused, each with why), and send its records back to the topics they came from once the cause
+/// is fixed. A change sent back is applied only where nothing newer of its row is in MongoDB (the jobs'
+/// version guards), so sending back a stale one changes nothing.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    /// The dead-letter topic. Default: <prefix>.dead_letter, where the jobs write by default.
+    #[arg(long, env = "CDC_DEAD_LETTER_TOPIC")]
+    dead_letter_topic: Option<String>,
+
+    /// The consumer group whose offsets remember how far `redrive` went.
+    #[arg(long, env = "CDC_REDRIVE_GROUP", default_value = "cdc-cqrs-redrive")]
+    group: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print each dead letter: where it came from, the read store that refused it, why, and whether
+    /// `redrive` has sent it back.
+    List {
+        /// Only those `redrive` has not gone over yet.
+        #[arg(long)]
+        new: bool,
+    },
+    /// Send the dead letters that came since the last redrive back to their source partitions, byte for
+    /// byte, for the jobs to apply again. A letter refused again comes back as a new dead letter. Run it
+    /// after fixing the cause: a job version that decodes what an older one could not, a validator
+    /// changed, lines removed from an order grown past MongoDB's 16 MB.
+    Redrive {
+        /// Only letters whose reason contains this text (the others are passed over, and not sent by the
+        /// next redrive either: see --from-beginning).
+        #[arg(long)]
+        reason_contains: Option<String>,
+        /// Only letters from this topic (e.g. ecommerce.public.orders).
+        #[arg(long)]
+        source_topic: Option<String>,
+        /// Go over every letter the topic still holds, not only those since the last redrive.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Print what would be sent back; send nothing, remember nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Letters sent back at a time (and the redrive's progress stored after each such chunk).
+const CHUNK: usize = 1000;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::run(async move {
+        let topic = cli.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", cli.kafka.topic_prefix));
+        let Some(dlt) = DeadLetterTopic::open(&cli.kafka, &topic, &cli.group)? else {
+            println!("{topic}: no such topic, nothing was ever dead-lettered there (or check --topic-prefix)");
+            return Ok(());
+        };
+        match cli.command {
+            Command::List { new } => list(&dlt, new).await,
+            Command::Redrive { reason_contains, source_topic, from_beginning, dry_run } => {
+                let filter = Filter { reason_contains, source_topic };
+                redrive(&cli.kafka, &dlt, &filter, from_beginning, dry_run).await
+            }
+        }
+    })
+}
+
+async fn list(dlt: &DeadLetterTopic, only_new: bool) -> Result<()> {
+    let held: i64 = dlt.partitions.values().map(|s| s.high - s.low).sum();
+    println!("{}: {held} dead letters ({})", dlt.topic, spans(dlt));
+    let start = dlt
+        .partitions
+        .iter()
+        .map(|(&p, s)| (p, if only_new { s.next_to_redrive() } else { s.low }))
+        .collect::<BTreeMap<_, _>>();
+    let mut reading = dlt.read_from(&start)?;
+    while let Some(letter) = reading.next().await? {
+        let redriven = dlt.partitions[&letter.partition].redriven.is_some_and(|r| letter.offset < r);
+        println!("{}", describe(&letter, redriven));
+    }
+    Ok(())
+}
+
+async fn redrive(
+    kafka: &KafkaArgs,
+    dlt: &DeadLetterTopic,
+    filter: &Filter,
+    from_beginning: bool,
+    dry_run: bool,
+) -> Result<()> {
+    let start: BTreeMap<i32, i64> =
+        dlt.partitions.iter().map(|(&p, s)| (p, if from_beginning { s.low } else { s.next_to_redrive() })).collect();
+    let ends: BTreeMap<i32, i64> = dlt.partitions.iter().map(|(&p, s)| (p, s.high)).collect();
+    if start == ends {
+        println!("{}: nothing new since the last redrive ({})", dlt.topic, spans(dlt));
+        return Ok(());
+    }
+    let send_back = SendBack::new(kafka, &dlt.topic)?;
+    let verb = if dry_run { "would send back" } else { "sent back" };
+    let (mut sent, mut passed_over) = (BTreeMap::<String, usize>::new(), BTreeMap::<&str, usize>::new());
+    let mut reading = dlt.read_from(&start)?;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut next = start.clone();
+    loop {
+        let letter = reading.next().await?;
+        let done = letter.is_none();
+        if let Some(letter) = letter {
+            next.insert(letter.partition, letter.offset + 1);
+            match filter.passes_over(&letter) {
+                Some(why) => *passed_over.entry(why).or_default() += 1,
+                None => {
+                    if dry_run {
+                        println!("{}", describe(&letter, false));
+                    }
+                    let source = letter.source.as_ref().map(|s| s.topic.clone()).unwrap_or_default();
+                    *sent.entry(source).or_default() += 1;
+                    chunk.push(letter);
+                }
+            }
+        }
+        if chunk.len() >= CHUNK || done {
+            if !dry_run {
+                send_back.send(&chunk).await?;
+                dlt.mark_redriven(&next)?;
+            }
+            chunk.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    // Partitions with nothing to read keep their place.
+    if !dry_run {
+        dlt.mark_redriven(&ends)?;
+    }
+    let total: usize = sent.values().sum();
+    let by_topic: Vec<String> = sent.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    let by_topic = if by_topic.is_empty() { String::new() } else { format!(" ({})", by_topic.join(", ")) };
+    println!("{}: {verb} {total} dead letters to their topics{by_topic}", dlt.topic);
+    for (why, n) in &passed_over {
+        println!("  passed over {n}: {why}");
+    }
+    if !dry_run {
+        let at: Vec<String> = ends.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
+        println!("  the next redrive starts at {}", at.join(", "));
+    }
+    Ok(())
+}
+
+/// Each partition's offsets and how far redrive went in it.
+fn spans(dlt: &DeadLetterTopic) -> String {
+    let parts: Vec<String> = dlt
+        .partitions
+        .iter()
+        .map(|(p, s)| {
+            let redriven = s.redriven.map_or("none".to_owned(), |r| format!("up to {r}"));
+            format!("partition {p}: offsets {}..{}, redriven {redriven}", s.low, s.high)
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// One letter in two lines: where it is, where it came from, by whom it was refused; then why.
+fn describe(letter: &DeadLetter, redriven: bool) -> String {
+    let when = letter
+        .timestamp_ms
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or("-".to_owned(), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+    let from = letter.source.as_ref().map_or("an unknown place".to_owned(), |s| {
+        format!("{} partition {} offset {}", s.topic, s.partition, s.offset)
+    });
+    let store = letter.store.as_deref().map_or("did not decode".to_owned(), |s| format!("refused by {s}"));
+    let state = if redriven { "  (sent back)" } else { "" };
+    let reason: String = letter.reason.chars().take(300).collect();
+    let cut = if reason.len() < letter.reason.len() { "..." } else { "" };
+    format!("{}/{}  {when}  from {from}, {store}{state}\n    reason: {reason}{cut}", letter.partition, letter.offset)
+}

@@ -1,0 +1,98 @@
+//! dead_letters against the real services: what stream_products could not apply (a record that does not
+//! decode, two changes MongoDB refused) is listed with why; once the cause is fixed, `redrive` sends it
+//! back: the refused change its row still holds is applied, the one a newer change overtook changes nothing,
+//! the record that still does not decode comes back as a new dead letter, and each letter is sent once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Capture, success};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
+    let mut cap = Capture::start("redrive").await;
+    cap.workload(&["--products", "10", "--orders", "0", "--changes", "0"]);
+    let job = cap.spawn_job("stream_products", "products");
+    cap.converge(&["products"], CONVERGE).await;
+    let dead_letters = |args: &[&str]| {
+        let out = cap.stack.command("dead_letters").env("CDC_TOPIC_PREFIX", &cap.name).args(args).output().unwrap();
+        success("dead_letters", &out)
+    };
+    assert!(dead_letters(&["list"]).contains("no such topic"), "nothing dead-lettered yet");
+
+    // MongoDB refuses a name (a validator's rule; in life, say, an order grown past 16 MB), and a record
+    // that is not a Debezium envelope comes in between.
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    let db = mongo.database(&cap.name);
+    let products = db.collection::<bson::Document>("products");
+    db.run_command(bson::doc! { "collMod": "products", "validator": { "name": { "$ne": "refused" } } }).await.unwrap();
+    sqlx::query("UPDATE products SET name = 'refused' WHERE product_id = 2").execute(&mut cap.pg).await.unwrap();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &cap.stack.brokers).create().unwrap();
+    let topic = format!("{}.public.products", cap.name);
+    producer
+        .send(FutureRecord::to(&topic).key("{\"product_id\":1}").payload("{not json"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE products SET name = 'refused' WHERE product_id = 3").execute(&mut cap.pg).await.unwrap();
+    let listed = wait_for(|| dead_letters(&["list"]), |list| list.contains(": 3 dead letters"));
+    assert_eq!(listed.matches("Document failed validation").count(), 2, "{listed}");
+    assert_eq!(listed.matches("refused by store0").count(), 2, "{listed}");
+    assert_eq!(listed.matches("did not decode").count(), 1, "{listed}");
+    assert!(listed.contains("not a Debezium JSON envelope"), "{listed}");
+    assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
+
+    // The cause fixed; product 3 changes again meanwhile: its dead letter is now stale.
+    db.run_command(bson::doc! { "collMod": "products", "validator": {} }).await.unwrap();
+    sqlx::query("UPDATE products SET name = 'renamed since' WHERE product_id = 3").execute(&mut cap.pg).await.unwrap();
+    let started = Instant::now();
+    while products.count_documents(bson::doc! { "_id": 3, "name": "renamed since" }).await.unwrap() == 0 {
+        assert!(started.elapsed() < CONVERGE, "product 3's new name never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let two = products.find_one(bson::doc! { "_id": 2 }).await.unwrap().unwrap();
+    assert_ne!(two.get_str("name").unwrap(), "refused", "the refused change waits in the dead-letter topic");
+
+    // A dry run sends and remembers nothing.
+    let dry = dead_letters(&["redrive", "--dry-run"]);
+    assert!(dry.contains("would send back 3 dead letters"), "{dry}");
+    assert!(dead_letters(&["list", "--new"]).contains("reason:"), "still new after a dry run");
+
+    let sent = dead_letters(&["redrive"]);
+    assert!(sent.contains(&format!("sent back 3 dead letters to their topics ({topic} 3)")), "{sent}");
+    // Product 2 takes the name MongoDB refused; product 3 keeps its newer one (verify compares both).
+    cap.converge(&["products"], CONVERGE).await;
+    // The record that still does not decode comes back, as a new letter: the only one not sent back yet.
+    let listed = wait_for(|| dead_letters(&["list"]), |list| list.contains(": 4 dead letters"));
+    assert_eq!(listed.matches("(sent back)").count(), 3, "{listed}");
+    let new = dead_letters(&["list", "--new"]);
+    assert_eq!(new.matches("reason:").count(), 1, "{new}");
+    assert!(new.contains("not a Debezium JSON envelope"), "{new}");
+    job.stop();
+
+    let filtered = dead_letters(&["redrive", "--reason-contains", "Document failed validation"]);
+    assert!(filtered.contains("sent back 0 dead letters"), "{filtered}");
+    assert!(filtered.contains("passed over 1: not matching --reason-contains"), "{filtered}");
+    let again = dead_letters(&["redrive"]);
+    assert!(again.contains("nothing new since the last redrive"), "{again}");
+
+    mongo.shutdown().await;
+    cap.teardown().await;
+}
+
+/// Runs `read` until `done` holds for what it returns; panics with the last after [`CONVERGE`].
+fn wait_for(read: impl Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let started = Instant::now();
+    loop {
+        let got = read();
+        if done(&got) {
+            return got;
+        }
+        assert!(started.elapsed() < CONVERGE, "never came:\n{got}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
