@@ -91,11 +91,23 @@ async fn list(dlt: &DeadLetterTopic, only_new: bool) -> Result<()> {
         .map(|(&p, s)| (p, if only_new { s.next_to_redrive() } else { s.low }))
         .collect::<BTreeMap<_, _>>();
     let mut reading = dlt.read_from(&start)?;
+    // (source topic, what happened) -> letters, for the closing summary.
+    let mut kinds: BTreeMap<(String, String), usize> = BTreeMap::new();
     while let Some(letter) = reading.next().await? {
         let redriven = dlt.partitions[&letter.partition].redriven.is_some_and(|r| letter.offset < r);
         println!("{}", describe(&letter, redriven));
+        let source = letter.source.as_ref().map_or("an unknown topic".to_owned(), |s| s.topic.clone());
+        *kinds.entry((source, kind(&letter))).or_default() += 1;
+    }
+    for ((source, kind), n) in &kinds {
+        println!("{n:>8}  {kind}, from {source}");
     }
     Ok(())
+}
+
+/// What happened to a letter's change: it did not decode, or a store refused it.
+fn kind(letter: &DeadLetter) -> String {
+    letter.store.as_deref().map_or("did not decode".to_owned(), |s| format!("refused by {s}"))
 }
 
 async fn redrive(
@@ -186,7 +198,7 @@ fn describe(letter: &DeadLetter, redriven: bool) -> String {
     let from = letter.source.as_ref().map_or("an unknown place".to_owned(), |s| {
         format!("{} partition {} offset {}", s.topic, s.partition, s.offset)
     });
-    let store = letter.store.as_deref().map_or("did not decode".to_owned(), |s| format!("refused by {s}"));
+    let store = kind(letter);
     let state = if redriven { "  (sent back)" } else { "" };
     let reason: String = letter.reason.chars().take(300).collect();
     let cut = if reason.len() < letter.reason.len() { "..." } else { "" };

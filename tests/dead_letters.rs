@@ -41,8 +41,13 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     sqlx::query("UPDATE products SET name = 'refused' WHERE product_id = 3").execute(&mut cap.pg).await.unwrap();
     let listed = wait_for(|| dead_letters(&["list"]), |list| list.contains(": 3 dead letters"));
     assert_eq!(listed.matches("Document failed validation").count(), 2, "{listed}");
-    assert_eq!(listed.matches("refused by store0").count(), 2, "{listed}");
-    assert_eq!(listed.matches("did not decode").count(), 1, "{listed}");
+    // Then a count per source topic and what happened.
+    let summary = |n: usize, kind: &str| {
+        listed
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{n}  {kind}")) && l.ends_with(&format!("from {topic}")))
+    };
+    assert!(summary(2, "refused by store0") && summary(1, "did not decode"), "{listed}");
     assert!(listed.contains("not a Debezium JSON envelope"), "{listed}");
     assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
 
