@@ -3,7 +3,11 @@
 //! One place decides how the project talks to the broker, so the broker fidelity test exercises exactly
 //! the consumer the stream jobs run.
 
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext};
 
@@ -111,3 +115,20 @@ impl ClientContext for JobContext {
 }
 
 impl ConsumerContext for JobContext {}
+
+/// Topic ends, or a job's checkpoints: (topic, partition) -> next offset.
+pub type Offsets = HashMap<(String, i32), i64>;
+
+/// The end offsets of every partition of `topics` (a topic not created yet has none). Blocking.
+pub fn topic_ends(consumer: &BaseConsumer, topics: &[String]) -> Result<Offsets> {
+    let mut ends = Offsets::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).context("topic metadata")?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).context("topic ends")?;
+            ends.insert((topic.clone(), p), high);
+        }
+    }
+    Ok(ends)
+}

@@ -85,3 +85,65 @@ pub async fn require_logical_wal(conn: &mut PgConnection) -> Result<()> {
     }
     Ok(())
 }
+
+/// A WAL position (`pg_lsn`), comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Lsn(pub u64);
+
+impl std::str::FromStr for Lsn {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Lsn> {
+        let (hi, lo) = s.split_once('/').ok_or_else(|| anyhow!("a source position looks like 0/16B3748, not {s:?}"))?;
+        let part =
+            |p: &str| u64::from_str_radix(p, 16).map_err(|_| anyhow!("{s:?} is not a source position (hex/hex)"));
+        Ok(Lsn((part(hi)? << 32) | part(lo)?))
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Where Debezium's replication slot stands.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotPosition {
+    /// Every transaction committed before it is in Kafka (Debezium confirms only what Kafka acknowledged).
+    pub confirmed: Lsn,
+    /// The oldest WAL the slot still needs: every change before it belongs to a transaction that ended
+    /// before `confirmed` (a transaction still open has all its changes at or after it).
+    pub restart: Lsn,
+}
+
+/// Debezium's positions in its replication slot `slot`.
+pub async fn slot_position(pg: impl sqlx::PgExecutor<'_>, slot: &str) -> Result<SlotPosition> {
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT confirmed_flush_lsn::text, restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pg)
+    .await
+    .context("reading the replication slot")?;
+    match row {
+        Some((Some(confirmed), Some(restart))) => {
+            Ok(SlotPosition { confirmed: confirmed.parse()?, restart: restart.parse()? })
+        }
+        _ => anyhow::bail!("no replication slot {slot:?}: is the connector registered (--slot / CDC_SLOT_NAME)?"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_parses_orders_and_prints_back() {
+        let a: Lsn = "0/16B3748".parse().unwrap();
+        let b: Lsn = "1/0".parse().unwrap();
+        assert!(a < b);
+        assert_eq!(a.to_string(), "0/16B3748");
+        assert_eq!(b.0, 1 << 32);
+        assert!("16B3748".parse::<Lsn>().is_err());
+    }
+}

@@ -16,8 +16,9 @@ use mongodb::Database;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::stores::{Lsn, STORE_TIMEOUT, Unavailable};
+use super::stores::{STORE_TIMEOUT, Unavailable};
 use super::{ApiError, App};
+use crate::postgres::Lsn;
 use crate::projection::{Collection, decimal_of};
 use crate::readmodel;
 

@@ -8,7 +8,6 @@
 //! committed up to it is in Kafka (Debezium confirms only what Kafka acknowledged), so the ends read after
 //! it cover that position, and a store whose checkpoints reach those ends holds every such change.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
 use crate::config::{KafkaArgs, Store, job_group};
-use crate::kafka;
+use crate::kafka::{self, Offsets, topic_ends};
+use crate::postgres::{Lsn, slot_position};
 use crate::projection::Collection;
 use crate::sink;
 
@@ -30,29 +30,6 @@ use crate::sink;
 const REFRESH: Duration = Duration::from_millis(200);
 /// How long a store may take to answer before it counts as down.
 pub const STORE_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// A WAL position (`pg_lsn`), comparable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Lsn(pub u64);
-
-impl std::str::FromStr for Lsn {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Lsn> {
-        let (hi, lo) = s.split_once('/').ok_or_else(|| anyhow!("a source position looks like 0/16B3748, not {s:?}"))?;
-        let part =
-            |p: &str| u64::from_str_radix(p, 16).map_err(|_| anyhow!("{s:?} is not a source position (hex/hex)"));
-        Ok(Lsn((part(hi)? << 32) | part(lo)?))
-    }
-}
-
-impl std::fmt::Display for Lsn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
-
-/// Kafka ends (or a store's checkpoints): (topic, partition) -> next offset.
-type Offsets = HashMap<(String, i32), i64>;
 
 /// One read store and what the watch last saw of it.
 pub struct ReadStore {
@@ -162,7 +139,7 @@ impl ReadStores {
 
     async fn refresh(&self, pg: &PgPool, consumer: &Arc<BaseConsumer>, slot: &str) -> Result<()> {
         // The slot first, then the ends (see the module comment).
-        let confirmed = confirmed_position(pg, slot).await;
+        let confirmed = slot_position(pg, slot).await.map(|s| s.confirmed);
         let topics: Vec<String> = self.feeds.iter().map(|(t, _)| t.clone()).collect();
         let consumer = consumer.clone();
         let ends = tokio::task::spawn_blocking(move || topic_ends(&consumer, &topics))
@@ -366,49 +343,10 @@ impl EndsSeen {
     }
 }
 
-/// Debezium's confirmed position in its replication slot.
-async fn confirmed_position(pg: &PgPool, slot: &str) -> Result<Lsn> {
-    let confirmed: Option<String> =
-        sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
-            .bind(slot)
-            .fetch_optional(pg)
-            .await
-            .context("reading the replication slot")?
-            .flatten();
-    match confirmed {
-        Some(lsn) => lsn.parse(),
-        None => anyhow::bail!("no replication slot {slot:?}: is the connector registered (--slot / CDC_SLOT_NAME)?"),
-    }
-}
-
-/// The end offsets of every partition of `topics` (a topic not created yet has none).
-fn topic_ends(consumer: &BaseConsumer, topics: &[String]) -> Result<Offsets> {
-    let mut ends = Offsets::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).context("topic metadata")?;
-        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
-        for p in 0..partitions as i32 {
-            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).context("topic ends")?;
-            ends.insert((topic.clone(), p), high);
-        }
-    }
-    Ok(ends)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::MongoArgs;
-
-    #[test]
-    fn lsn_parses_orders_and_prints_back() {
-        let a: Lsn = "0/16B3748".parse().unwrap();
-        let b: Lsn = "1/0".parse().unwrap();
-        assert!(a < b);
-        assert_eq!(a.to_string(), "0/16B3748");
-        assert_eq!(b.0, 1 << 32);
-        assert!("16B3748".parse::<Lsn>().is_err());
-    }
 
     #[tokio::test]
     async fn when_no_store_is_up_each_is_still_tried_until_it_fails_the_query() {
