@@ -6,6 +6,7 @@
 
 pub mod bootstrap;
 pub mod cli;
+pub mod compaction;
 pub mod config;
 pub mod dead_letter;
 pub mod envelope;

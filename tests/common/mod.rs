@@ -86,6 +86,7 @@ pub fn bin_path(bin: &str) -> String {
         "stream_order_details" => env!("CARGO_BIN_EXE_stream_order_details").to_owned(),
         "verify" => env!("CARGO_BIN_EXE_verify").to_owned(),
         "dead_letters" => env!("CARGO_BIN_EXE_dead_letters").to_owned(),
+        "compact" => env!("CARGO_BIN_EXE_compact").to_owned(),
         "bench" => env!("CARGO_BIN_EXE_bench").to_owned(),
         "cqrs_api" => env!("CARGO_BIN_EXE_cqrs_api").to_owned(),
         // Another package of the workspace: `cargo test` builds it beside this one's binaries, but

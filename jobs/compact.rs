@@ -1,0 +1,91 @@
+//! `compact`: removes the tombstones and removed-line marks of a read store that no change can need any more.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cdc_cqrs::compaction::{self, Feed};
+use cdc_cqrs::config::{GROUP_PREFIX, KafkaArgs, PgArgs, StoresArgs, job_group};
+use cdc_cqrs::projection::Collection;
+use cdc_cqrs::sink::MongoSink;
+use cdc_cqrs::{cli, kafka, postgres};
+use clap::Parser;
+use rdkafka::consumer::BaseConsumer;
+
+/// Remove the deletion marks (tombstones, an order's removed lines) that every stream job has gone past.
+///
+/// Waits for the three jobs to apply, in each read store, every change Debezium has confirmed, then makes them
+/// drop any older change from now on (a replay of one would otherwise bring a deleted row back) and removes
+/// the marks older than that. Safe while the jobs and the workload run; refused while first_load is under
+/// way. Run it now and then (cron, a Kubernetes CronJob).
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    pg: PgArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    /// Every read store given is compacted, one after the other.
+    #[command(flatten)]
+    stores: StoresArgs,
+
+    /// The stream jobs' consumer groups are <prefix>-<table>: their checkpoints tell how far the store is.
+    #[arg(long, env = "CDC_GROUP_PREFIX", default_value = GROUP_PREFIX)]
+    group_prefix: String,
+
+    /// Debezium's replication slot.
+    #[arg(long, env = "CDC_SLOT_NAME", default_value = "cdc_cqrs_ecommerce")]
+    slot: String,
+
+    /// How long to wait for the jobs to catch up before giving up.
+    #[arg(long, env = "CDC_COMPACT_WAIT_SECS", default_value_t = 60)]
+    wait_secs: u64,
+
+    /// Count what would be removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::run(async move {
+        let pg = postgres::pool(&cli.pg, &cli.pg.database, 1).await?;
+        let consumer = Arc::new(
+            kafka::consumer_config(&cli.kafka, "cdc-cqrs-compact").create::<BaseConsumer>().context("Kafka client")?,
+        );
+        let feeds: Vec<Feed> = Collection::ALL
+            .iter()
+            .map(|&collection| Feed {
+                collection,
+                topic: cli.kafka.table_topic(collection.name()),
+                group: job_group(&cli.group_prefix, collection.name()),
+            })
+            .collect();
+        let stores = cli.stores.stores();
+        for store in &stores {
+            let sink = MongoSink::connect(&store.mongo).await?;
+            let wait = Duration::from_secs(cli.wait_secs);
+            let done =
+                compaction::compact(sink.database(), &pg, consumer.clone(), &feeds, &cli.slot, wait, cli.dry_run)
+                    .await
+                    .with_context(|| format!("compacting {}", store.name))?;
+            let verb = if cli.dry_run { "would remove" } else { "removed" };
+            let tombstones: Vec<String> = done.tombstones.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
+            println!(
+                "{}: {verb} the marks older than {}: tombstones {}; {} removed lines in {} orders",
+                store.name,
+                done.horizon,
+                tombstones.join(", "),
+                done.removed_lines,
+                done.orders_with_removed_lines
+            );
+        }
+        if !cli.dry_run {
+            println!("the stream jobs now drop any change older than these positions (a replay of one)");
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,150 @@
+//! compact against the real services: it waits for every job, removes the tombstones and removed-line marks,
+//! and a full replay of the three jobs afterwards brings none of the deleted rows back.
+
+mod common;
+
+use std::time::Duration;
+
+use bson::{Document, doc};
+use common::{Capture, success};
+
+const CONVERGE: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_removes_the_marks_and_a_replay_after_it_brings_nothing_back() {
+    let mut cap = Capture::start("compact").await;
+    cap.workload(&["--products", "30", "--orders", "60", "--changes", "400", "--seed", "7"]);
+    // A deleted product (the workload deletes orders and lines, never products).
+    sqlx::query("INSERT INTO products (product_id, name, price, stock_quantity) VALUES (100001, 'gone', 1.00, 1)")
+        .execute(&mut cap.pg)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM products WHERE product_id = 100001").execute(&mut cap.pg).await.unwrap();
+
+    let jobs = ["stream_products", "stream_orders", "stream_order_details"];
+    let tables = ["products", "orders", "order_details"];
+    let mut running: Vec<_> = jobs.iter().zip(tables).map(|(job, table)| cap.spawn_job(job, table)).collect();
+    cap.converge(&[], CONVERGE).await;
+
+    let mongo = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap();
+    let db = mongo.database(&cap.name);
+    let count = |collection: &'static str, filter: Document| {
+        let c = db.collection::<Document>(collection);
+        async move { c.count_documents(filter).await.unwrap() }
+    };
+    let removed_lines = doc! { "_removed.0": { "$exists": true } };
+    for table in tables {
+        assert!(count(table, doc! { "_deleted": true }).await > 0, "the workload left no tombstone in {table}");
+    }
+    assert!(count("orders", removed_lines.clone()).await > 0, "the workload left no removed line");
+
+    let compact = |flags: &[&str]| {
+        let mut args = vec!["--database", &cap.name, "--group-prefix", &cap.name, "--slot", &cap.name];
+        args.extend_from_slice(flags);
+        cap.stack
+            .command("compact")
+            .env("CDC_MONGO_DATABASE", &cap.name)
+            .env("CDC_TOPIC_PREFIX", &cap.name)
+            .args(args)
+            .output()
+            .expect("compact")
+    };
+
+    // A job behind: compact waits, then says which one and changes nothing.
+    running.pop().unwrap().stop();
+    sqlx::query("DELETE FROM order_details WHERE order_detail_id = (SELECT min(order_detail_id) FROM order_details)")
+        .execute(&mut cap.pg)
+        .await
+        .unwrap();
+    slot_past_now(&mut cap.pg, &cap.name, "confirmed_flush_lsn").await; // the delete and its Kafka tombstone in the topic
+    let out = compact(&["--wait-secs", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "compact went on with order_details behind");
+    assert!(stderr.contains("order_details ") && stderr.contains(" behind (group"), "{stderr}");
+    assert!(!stderr.contains("products ") && !stderr.contains("orders "), "only order_details is behind: {stderr}");
+    assert!(count("products", doc! { "_deleted": true }).await > 0, "a refused compaction removed tombstones");
+    running.push(cap.spawn_job("stream_order_details", "order_details"));
+    cap.converge(&[], CONVERGE).await;
+
+    let tombstones: u64 = {
+        let mut n = 0;
+        for table in tables {
+            n += count(table, doc! { "_deleted": true }).await;
+        }
+        n
+    };
+    slot_past_now(&mut cap.pg, &cap.name, "restart_lsn").await;
+    let report = success("compact", &compact(&["--wait-secs", "60"]));
+    assert!(report.contains("removed the marks older than"), "{report}");
+    for table in tables {
+        assert_eq!(count(table, doc! { "_deleted": true }).await, 0, "tombstones left in {table}: {report}");
+    }
+    assert_eq!(count("orders", removed_lines.clone()).await, 0, "removed lines left: {report}");
+    let said: u64 = ["products ", "orders ", "order_details "]
+        .iter()
+        .map(|t| {
+            let after = &report[report.find(t).expect("a count per collection") + t.len()..];
+            after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(said, tombstones, "{report}");
+    cap.converge(&[], CONVERGE).await;
+
+    // Every job replays its topic from the first offset (checkpoints gone): the changes from before the
+    // horizon are dropped, so no deleted row comes back, not even as a tombstone, and no order is left
+    // with lines and no header.
+    for job in running.drain(..) {
+        job.stop();
+    }
+    db.collection::<Document>("_checkpoints").drop().await.unwrap();
+    let running: Vec<_> = jobs.iter().zip(tables).map(|(job, table)| cap.spawn_job(job, table)).collect();
+    // A dry run waits for the jobs to reach the topics' ends, and counts.
+    let dry = success("compact", &compact(&["--dry-run", "--wait-secs", "120"]));
+    assert!(dry.contains("would remove"), "{dry}");
+    for table in tables {
+        assert_eq!(count(table, doc! { "_deleted": true }).await, 0, "a replay brought a deleted row back in {table}");
+    }
+    assert_eq!(count("orders", doc! { "customer_name": { "$exists": false } }).await, 0, "an order with no header");
+    assert_eq!(count("orders", removed_lines.clone()).await, 0);
+    cap.converge(&[], CONVERGE).await;
+
+    // Changes after the horizon apply as ever, deletes included, and a second compaction removes their marks.
+    cap.workload(&["--products", "0", "--orders", "0", "--changes", "200", "--seed", "8"]);
+    cap.converge(&[], CONVERGE).await;
+    assert!(count("orders", doc! { "_deleted": true }).await > 0, "the second workload deleted no order");
+    slot_past_now(&mut cap.pg, &cap.name, "restart_lsn").await;
+    success("compact", &compact(&["--wait-secs", "60"]));
+    for table in tables {
+        assert_eq!(count(table, doc! { "_deleted": true }).await, 0, "tombstones left in {table} after the second");
+    }
+    cap.converge(&[], CONVERGE).await;
+
+    for job in running {
+        job.stop();
+    }
+    mongo.shutdown().await;
+    cap.teardown().await;
+}
+
+/// Waits until the slot's `position` (`restart_lsn` or `confirmed_flush_lsn`) passes the WAL written so far.
+/// The restart position lags the confirmed one until PostgreSQL logs the transactions running, which CHECKPOINT
+/// does: then the horizon covers every change made.
+async fn slot_past_now(pg: &mut sqlx::PgConnection, slot: &str, position: &str) {
+    let now: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut *pg).await.unwrap();
+    let started = std::time::Instant::now();
+    let past = format!("SELECT {position} >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2");
+    loop {
+        sqlx::query("CHECKPOINT").execute(&mut *pg).await.unwrap();
+        let passed: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(past.clone()))
+            .bind(&now)
+            .bind(slot)
+            .fetch_one(&mut *pg)
+            .await
+            .unwrap();
+        if passed == Some(true) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the slot's {position} stayed before {now}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
