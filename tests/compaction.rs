@@ -60,6 +60,8 @@ async fn compaction_removes_the_marks_and_a_replay_after_it_brings_nothing_back(
     let out = compact(&["--wait-secs", "3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "compact went on with order_details behind");
+    // One record or two: Kafka Connect may confirm the delete before its null-value tombstone is in the topic
+    // (both carry the same source offset; measured, tansu), which holds no change.
     assert!(stderr.contains("order_details ") && stderr.contains(" behind (group"), "{stderr}");
     assert!(!stderr.contains("products ") && !stderr.contains("orders "), "only order_details is behind: {stderr}");
     assert!(count("products", doc! { "_deleted": true }).await > 0, "a refused compaction removed tombstones");
