@@ -38,7 +38,7 @@ struct Cli {
     changes: Option<u64>,
 
     /// Stop after this long (e.g. 30s, 5m, 500ms); with no --changes, mixes changes until then.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = cli::parse_duration)]
     duration: Option<Duration>,
 
     /// Transactions per second over all connections (0 = as fast as PostgreSQL goes).
@@ -60,19 +60,6 @@ struct Cli {
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 30s, 5m or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("'{s}' has an unknown unit; use ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn main() -> ExitCode {

@@ -12,13 +12,14 @@ use cdc_cqrs::sink::MongoSink;
 use cdc_cqrs::{cli, kafka, postgres};
 use clap::Parser;
 use rdkafka::consumer::BaseConsumer;
+use sqlx::PgPool;
 
 /// Remove the deletion marks (tombstones, an order's removed lines) that every stream job has gone past.
 ///
 /// Waits for the three jobs to apply, in each read store, every change Debezium has confirmed, then makes them
 /// drop any older change from now on (a replay of one would otherwise bring a deleted row back) and removes
 /// the marks older than that. Safe while the jobs and the workload run; refused while first_load is under
-/// way. Run it now and then (cron, a Kubernetes CronJob).
+/// way. Run it now and then (cron), or keep it running with --every.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -44,6 +45,11 @@ struct Cli {
     #[arg(long, env = "CDC_COMPACT_WAIT_SECS", default_value_t = 60)]
     wait_secs: u64,
 
+    /// Run again this long after each run (e.g. 1h), until SIGTERM, instead of once; a failed run is a warning
+    /// and the next one tries again.
+    #[arg(long, env = "CDC_COMPACT_EVERY", value_parser = cli::parse_duration)]
+    every: Option<Duration>,
+
     /// Count what would be removed; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -64,28 +70,48 @@ fn main() -> ExitCode {
                 group: job_group(&cli.group_prefix, collection.name()),
             })
             .collect();
-        let stores = cli.stores.stores();
-        for store in &stores {
-            let sink = MongoSink::connect(&store.mongo).await?;
-            let wait = Duration::from_secs(cli.wait_secs);
-            let done =
-                compaction::compact(sink.database(), &pg, consumer.clone(), &feeds, &cli.slot, wait, cli.dry_run)
-                    .await
-                    .with_context(|| format!("compacting {}", store.name))?;
-            let verb = if cli.dry_run { "would remove" } else { "removed" };
-            let tombstones: Vec<String> = done.tombstones.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
-            println!(
-                "{}: {verb} the marks older than {}: tombstones {}; {} removed lines in {} orders",
-                store.name,
-                done.horizon,
-                tombstones.join(", "),
-                done.removed_lines,
-                done.orders_with_removed_lines
-            );
+        let Some(every) = cli.every else {
+            compact_stores(&cli, &pg, &consumer, &feeds).await?;
+            if !cli.dry_run {
+                println!("the stream jobs now drop any change older than these positions (a replay of one)");
+            }
+            return Ok(());
+        };
+        // A stop in the middle of a run is safe: the horizon is raised before any mark goes.
+        let mut stop = std::pin::pin!(cli::terminated());
+        loop {
+            tokio::select! {
+                done = compact_stores(&cli, &pg, &consumer, &feeds) => if let Err(e) = done {
+                    tracing::warn!(error = %format!("{e:#}"), "compaction failed; trying again at the next run");
+                },
+                _ = &mut stop => return Ok(()),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = &mut stop => return Ok(()),
+            }
         }
-        if !cli.dry_run {
-            println!("the stream jobs now drop any change older than these positions (a replay of one)");
-        }
-        Ok(())
     })
+}
+
+/// Compacts every store given, one after the other, and prints what went from each.
+async fn compact_stores(cli: &Cli, pg: &PgPool, consumer: &Arc<BaseConsumer>, feeds: &[Feed]) -> anyhow::Result<()> {
+    for store in &cli.stores.stores() {
+        let sink = MongoSink::connect(&store.mongo).await?;
+        let wait = Duration::from_secs(cli.wait_secs);
+        let done = compaction::compact(sink.database(), pg, consumer.clone(), feeds, &cli.slot, wait, cli.dry_run)
+            .await
+            .with_context(|| format!("compacting {}", store.name))?;
+        let verb = if cli.dry_run { "would remove" } else { "removed" };
+        let tombstones: Vec<String> = done.tombstones.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
+        println!(
+            "{}: {verb} the marks older than {}: tombstones {}; {} removed lines in {} orders",
+            store.name,
+            done.horizon,
+            tombstones.join(", "),
+            done.removed_lines,
+            done.orders_with_removed_lines
+        );
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Runs `work` to completion and turns its outcome into the process exit code.
 pub fn run<F>(work: F) -> ExitCode
@@ -37,4 +38,18 @@ pub async fn terminated() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Parses a duration flag: `500ms`, `30s` (or `30`), `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 30s, 5m or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}' has an unknown unit; use ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
 }

@@ -113,4 +113,7 @@ fn setup_and_jobs_run_this_projects_binaries() {
         assert_eq!(svc["image"], service(&doc, "setup")["image"], "{job} runs the project image");
         assert_eq!(svc["environment"]["CDC_KAFKA_BROKERS"], "kafka:9092");
     }
+    let compact = strings(&service(&doc, "compact")["command"]);
+    assert_eq!(compact[..2], ["compact", "--every"], "compact keeps running: {compact:?}");
+    assert!(manifest.contains("name = \"compact\""), "compact is not a binary of Cargo.toml");
 }
