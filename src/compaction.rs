@@ -95,7 +95,8 @@ pub async fn compact(
     }
 
     let orders = db.collection::<Document>(Collection::Orders.name());
-    let old_entries = doc! { "_removed._v": { "$lt": below } };
+    // Not in an order whose tombstone went above (so that a dry run counts what a run removes).
+    let old_entries = doc! { "_removed._v": { "$lt": below }, "$nor": [tombstone] };
     let mut cursor = orders
         .aggregate(vec![
             doc! { "$match": old_entries.clone() },
