@@ -11,14 +11,15 @@
 //!   transaction that ended before the confirmed one, so all of them are applied: nothing older than the
 //!   restart position can still arrive, but for a replay;
 //! - the jobs drop a replayed change from before it: the restart position becomes the horizon in every lane's
-//!   `_truncations` document, which a job's batch reads as it takes its lane and which already makes it drop
-//!   the changes a TRUNCATE removed (see [`crate::sink`]). It is written in one transaction with a check that
+//!   `_truncations` document (its `horizon`, beside the last TRUNCATE's position), which a job's batch reads as
+//!   it takes its lane and which makes it drop those changes as it drops the ones a TRUNCATE removed (see
+//!   [`crate::sink`]). It is written in one transaction with a check that
 //!   no first_load is under way (a load or a rebuild writes the same documents, so the two serialize), and a
 //!   batch in flight under the old horizon conflicts with it and is redone under the new one.
 //!
-//! Only then do marks below the horizon go. A redriven dead letter from before the horizon is dropped the same
-//! way (its letter stays in the dead-letter topic; `first_load --rebuild` brings the read models back to the
-//! source whatever they missed).
+//! Only then do marks below the horizon go. A dead letter from before the horizon sent back by `dead_letters
+//! redrive` is not dropped silently: its row's marks may be gone, so it is refused and dead-lettered again
+//! with a reason naming `first_load --rebuild`, which brings the read models back to the source.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -187,7 +188,7 @@ async fn raise_horizon(db: &Database, drop_at_or_below: i64) -> Result<()> {
                     marks
                         .update_one(
                             doc! { "_id": truncation_mark(collection.name(), lane) },
-                            doc! { "$max": { "lsn": drop_at_or_below } },
+                            doc! { "$max": { sink::HORIZON: drop_at_or_below } },
                         )
                         .upsert(true)
                         .session(&mut session)

@@ -57,6 +57,8 @@ pub struct Source {
     pub snapshot: bool,
     /// Where the job read the change (set by the runtime: the payload does not say).
     pub place: Option<Place>,
+    /// Sent back from the dead-letter topic (set by the runtime, from the record's headers).
+    pub redriven: bool,
 }
 
 /// A record's place in its topic.
@@ -110,10 +112,11 @@ impl<R> Event<R> {
         }
     }
 
-    /// The change read at `place` of its topic.
-    pub fn at(mut self, place: Place) -> Self {
+    /// The change read at `place` of its topic (`redriven`: a copy sent back from the dead-letter topic).
+    pub fn at(mut self, place: Place, redriven: bool) -> Self {
         if let Event::Upsert { source, .. } | Event::Delete { source, .. } | Event::Truncate { source } = &mut self {
             source.place = Some(place);
+            source.redriven = redriven;
         }
         self
     }
@@ -151,7 +154,7 @@ pub fn decode<R: DeserializeOwned>(table: &str, value: Option<&[u8]>) -> Result<
         return Err(DecodeError::WrongTable { expected: table.to_owned(), found: raw.table.into_owned() });
     }
     let snapshot = raw.snapshot.is_some_and(|s| s != "false");
-    let source = Source { lsn: raw.lsn, tx_id: raw.tx_id, ts_ms: raw.ts_ms, snapshot, place: None };
+    let source = Source { lsn: raw.lsn, tx_id: raw.tx_id, ts_ms: raw.ts_ms, snapshot, place: None, redriven: false };
     let missing = |op: &str, missing| DecodeError::MissingImage { op: op.to_owned(), missing };
     match envelope.op.as_ref() {
         "c" | "u" | "r" => {

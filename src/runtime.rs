@@ -281,7 +281,7 @@ async fn run_store<J: Job>(
             }
             match record.change {
                 Ok(event) => {
-                    let event = event.at(Place { partition, offset });
+                    let event = event.at(Place { partition, offset }, record.redriven);
                     // A change sent back from the dead-letter topic is old news: its commit would read
                     // as lag and its freshness as the time it spent there.
                     if let Some(source) = event.source().filter(|_| !record.redriven) {
@@ -955,7 +955,7 @@ mod tests {
     use crate::rows::OrderDetail;
 
     fn source(lsn: u64) -> Source {
-        Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None }
+        Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None, redriven: false }
     }
 
     fn line(id: i32, order_id: i32, lsn: u64) -> Event<OrderDetail> {

@@ -47,6 +47,9 @@ const STATEMENTS_PER_COMMAND: usize = 10_000;
 const BYTES_PER_COMMAND: usize = 8 << 20;
 pub(crate) const CHECKPOINTS: &str = "_checkpoints";
 pub(crate) const TRUNCATIONS: &str = "_truncations";
+/// The field of a `_truncations` document that holds the store's compaction horizon (see
+/// [`crate::compaction`]): changes at or below it are dropped like those a TRUNCATE removed.
+pub(crate) const HORIZON: &str = "horizon";
 
 /// Batches one job process may have in flight at once.
 pub const LANES: usize = 4;
@@ -78,10 +81,11 @@ pub enum Applied {
     Refused(String),
 }
 
-/// A lane's `_truncations` document as a batch took it: the table's newest TRUNCATE, and the token of the
-/// last first_load phase change.
+/// A lane's `_truncations` document as a batch took it: the table's newest TRUNCATE, the store's compaction
+/// horizon, and the token of the last first_load phase change.
 struct LaneMark {
     lsn: i64,
+    horizon: i64,
     token: Option<ObjectId>,
 }
 
@@ -200,7 +204,10 @@ impl MongoSink {
                     Gate::Closed(phase) => return Ok(Err(Applied::Paused(phase))),
                     Gate::Reset => return Ok(Err(Applied::Reset)),
                 };
-                let admitted = self.admissible::<J>(&mut session, events, mark.lsn, &handoff).await?;
+                if let Some(refusal) = redriven_past_horizon(events, &mark, &handoff) {
+                    return Ok(Err(Applied::Refused(refusal)));
+                }
+                let admitted = self.admissible::<J>(&mut session, events, mark.lsn.max(mark.horizon), &handoff).await?;
                 let speculation_holds = unchanged && matches!(admitted, Cow::Borrowed(_));
                 if speculation_holds {
                     let _ = open.send(true);
@@ -297,6 +304,7 @@ impl MongoSink {
             .map_err(anyhow::Error::new)?;
         Ok(LaneMark {
             lsn: own.as_ref().and_then(|d| d.get_i64("lsn").ok()).unwrap_or(-1),
+            horizon: own.as_ref().and_then(|d| d.get_i64(HORIZON).ok()).unwrap_or(-1),
             token: own.as_ref().and_then(|d| d.get_object_id(handoff::HANDOFF_TOKEN).ok()),
         })
     }
@@ -354,6 +362,23 @@ impl MongoSink {
             std::borrow::Cow::Owned(events.iter().filter(|e| admissible(e)).cloned().collect())
         })
     }
+}
+
+/// Why a change sent back from the dead-letter topic cannot be applied, if one in `events` is from before the
+/// store's compaction horizon (and after its table's last TRUNCATE, which removed the row either way): the
+/// deletion marks that would guard it may be gone, so it could bring back a row deleted since. Refused, it is
+/// dead-lettered again with this reason, which names the way to bring the store back to the source.
+fn redriven_past_horizon<R>(events: &[Event<R>], mark: &LaneMark, handoff: &Handoff) -> Option<String> {
+    let source = events.iter().filter_map(Event::source).find(|s| {
+        let lsn = s.lsn as i64;
+        s.redriven && lsn <= mark.horizon && lsn > mark.lsn && !handoff.loaded(s.tx_id)
+    })?;
+    Some(format!(
+        "a change sent back from the dead-letter topic from before this store's compaction horizon ({} <= {}): its \
+         row's deletion marks may be gone, so it is not applied; `first_load --rebuild` brings the store back to \
+         PostgreSQL",
+        source.lsn, mark.horizon
+    ))
 }
 
 /// The read models as a projection sees them while it applies a batch: reads of the latest committed
@@ -838,6 +863,27 @@ async fn run_writes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redriven_change_from_before_the_horizon_is_refused_and_others_pass() {
+        let change = |lsn: u64, redriven: bool| Event::<()>::Truncate {
+            source: crate::envelope::Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None, redriven },
+        };
+        let mark = LaneMark { lsn: 10, horizon: 100, token: None };
+        let none = Handoff::none();
+        // Redriven and between the last TRUNCATE and the horizon: refused, naming the way back.
+        let refusal = redriven_past_horizon(&[change(200, false), change(50, true)], &mark, &none).unwrap();
+        assert!(refusal.contains("compaction horizon (50 <= 100)") && refusal.contains("first_load --rebuild"));
+        // Not redriven (a replay: dropped quietly), past the horizon (applied as any change), or older than
+        // the TRUNCATE (its row is gone either way): not refused.
+        assert_eq!(redriven_past_horizon(&[change(50, false)], &mark, &none), None);
+        assert_eq!(redriven_past_horizon(&[change(101, true)], &mark, &none), None);
+        assert_eq!(redriven_past_horizon(&[change(10, true)], &mark, &none), None);
+        // Held by first_load's snapshot: skipped as loaded, not refused.
+        let loaded =
+            Handoff { snapshot: Some(handoff::Snapshot { xmin: 60, xmax: 60, xip: vec![] }), ..Handoff::none() };
+        assert_eq!(redriven_past_horizon(&[change(50, true)], &mark, &loaded), None);
+    }
 
     /// A handle on a server that is not there: the gate must decide before any write reaches one.
     async fn nowhere() -> Database {

@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use bson::{Document, doc};
+use cdc_cqrs::dead_letter::redrive::REDRIVEN_FROM;
 use common::{Capture, success};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const CONVERGE: Duration = Duration::from_secs(180);
 
@@ -109,6 +112,38 @@ async fn compaction_removes_the_marks_and_a_replay_after_it_brings_nothing_back(
     assert_eq!(count("orders", doc! { "customer_name": { "$exists": false } }).await, 0, "an order with no header");
     assert_eq!(count("orders", removed_lines.clone()).await, 0);
     cap.converge(&[], CONVERGE).await;
+
+    // The deleted product's insert sent back as `dead_letters redrive` does: from before the horizon, with no
+    // tombstone left to guard it, it is dead-lettered again with the reason, and the product stays deleted.
+    let topic = format!("{}.public.products", cap.name);
+    let records = common::read_topics(
+        &cap.stack.brokers,
+        std::slice::from_ref(&topic),
+        Duration::from_millis(500),
+        CONVERGE,
+        |r| r.iter().any(|r| r.op() == "d"),
+    );
+    let insert = records
+        .iter()
+        .find(|r| r.op() == "c" && r.key.as_ref().is_some_and(|k| k["product_id"] == 100001))
+        .expect("the deleted product's insert");
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &cap.stack.brokers).create().unwrap();
+    let (key, value) = (serde_json::to_vec(&insert.key).unwrap(), serde_json::to_vec(&insert.value).unwrap());
+    let from = format!("{}.dead_letter/0@0", cap.name);
+    let headers = OwnedHeaders::new().insert(Header { key: REDRIVEN_FROM, value: Some(&from) });
+    let record = FutureRecord::to(&topic).partition(insert.partition).key(&key).payload(&value).headers(headers);
+    producer.send(record, Duration::from_secs(10)).await.expect("sending the copy");
+    let listed = (0..240)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(250));
+            let out = cap.stack.command("dead_letters").env("CDC_TOPIC_PREFIX", &cap.name).arg("list").output();
+            String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
+        })
+        .find(|list| list.contains("compaction horizon"))
+        .expect("the redriven change dead-lettered again");
+    assert!(listed.contains("first_load --rebuild"), "{listed}");
+    assert_eq!(count("products", doc! { "_id": 100001 }).await, 0, "a redriven insert brought the product back");
 
     // Changes after the horizon apply as ever, deletes included, and a second compaction removes their marks.
     cap.workload(&["--products", "0", "--orders", "0", "--changes", "200", "--seed", "8"]);

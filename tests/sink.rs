@@ -16,7 +16,7 @@ use cdc_cqrs::sink::{Applied, MongoSink, Progress, ReadModels};
 use common::{Stack, unique};
 
 fn source(lsn: u64) -> Source {
-    Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None }
+    Source { lsn, tx_id: Some(lsn), ts_ms: 0, snapshot: false, place: None, redriven: false }
 }
 
 fn order(id: i32, status: &str) -> Order {

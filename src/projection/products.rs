@@ -250,7 +250,7 @@ mod tests {
             price: price.parse().unwrap(),
             stock_quantity: 3,
         };
-        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, snapshot: false, place: None };
+        let source = Source { lsn: 10, tx_id: Some(1), ts_ms: 0, snapshot: false, place: None, redriven: false };
         Event::Upsert { row, before: None, source }
     }
 
