@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cdc_cqrs::compaction::{self, Feed};
-use cdc_cqrs::config::{GROUP_PREFIX, KafkaArgs, PgArgs, StoresArgs, job_group};
-use cdc_cqrs::projection::Collection;
-use cdc_cqrs::sink::MongoSink;
+use cdc_cqrs::compaction;
+use cdc_cqrs::config::{GROUP_PREFIX, KafkaArgs, PgArgs, StoresArgs};
+use cdc_cqrs::sink::{Feed, MongoSink};
 use cdc_cqrs::{cli, kafka, postgres};
 use clap::Parser;
 use rdkafka::consumer::BaseConsumer;
@@ -62,14 +61,7 @@ fn main() -> ExitCode {
         let consumer = Arc::new(
             kafka::consumer_config(&cli.kafka, "cdc-cqrs-compact").create::<BaseConsumer>().context("Kafka client")?,
         );
-        let feeds: Vec<Feed> = Collection::ALL
-            .iter()
-            .map(|&collection| Feed {
-                collection,
-                topic: cli.kafka.table_topic(collection.name()),
-                group: job_group(&cli.group_prefix, collection.name()),
-            })
-            .collect();
+        let feeds = Feed::all(&cli.kafka, &cli.group_prefix);
         let Some(every) = cli.every else {
             compact_stores(&cli, &pg, &consumer, &feeds).await?;
             if !cli.dry_run {

@@ -21,7 +21,6 @@
 //! redrive` is not dropped silently: its row's marks may be gone, so it is refused and dead-lettered again
 //! with a reason naming `first_load --rebuild`, which brings the read models back to the source.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,10 +31,10 @@ use rdkafka::consumer::BaseConsumer;
 use sqlx::PgPool;
 
 use crate::handoff::{self, Phase};
-use crate::kafka::{Offsets, topic_ends};
+use crate::kafka::{Offsets, records_behind, topic_ends};
 use crate::postgres::{Lsn, slot_position};
 use crate::projection::Collection;
-use crate::sink::{self, LANES, TRUNCATIONS, truncation_mark};
+use crate::sink::{self, Feed, LANES, TRUNCATIONS, truncation_mark};
 
 /// What a compaction removed, or would remove (`--dry-run`).
 #[derive(Debug, Clone, Default)]
@@ -47,15 +46,6 @@ pub struct Compacted {
     /// Orders whose `_removed` lost entries, and how many entries in all.
     pub orders_with_removed_lines: u64,
     pub removed_lines: u64,
-}
-
-/// One table's feed into the store: its topic and the jobs' consumer group (whose checkpoints tell how far
-/// the store has applied it).
-#[derive(Debug, Clone)]
-pub struct Feed {
-    pub collection: Collection,
-    pub topic: String,
-    pub group: String,
 }
 
 /// Compacts the read store `db` (see the module doc). Waits up to `wait` for the jobs to apply the changes
@@ -142,13 +132,14 @@ fn refuse_during_first_load(state: &handoff::Handoff) -> Result<()> {
 async fn wait_for_jobs(db: &Database, feeds: &[Feed], ends: &Offsets, confirmed: Lsn, wait: Duration) -> Result<()> {
     let started = Instant::now();
     loop {
+        let applied = sink::applied(db, feeds).await?;
+        let records = records_behind(ends, &applied);
         let mut behind = Vec::new();
         for feed in feeds {
-            let applied = sink::checkpoints(db, &feed.group, &feed.topic).await?;
-            let records = records_behind(ends, &feed.topic, &applied);
-            if records > 0 {
-                let unit = if records == 1 { "record" } else { "records" };
-                behind.push(format!("{} {records} {unit} behind (group {})", feed.collection.name(), feed.group));
+            let n = records.get(feed.topic.as_str()).copied().unwrap_or(0);
+            if n > 0 {
+                let unit = if n == 1 { "record" } else { "records" };
+                behind.push(format!("{} {n} {unit} behind (group {})", feed.collection.name(), feed.group));
             }
         }
         if behind.is_empty() {
@@ -165,74 +156,34 @@ async fn wait_for_jobs(db: &Database, feeds: &[Feed], ends: &Offsets, confirmed:
     }
 }
 
-/// Records of `topic` up to `ends` not applied yet by checkpoints `applied` (partition -> next offset; a
-/// partition without one has applied nothing).
-fn records_behind(ends: &Offsets, topic: &str, applied: &HashMap<i32, i64>) -> i64 {
-    ends.iter()
-        .filter(|((t, _), _)| t == topic)
-        .map(|((_, p), &end)| (end - applied.get(p).copied().unwrap_or(0)).max(0))
-        .sum()
-}
-
 /// Writes the horizon into every lane's `_truncations` document of every table, in one transaction that
 /// checks first_load is not under way.
 async fn raise_horizon(db: &Database, drop_at_or_below: i64) -> Result<()> {
     let mut session = db.client().start_session().await.context("starting a MongoDB session")?;
-    loop {
-        session.start_transaction().await?;
-        let attempt = async {
-            refuse_during_first_load(&handoff::read(db, Some(&mut session)).await?)?;
-            let marks = db.collection::<Document>(TRUNCATIONS);
-            for collection in Collection::ALL {
-                for lane in 0..LANES {
-                    marks
-                        .update_one(
-                            doc! { "_id": truncation_mark(collection.name(), lane) },
-                            doc! { "$max": { sink::HORIZON: drop_at_or_below } },
-                        )
-                        .upsert(true)
-                        .session(&mut session)
-                        .await?;
-                }
-            }
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        match attempt {
-            Ok(()) => match sink::commit(&mut session).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) => {}
-                Err(e) => return Err(e).context("writing the compaction horizon"),
-            },
-            Err(e) => {
-                let _ = session.abort_transaction().await;
-                if !sink::is_transient(&e) {
-                    return Err(e).context("writing the compaction horizon");
-                }
+    // On a conflict a job's batch holds a lane: it is let commit first.
+    sink::in_transaction(&mut session, "writing the compaction horizon", Duration::from_millis(50), async |session| {
+        refuse_during_first_load(&handoff::read(db, Some(&mut *session)).await?)?;
+        let marks = db.collection::<Document>(TRUNCATIONS);
+        for collection in Collection::ALL {
+            for lane in 0..LANES {
+                marks
+                    .update_one(
+                        doc! { "_id": truncation_mark(collection.name(), lane) },
+                        doc! { "$max": { sink::HORIZON: drop_at_or_below } },
+                    )
+                    .upsert(true)
+                    .session(&mut *session)
+                    .await?;
             }
         }
-        // A job's batch holds a lane: let it commit.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(())
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn behind_counts_the_records_of_the_topic_past_each_checkpoint() {
-        let ends = Offsets::from([
-            (("t".into(), 0), 10),
-            (("t".into(), 1), 5),
-            (("t".into(), 2), 3),
-            (("other".into(), 0), 100),
-        ]);
-        // Partition 0 four behind, 1 caught up (a checkpoint past the end read earlier counts as none),
-        // 2 never checkpointed: all three of its records.
-        assert_eq!(records_behind(&ends, "t", &HashMap::from([(0, 6), (1, 7)])), 4 + 3);
-        assert_eq!(records_behind(&ends, "t", &HashMap::from([(0, 10), (1, 5), (2, 3)])), 0);
-    }
 
     #[test]
     fn first_load_under_way_refuses_with_what_to_do() {

@@ -212,69 +212,53 @@ pub async fn begin(
     rebuild: bool,
     rewind: Option<&HashMap<String, i64>>,
 ) -> Result<i64> {
-    loop {
-        session.start_transaction().await?;
-        let attempt = async {
-            let current = read(db, Some(&mut *session)).await?;
-            let epoch = current.epoch + 1;
-            let mut state = doc! {
-                "epoch": epoch,
-                "phase": phase.name(),
-                "rebuild": rebuild,
-                "started_at": bson::DateTime::now(),
-            };
-            state.insert("snapshot", snapshot.map_or(Bson::Null, |s| Bson::Document(s.to_bson())));
-            let handoffs = db.collection::<Document>(COLLECTION);
-            handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
-            let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
-            let token = ObjectId::new();
-            for table in TABLES {
-                for lane in 0..crate::sink::LANES {
-                    marks
-                        .update_one(
-                            doc! { "_id": crate::sink::truncation_mark(table, lane) },
-                            doc! { "$set": { HANDOFF_TOKEN: token } },
-                        )
-                        .upsert(true)
-                        .session(&mut *session)
-                        .await?;
-                }
-            }
-            if let Some(rewind) = rewind {
-                let checkpoints = db.collection::<Document>(crate::sink::CHECKPOINTS);
-                let mut ids = Vec::new();
-                let mut cursor = checkpoints.find(doc! {}).projection(doc! { "_id": 1 }).session(&mut *session).await?;
-                while let Some(d) = cursor.next(&mut *session).await {
-                    if let Ok(id) = d?.get_str("_id") {
-                        ids.push(id.to_owned());
-                    }
-                }
-                for id in ids {
-                    let offset = rewind.get(&id).copied().unwrap_or(0);
-                    checkpoints
-                        .update_one(doc! { "_id": &id }, doc! { "$set": { "next_offset": offset } })
-                        .session(&mut *session)
-                        .await?;
-                }
-            }
-            Ok::<_, anyhow::Error>(epoch)
-        }
-        .await;
-        match attempt {
-            Ok(epoch) => match crate::sink::commit(session).await {
-                Ok(()) => return Ok(epoch),
-                Err(e) if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) => continue,
-                Err(e) => return Err(e).context("recording the handoff state"),
-            },
-            Err(e) => {
-                let _ = session.abort_transaction().await;
-                if crate::sink::is_transient(&e) {
-                    continue;
-                }
-                return Err(e).context("recording the handoff state");
+    let pause = std::time::Duration::ZERO;
+    crate::sink::in_transaction(session, "recording the handoff state", pause, async |session| {
+        let current = read(db, Some(&mut *session)).await?;
+        let epoch = current.epoch + 1;
+        let mut state = doc! {
+            "epoch": epoch,
+            "phase": phase.name(),
+            "rebuild": rebuild,
+            "started_at": bson::DateTime::now(),
+        };
+        state.insert("snapshot", snapshot.map_or(Bson::Null, |s| Bson::Document(s.to_bson())));
+        let handoffs = db.collection::<Document>(COLLECTION);
+        handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
+        let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
+        let token = ObjectId::new();
+        for table in TABLES {
+            for lane in 0..crate::sink::LANES {
+                marks
+                    .update_one(
+                        doc! { "_id": crate::sink::truncation_mark(table, lane) },
+                        doc! { "$set": { HANDOFF_TOKEN: token } },
+                    )
+                    .upsert(true)
+                    .session(&mut *session)
+                    .await?;
             }
         }
-    }
+        if let Some(rewind) = rewind {
+            let checkpoints = db.collection::<Document>(crate::sink::CHECKPOINTS);
+            let mut ids = Vec::new();
+            let mut cursor = checkpoints.find(doc! {}).projection(doc! { "_id": 1 }).session(&mut *session).await?;
+            while let Some(d) = cursor.next(&mut *session).await {
+                if let Ok(id) = d?.get_str("_id") {
+                    ids.push(id.to_owned());
+                }
+            }
+            for id in ids {
+                let offset = rewind.get(&id).copied().unwrap_or(0);
+                checkpoints
+                    .update_one(doc! { "_id": &id }, doc! { "$set": { "next_offset": offset } })
+                    .session(&mut *session)
+                    .await?;
+            }
+        }
+        Ok(epoch)
+    })
+    .await
 }
 
 /// Records the snapshot of the load of `epoch`.

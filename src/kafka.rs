@@ -132,3 +132,34 @@ pub fn topic_ends(consumer: &BaseConsumer, topics: &[String]) -> Result<Offsets>
     }
     Ok(ends)
 }
+
+/// Per topic, the records up to `ends` that `applied` (a store's checkpoints) does not cover; a partition
+/// without a checkpoint has applied nothing, one past the end read earlier is not behind.
+pub fn records_behind<'a>(ends: &'a Offsets, applied: &Offsets) -> HashMap<&'a str, u64> {
+    let mut behind: HashMap<&str, u64> = HashMap::new();
+    for (tp, &end) in ends {
+        *behind.entry(tp.0.as_str()).or_default() += (end - applied.get(tp).copied().unwrap_or(0)).max(0) as u64;
+    }
+    behind
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behind_counts_each_topics_records_past_its_checkpoints() {
+        let ends = Offsets::from([
+            (("t".into(), 0), 10),
+            (("t".into(), 1), 5),
+            (("t".into(), 2), 3),
+            (("other".into(), 0), 100),
+        ]);
+        // Partition 0 four behind, 1 caught up (a checkpoint past the end read earlier counts as none),
+        // 2 never checkpointed: all three of its records.
+        let applied = Offsets::from([(("t".into(), 0), 6), (("t".into(), 1), 7), (("other".into(), 0), 100)]);
+        assert_eq!(records_behind(&ends, &applied), HashMap::from([("t", 4 + 3), ("other", 0)]));
+        let caught_up = Offsets::from([(("t".into(), 0), 10), (("t".into(), 1), 5), (("t".into(), 2), 3)]);
+        assert_eq!(records_behind(&ends, &caught_up)["t"], 0);
+    }
+}

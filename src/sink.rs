@@ -34,9 +34,10 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, ClientSession, Database, IndexModel};
 use tokio::sync::watch;
 
-use crate::config::MongoArgs;
+use crate::config::{KafkaArgs, MongoArgs, job_group};
 use crate::envelope::{Event, Place};
 use crate::handoff::{self, Gate, Handoff, Phase};
+use crate::kafka::Offsets;
 use crate::projection::{Collection, Write};
 use crate::runtime::Job;
 
@@ -326,7 +327,8 @@ impl MongoSink {
     }
 
     /// The batch's events that first_load's snapshot does not hold and that are newer than the table's
-    /// last TRUNCATE (`mark`; older ones describe rows it removed), and the table's truncation watermark
+    /// last TRUNCATE and the store's compaction horizon (`mark`, the later of the two; older ones describe rows
+    /// the TRUNCATE removed, or were applied before the horizon), and the table's truncation watermark
     /// moved to the batch's newest TRUNCATE. Every batch writes its lane's watermark document and a TRUNCATE
     /// writes every lane's, so a batch serializes with any TRUNCATE of its table: an older insert from
     /// another partition cannot slip in after a TRUNCATE that was applied concurrently (and first_load's
@@ -665,6 +667,40 @@ pub async fn create_indexes(db: &Database, collection: Collection, name: &str) -
     Ok(())
 }
 
+/// One table's feed into a read store: its topic, and the stream job's consumer group, whose checkpoints in
+/// the store tell how far it has applied the topic.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    pub collection: Collection,
+    pub topic: String,
+    pub group: String,
+}
+
+impl Feed {
+    /// The three tables' feeds, the jobs' groups under `group_prefix`.
+    pub fn all(kafka: &KafkaArgs, group_prefix: &str) -> Vec<Feed> {
+        Collection::ALL
+            .iter()
+            .map(|&collection| Feed {
+                collection,
+                topic: kafka.table_topic(collection.name()),
+                group: job_group(group_prefix, collection.name()),
+            })
+            .collect()
+    }
+}
+
+/// The read store's checkpoints for `feeds`: (topic, partition) -> next offset.
+pub async fn applied(db: &Database, feeds: &[Feed]) -> Result<Offsets> {
+    let mut applied = Offsets::new();
+    for feed in feeds {
+        for (partition, next) in checkpoints(db, &feed.group, &feed.topic).await? {
+            applied.insert((feed.topic.clone(), partition), next);
+        }
+    }
+    Ok(applied)
+}
+
 /// A job's checkpoints for `topic` in the read store `db`: partition -> next offset.
 pub async fn checkpoints(db: &Database, group: &str, topic: &str) -> Result<HashMap<i32, i64>> {
     let mut cursor = db
@@ -767,6 +803,34 @@ pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Resul
             Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => continue,
             other => return other,
         }
+    }
+}
+
+/// Runs `attempt` in a transaction of `session` and commits it, from the start again (after `pause`) whenever
+/// MongoDB says the failure is transient (a write conflict: a job's batch holds a document the attempt
+/// writes). `what` names the work in an error.
+pub(crate) async fn in_transaction<T>(
+    session: &mut ClientSession,
+    what: &'static str,
+    pause: Duration,
+    mut attempt: impl AsyncFnMut(&mut ClientSession) -> Result<T>,
+) -> Result<T> {
+    loop {
+        session.start_transaction().await?;
+        match attempt(session).await {
+            Ok(done) => match commit(session).await {
+                Ok(()) => return Ok(done),
+                Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {}
+                Err(e) => return Err(e).context(what),
+            },
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                if !is_transient(&e) {
+                    return Err(e).context(what);
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 

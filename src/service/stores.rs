@@ -20,11 +20,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
-use crate::config::{KafkaArgs, Store, job_group};
-use crate::kafka::{self, Offsets, topic_ends};
+use crate::config::{KafkaArgs, Store};
+use crate::kafka::{self, Offsets, records_behind, topic_ends};
 use crate::postgres::{Lsn, slot_position};
-use crate::projection::Collection;
-use crate::sink;
+use crate::sink::{self, Feed};
 
 /// How often the stores' state is refreshed.
 const REFRESH: Duration = Duration::from_millis(200);
@@ -84,8 +83,7 @@ pub struct ReadStores {
     stores: Vec<Arc<ReadStore>>,
     next: AtomicUsize,
     max_lag: Duration,
-    /// (topic, the jobs' checkpoint group) for the three tables.
-    feeds: Vec<(String, String)>,
+    feeds: Vec<Feed>,
     watermark: RwLock<Watermark>,
     /// The topic ends as the watch saw them over the last few `max_lag`s: when each change arrived.
     seen: RwLock<EndsSeen>,
@@ -110,8 +108,7 @@ impl ReadStores {
                 served: AtomicU64::new(0),
             }));
         }
-        let feeds =
-            Collection::ALL.iter().map(|c| (kafka.table_topic(c.name()), job_group(group_prefix, c.name()))).collect();
+        let feeds = Feed::all(kafka, group_prefix);
         let seen = RwLock::new(EndsSeen::new((max_lag * 2).max(Duration::from_secs(10))));
         Ok(ReadStores { stores: out, next: AtomicUsize::new(0), max_lag, feeds, watermark: RwLock::default(), seen })
     }
@@ -140,7 +137,7 @@ impl ReadStores {
     async fn refresh(&self, pg: &PgPool, consumer: &Arc<BaseConsumer>, slot: &str) -> Result<()> {
         // The slot first, then the ends (see the module comment).
         let confirmed = slot_position(pg, slot).await.map(|s| s.confirmed);
-        let topics: Vec<String> = self.feeds.iter().map(|(t, _)| t.clone()).collect();
+        let topics: Vec<String> = self.feeds.iter().map(|f| f.topic.clone()).collect();
         let consumer = consumer.clone();
         let ends = tokio::task::spawn_blocking(move || topic_ends(&consumer, &topics))
             .await
@@ -160,13 +157,12 @@ impl ReadStores {
     }
 
     async fn refresh_store(&self, store: &ReadStore, ends: &Offsets) {
-        let read = tokio::time::timeout(STORE_TIMEOUT, self.applied(&store.db)).await;
+        let read = tokio::time::timeout(STORE_TIMEOUT, sink::applied(&store.db, &self.feeds)).await;
         let mut state = store.state.write().await;
         let was_healthy = self.is_healthy(&state);
         match read {
             Ok(Ok(applied)) => {
-                state.behind =
-                    ends.iter().map(|(tp, &end)| (end - applied.get(tp).copied().unwrap_or(0)).max(0) as u64).sum();
+                state.behind = records_behind(ends, &applied).values().sum();
                 state.oldest_unapplied = self.seen.read().await.first_seen(&applied);
                 state.applied = applied;
                 state.up = true;
@@ -180,17 +176,6 @@ impl ReadStores {
             let healthy = !was_healthy;
             tracing::info!(store = %store.name, healthy, up = state.up, behind_records = state.behind, behind_ms = behind_ms(&state), error = state.error.as_deref().unwrap_or(""), "read store health changed");
         }
-    }
-
-    /// A store's checkpoints for the three topics, in the jobs' groups.
-    async fn applied(&self, db: &Database) -> Result<Offsets> {
-        let mut applied = Offsets::new();
-        for (topic, group) in &self.feeds {
-            for (partition, next) in sink::checkpoints(db, group, topic).await? {
-                applied.insert((topic.clone(), partition), next);
-            }
-        }
-        Ok(applied)
     }
 
     pub async fn status(&self) -> Vec<StoreStatus> {
