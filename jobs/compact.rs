@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cdc_cqrs::compaction;
+use cdc_cqrs::compaction::Compaction;
 use cdc_cqrs::config::{GROUP_PREFIX, KafkaArgs, PgArgs, StoresArgs};
+use cdc_cqrs::dead_letter::DeadLetterArgs;
 use cdc_cqrs::sink::{Feed, MongoSink};
 use cdc_cqrs::{cli, kafka, postgres};
 use clap::Parser;
 use rdkafka::consumer::BaseConsumer;
-use sqlx::PgPool;
 
 /// Remove the deletion marks (tombstones, an order's removed lines) that every stream job has gone past.
 ///
@@ -31,6 +31,10 @@ struct Cli {
     /// Every read store given is compacted, one after the other.
     #[command(flatten)]
     stores: StoresArgs,
+
+    /// The dead letters not sent back yet stay redrivable: no mark newer than the oldest of them goes.
+    #[command(flatten)]
+    dead_letters: DeadLetterArgs,
 
     /// The stream jobs' consumer groups are <prefix>-<table>: their checkpoints tell how far the store is.
     #[arg(long, env = "CDC_GROUP_PREFIX", default_value = GROUP_PREFIX)]
@@ -57,13 +61,22 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::run(async move {
-        let pg = postgres::pool(&cli.pg, &cli.pg.database, 1).await?;
-        let consumer = Arc::new(
-            kafka::consumer_config(&cli.kafka, "cdc-cqrs-compact").create::<BaseConsumer>().context("Kafka client")?,
-        );
-        let feeds = Feed::all(&cli.kafka, &cli.group_prefix);
+        let compaction = Compaction {
+            pg: postgres::pool(&cli.pg, &cli.pg.database, 1).await?,
+            kafka: Arc::new(
+                kafka::consumer_config(&cli.kafka, "cdc-cqrs-compact")
+                    .create::<BaseConsumer>()
+                    .context("Kafka client")?,
+            ),
+            kafka_args: cli.kafka.clone(),
+            dead_letters: cli.dead_letters.clone(),
+            feeds: Feed::all(&cli.kafka, &cli.group_prefix),
+            slot: cli.slot.clone(),
+            wait: Duration::from_secs(cli.wait_secs),
+            dry_run: cli.dry_run,
+        };
         let Some(every) = cli.every else {
-            compact_stores(&cli, &pg, &consumer, &feeds).await?;
+            compact_stores(&cli, &compaction).await?;
             if !cli.dry_run {
                 println!("the stream jobs now drop any change older than these positions (a replay of one)");
             }
@@ -73,7 +86,7 @@ fn main() -> ExitCode {
         let mut stop = std::pin::pin!(cli::terminated());
         loop {
             tokio::select! {
-                done = compact_stores(&cli, &pg, &consumer, &feeds) => if let Err(e) = done {
+                done = compact_stores(&cli, &compaction) => if let Err(e) = done {
                     tracing::warn!(error = %format!("{e:#}"), "compaction failed; trying again at the next run");
                 },
                 _ = &mut stop => return Ok(()),
@@ -86,23 +99,38 @@ fn main() -> ExitCode {
     })
 }
 
-/// Compacts every store given, one after the other, and prints what went from each.
-async fn compact_stores(cli: &Cli, pg: &PgPool, consumer: &Arc<BaseConsumer>, feeds: &[Feed]) -> anyhow::Result<()> {
-    for store in &cli.stores.stores() {
-        let sink = MongoSink::connect(&store.mongo).await?;
-        let wait = Duration::from_secs(cli.wait_secs);
-        let done = compaction::compact(sink.database(), pg, consumer.clone(), feeds, &cli.slot, wait, cli.dry_run)
-            .await
-            .with_context(|| format!("compacting {}", store.name))?;
-        let verb = if cli.dry_run { "would remove" } else { "removed" };
+/// Compacts every store given and prints what went from each.
+async fn compact_stores(cli: &Cli, compaction: &Compaction) -> anyhow::Result<()> {
+    let stores = cli.stores.stores();
+    let mut sinks = Vec::with_capacity(stores.len());
+    for store in &stores {
+        sinks.push(MongoSink::connect(&store.mongo).await.with_context(|| format!("connecting to {}", store.name))?);
+    }
+    let named: Vec<_> = stores.iter().zip(&sinks).map(|(store, sink)| (store.name.as_str(), sink.database())).collect();
+    let report = compaction.run(&named).await?;
+    let verb = if cli.dry_run { "would remove" } else { "removed" };
+    for (store, done) in stores.iter().zip(&report.stores) {
         let tombstones: Vec<String> = done.tombstones.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
+        let held = done.held_by.as_ref().map_or(String::new(), |letter| {
+            format!(
+                " (held back by the dead letter {letter}, not sent back yet: `dead_letters redrive` sends it, \
+                 `dead_letters skip` gives up on it)"
+            )
+        });
         println!(
-            "{}: {verb} the marks older than {}: tombstones {}; {} removed lines in {} orders",
+            "{}: {verb} the marks older than {}{held}: tombstones {}; {} removed lines in {} orders",
             store.name,
             done.horizon,
             tombstones.join(", "),
             done.removed_lines,
             done.orders_with_removed_lines
+        );
+    }
+    if report.letters_without_position > 0 {
+        println!(
+            "{} dead letters not sent back name no source position (they did not decode): sent back from before a \
+             store's horizon, one is dead-lettered again",
+            report.letters_without_position
         );
     }
     Ok(())

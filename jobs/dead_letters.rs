@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use cdc_cqrs::cli;
 use cdc_cqrs::config::KafkaArgs;
+use cdc_cqrs::dead_letter::DeadLetterArgs;
 use cdc_cqrs::dead_letter::redrive::{DeadLetter, DeadLetterTopic, Filter, SendBack};
 use clap::{Parser, Subcommand};
 
@@ -19,13 +20,8 @@ struct Cli {
     #[command(flatten)]
     kafka: KafkaArgs,
 
-    /// The dead-letter topic. Default: <prefix>.dead_letter, where the jobs write by default.
-    #[arg(long, env = "CDC_DEAD_LETTER_TOPIC")]
-    dead_letter_topic: Option<String>,
-
-    /// The consumer group whose offsets remember how far `redrive` went.
-    #[arg(long, env = "CDC_REDRIVE_GROUP", default_value = "cdc-cqrs-redrive")]
-    group: String,
+    #[command(flatten)]
+    dead_letters: DeadLetterArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -59,6 +55,10 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Give up on the dead letters that came since the last redrive: the next redrive starts after them,
+    /// none is sent back (they stay in the topic, for `list`). For a letter whose cause cannot be fixed:
+    /// `compact` keeps every letter not gone over redrivable, and so removes no deletion mark newer than it.
+    Skip,
 }
 
 /// Letters sent back at a time (and the redrive's progress stored after each such chunk).
@@ -67,8 +67,8 @@ const CHUNK: usize = 1000;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::run(async move {
-        let topic = cli.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", cli.kafka.topic_prefix));
-        let Some(dlt) = DeadLetterTopic::open(&cli.kafka, &topic, &cli.group)? else {
+        let topic = cli.dead_letters.topic(&cli.kafka);
+        let Some(dlt) = DeadLetterTopic::open(&cli.kafka, &topic, &cli.dead_letters.redrive_group)? else {
             println!("{topic}: no such topic, nothing was ever dead-lettered there (or check --topic-prefix)");
             return Ok(());
         };
@@ -78,6 +78,7 @@ fn main() -> ExitCode {
                 let filter = Filter { reason_contains, source_topic };
                 redrive(&cli.kafka, &dlt, &filter, from_beginning, dry_run).await
             }
+            Command::Skip => skip(&dlt),
         }
     })
 }
@@ -173,6 +174,15 @@ async fn redrive(
         let at: Vec<String> = ends.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
         println!("  the next redrive starts at {}", at.join(", "));
     }
+    Ok(())
+}
+
+fn skip(dlt: &DeadLetterTopic) -> Result<()> {
+    let skipped: i64 = dlt.partitions.values().map(|s| s.high - s.next_to_redrive()).sum();
+    let ends: BTreeMap<i32, i64> = dlt.partitions.iter().map(|(&p, s)| (p, s.high)).collect();
+    dlt.mark_redriven(&ends)?;
+    let at: Vec<String> = ends.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
+    println!("{}: gave up on {skipped} dead letters; the next redrive starts at {}", dlt.topic, at.join(", "));
     Ok(())
 }
 

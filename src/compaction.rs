@@ -17,9 +17,16 @@
 //!   no first_load is under way (a load or a rebuild writes the same documents, so the two serialize), and a
 //!   batch in flight under the old horizon conflicts with it and is redone under the new one.
 //!
-//! Only then do marks below the horizon go. A dead letter from before the horizon sent back by `dead_letters
-//! redrive` is not dropped silently: its row's marks may be gone, so it is refused and dead-lettered again
-//! with a reason naming `first_load --rebuild`, which brings the read models back to the source.
+//! Only then do marks below the horizon go.
+//!
+//! A dead letter is a change a job could not apply, to be sent back (`dead_letters redrive`) once its cause is
+//! fixed: it must stay above the horizon, or its copy would be dropped. So the horizon stops below the oldest
+//! letter the redrive group has not gone over yet (read once the jobs have reached the ends, when every letter
+//! of the changes they applied is in the topic), until that letter is sent back or given up
+//! (`dead_letters skip`). One from before the horizon all the same (sent again with `--from-beginning`, or
+//! dead-lettered by a job version that could not read its position) is not dropped silently: its row's marks may
+//! be gone, so it is refused and dead-lettered again with a reason naming `first_load --rebuild`, which brings
+//! the read models back to the source.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,17 +37,40 @@ use mongodb::Database;
 use rdkafka::consumer::BaseConsumer;
 use sqlx::PgPool;
 
+use crate::config::KafkaArgs;
+use crate::dead_letter::DeadLetterArgs;
+use crate::dead_letter::redrive::Waiting;
 use crate::handoff::{self, Phase};
 use crate::kafka::{Offsets, records_behind, topic_ends};
 use crate::postgres::{Lsn, slot_position};
 use crate::projection::Collection;
 use crate::sink::{self, Feed, LANES, TRUNCATIONS, truncation_mark};
 
-/// What a compaction removed, or would remove (`--dry-run`).
+/// One compaction of one or several read stores: they share the slot, the change topics' ends and the dead
+/// letters waiting.
+pub struct Compaction {
+    pub pg: PgPool,
+    pub kafka: Arc<BaseConsumer>,
+    pub kafka_args: KafkaArgs,
+    pub dead_letters: DeadLetterArgs,
+    /// The three jobs' topics and groups.
+    pub feeds: Vec<Feed>,
+    /// Debezium's replication slot.
+    pub slot: String,
+    /// How long the jobs have to apply the changes the slot has confirmed.
+    pub wait: Duration,
+    /// Count what would go; change nothing.
+    pub dry_run: bool,
+}
+
+/// What a compaction removed from one store, or would remove (`--dry-run`).
 #[derive(Debug, Clone, Default)]
 pub struct Compacted {
-    /// Marks below it went: the slot's restart position when the compaction began.
+    /// Marks below it went: the slot's restart position when the compaction began, or the oldest dead letter
+    /// not sent back yet.
     pub horizon: Lsn,
+    /// That letter (`<topic>/<partition>/<offset>`), when it held the horizon back.
+    pub held_by: Option<String>,
     /// Tombstones removed, per collection.
     pub tombstones: Vec<(Collection, u64)>,
     /// Orders whose `_removed` lost entries, and how many entries in all.
@@ -48,73 +78,135 @@ pub struct Compacted {
     pub removed_lines: u64,
 }
 
-/// Compacts the read store `db` (see the module doc). Waits up to `wait` for the jobs to apply the changes
-/// the slot has confirmed; `dry_run` counts what would go and changes nothing.
-pub async fn compact(
-    db: &Database,
-    pg: &PgPool,
-    kafka: Arc<BaseConsumer>,
-    feeds: &[Feed],
-    slot: &str,
-    wait: Duration,
-    dry_run: bool,
-) -> Result<Compacted> {
-    refuse_during_first_load(&handoff::read(db, None).await?)?;
-    // The slot first, then the ends (see the module doc).
-    let position = slot_position(pg, slot).await?;
-    let horizon = position.restart.min(position.confirmed);
-    let topics: Vec<String> = feeds.iter().map(|f| f.topic.clone()).collect();
-    let ends = tokio::task::spawn_blocking(move || topic_ends(&kafka, &topics))
-        .await?
-        .context("reading the change topics' ends")?;
-    wait_for_jobs(db, feeds, &ends, position.confirmed, wait).await?;
-    let below = horizon.0 as i64;
-    if !dry_run {
-        raise_horizon(db, below - 1).await?;
-    }
+/// What a compaction did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Per store given, in their order.
+    pub stores: Vec<Compacted>,
+    /// Dead letters not sent back yet whose record names no position: they hold nothing back (if a later job
+    /// version decodes one from before a horizon, it is refused, naming `first_load --rebuild`).
+    pub letters_without_position: u64,
+}
 
-    let mut out = Compacted { horizon, ..Default::default() };
-    let tombstone = doc! { "_deleted": true, "_v": { "$lt": below } };
-    for feed in feeds {
-        let collection = db.collection::<Document>(feed.collection.name());
-        let removed = if dry_run {
-            collection.count_documents(tombstone.clone()).await?
-        } else {
-            collection.delete_many(tombstone.clone()).await?.deleted_count
-        };
-        out.tombstones.push((feed.collection, removed));
-    }
-
-    let orders = db.collection::<Document>(Collection::Orders.name());
-    // Not in an order whose tombstone went above (so that a dry run counts what a run removes).
-    let old_entries = doc! { "_removed._v": { "$lt": below }, "$nor": [tombstone] };
-    let mut cursor = orders
-        .aggregate(vec![
-            doc! { "$match": old_entries.clone() },
-            doc! { "$project": { "n": { "$size": { "$filter": {
-                "input": "$_removed", "cond": { "$lt": [ "$$this._v", below ] },
-            } } } } },
-            doc! { "$group": { "_id": null, "orders": { "$sum": 1 }, "entries": { "$sum": "$n" } } },
-        ])
-        .await
-        .context("counting the orders' removed lines")?;
-    if cursor.advance().await? {
-        let counts = cursor.deserialize_current()?;
-        out.orders_with_removed_lines = counts.get_i32("orders").map(i64::from).or(counts.get_i64("orders"))? as u64;
-        out.removed_lines = counts.get_i32("entries").map(i64::from).or(counts.get_i64("entries"))? as u64;
-    }
-    if !dry_run {
-        // `_lv` moves as with any other writer of an order's lines: the order_details job's read-modify-write of
-        // this order, if one is under way, is redone instead of writing the old `_removed` back.
-        orders
-            .update_many(
-                old_entries,
-                doc! { "$pull": { "_removed": { "_v": { "$lt": below } } }, "$inc": { "_lv": 1_i64 } },
-            )
+impl Compaction {
+    /// Compacts each of `stores` (named for errors), see the module doc.
+    pub async fn run(&self, stores: &[(&str, &Database)]) -> Result<Report> {
+        for (name, db) in stores {
+            refuse_during_first_load(&handoff::read(db, None).await?).with_context(|| format!("compacting {name}"))?;
+        }
+        // The slot first, then the ends (see the module doc).
+        let position = slot_position(&self.pg, &self.slot).await?;
+        let topics: Vec<String> = self.feeds.iter().map(|f| f.topic.clone()).collect();
+        let kafka = self.kafka.clone();
+        let ends = tokio::task::spawn_blocking(move || topic_ends(&kafka, &topics))
+            .await?
+            .context("reading the change topics' ends")?;
+        let deadline = Instant::now() + self.wait;
+        for (name, db) in stores {
+            self.wait_for_jobs(db, &ends, position.confirmed, deadline)
+                .await
+                .with_context(|| format!("compacting {name}"))?;
+        }
+        // Only now: every letter of a change before the ends is in the topic (a job sends it before it moves
+        // its checkpoint past the change).
+        let waiting = Waiting::read(&self.kafka_args, &self.dead_letters)
             .await
-            .context("removing the orders' old removed lines")?;
+            .context("reading the dead letters not sent back yet")?;
+        let mut report = Report { letters_without_position: waiting.without_position, ..Default::default() };
+        for (name, db) in stores {
+            let done = self.compact(db, position.restart.min(position.confirmed), &waiting);
+            report.stores.push(done.await.with_context(|| format!("compacting {name}"))?);
+        }
+        Ok(report)
     }
-    Ok(out)
+
+    /// Raises one store's horizon to `restart`, or below the oldest waiting letter its horizon has not passed
+    /// yet, then removes the marks below it.
+    async fn compact(&self, db: &Database, restart: Lsn, waiting: &Waiting) -> Result<Compacted> {
+        let mut out = Compacted { horizon: restart, ..Default::default() };
+        // A letter at or below the horizon already is refused when sent back, whatever this run does.
+        if let Some((lsn, at)) = waiting.oldest_after(current_horizon(db).await?) {
+            if Lsn(lsn) < restart {
+                out.horizon = Lsn(lsn);
+                out.held_by = Some(at.to_owned());
+            }
+        }
+        let below = out.horizon.0 as i64;
+        if !self.dry_run {
+            raise_horizon(db, below - 1).await?;
+        }
+
+        let tombstone = doc! { "_deleted": true, "_v": { "$lt": below } };
+        for feed in &self.feeds {
+            let collection = db.collection::<Document>(feed.collection.name());
+            let removed = if self.dry_run {
+                collection.count_documents(tombstone.clone()).await?
+            } else {
+                collection.delete_many(tombstone.clone()).await?.deleted_count
+            };
+            out.tombstones.push((feed.collection, removed));
+        }
+
+        let orders = db.collection::<Document>(Collection::Orders.name());
+        // Not in an order whose tombstone went above (so that a dry run counts what a run removes).
+        let old_entries = doc! { "_removed._v": { "$lt": below }, "$nor": [tombstone] };
+        let mut cursor = orders
+            .aggregate(vec![
+                doc! { "$match": old_entries.clone() },
+                doc! { "$project": { "n": { "$size": { "$filter": {
+                    "input": "$_removed", "cond": { "$lt": [ "$$this._v", below ] },
+                } } } } },
+                doc! { "$group": { "_id": null, "orders": { "$sum": 1 }, "entries": { "$sum": "$n" } } },
+            ])
+            .await
+            .context("counting the orders' removed lines")?;
+        if cursor.advance().await? {
+            let counts = cursor.deserialize_current()?;
+            out.orders_with_removed_lines =
+                counts.get_i32("orders").map(i64::from).or(counts.get_i64("orders"))? as u64;
+            out.removed_lines = counts.get_i32("entries").map(i64::from).or(counts.get_i64("entries"))? as u64;
+        }
+        if !self.dry_run {
+            // `_lv` moves as with any other writer of an order's lines: the order_details job's read-modify-write
+            // of this order, if one is under way, is redone instead of writing the old `_removed` back.
+            orders
+                .update_many(
+                    old_entries,
+                    doc! { "$pull": { "_removed": { "_v": { "$lt": below } } }, "$inc": { "_lv": 1_i64 } },
+                )
+                .await
+                .context("removing the orders' old removed lines")?;
+        }
+        Ok(out)
+    }
+
+    /// Waits until every job's checkpoints in the store reach `ends`.
+    async fn wait_for_jobs(&self, db: &Database, ends: &Offsets, confirmed: Lsn, deadline: Instant) -> Result<()> {
+        loop {
+            let applied = sink::applied(db, &self.feeds).await?;
+            let records = records_behind(ends, &applied);
+            let mut behind = Vec::new();
+            for feed in &self.feeds {
+                let n = records.get(feed.topic.as_str()).copied().unwrap_or(0);
+                if n > 0 {
+                    let unit = if n == 1 { "record" } else { "records" };
+                    behind.push(format!("{} {n} {unit} behind (group {})", feed.collection.name(), feed.group));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the jobs have not applied every change up to {confirmed} in this store within {:?}: {}; \
+                     compact waits for all three (are the stream jobs running? --wait-secs gives them longer)",
+                    self.wait,
+                    behind.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 fn refuse_during_first_load(state: &handoff::Handoff) -> Result<()> {
@@ -128,32 +220,21 @@ fn refuse_during_first_load(state: &handoff::Handoff) -> Result<()> {
     Ok(())
 }
 
-/// Waits until every job's checkpoints in the store reach `ends`.
-async fn wait_for_jobs(db: &Database, feeds: &[Feed], ends: &Offsets, confirmed: Lsn, wait: Duration) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        let applied = sink::applied(db, feeds).await?;
-        let records = records_behind(ends, &applied);
-        let mut behind = Vec::new();
-        for feed in feeds {
-            let n = records.get(feed.topic.as_str()).copied().unwrap_or(0);
-            if n > 0 {
-                let unit = if n == 1 { "record" } else { "records" };
-                behind.push(format!("{} {n} {unit} behind (group {})", feed.collection.name(), feed.group));
-            }
-        }
-        if behind.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() >= wait {
-            bail!(
-                "the jobs have not applied every change up to {confirmed} in this store within {wait:?}: {}; compact \
-                 waits for all three (are the stream jobs running? --wait-secs gives them longer)",
-                behind.join(", ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+/// The store's horizon: the lowest of its lanes' (-1 before the first compaction).
+async fn current_horizon(db: &Database) -> Result<i64> {
+    let ids: Vec<String> =
+        Collection::ALL.iter().flat_map(|c| (0..LANES).map(move |lane| truncation_mark(c.name(), lane))).collect();
+    let mut marks = db
+        .collection::<Document>(TRUNCATIONS)
+        .find(doc! { "_id": { "$in": &ids } })
+        .await
+        .context("reading the store's horizon")?;
+    let (mut found, mut lowest) = (0, i64::MAX);
+    while marks.advance().await? {
+        found += 1;
+        lowest = lowest.min(marks.deserialize_current()?.get_i64(sink::HORIZON).unwrap_or(-1));
     }
+    Ok(if found < ids.len() { -1 } else { lowest })
 }
 
 /// Writes the horizon into every lane's `_truncations` document of every table, in one transaction that

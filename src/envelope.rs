@@ -170,6 +170,20 @@ pub fn decode<R: DeserializeOwned>(table: &str, value: Option<&[u8]>) -> Result<
     }
 }
 
+/// The WAL position of the change in a record's value, if it has one where Debezium writes it: what a record
+/// that does not decode (an older job's `DecodeError`) may still tell.
+pub fn lsn_of(value: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Position {
+        lsn: u64,
+    }
+    #[derive(Deserialize)]
+    struct Positioned {
+        source: Position,
+    }
+    serde_json::from_slice::<Positioned>(value).ok().map(|p| p.source.lsn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +200,14 @@ mod tests {
     // Real events, as Debezium 3.1 wrote them on this project's stack.
     const UPDATE: &str = r#"{"before":{"product_id":10,"name":"Tent","description":"Handmade","price":"498.82","stock_quantity":469},"after":{"product_id":10,"name":"Tent","description":"Handmade","price":"498.82","stock_quantity":485},"source":{"version":"3.1.1.Final","connector":"postgresql","name":"ecommerce","ts_ms":1795318650199,"snapshot":"false","db":"ecommerce","sequence":"[\"31602848\",\"31602848\"]","ts_us":1795318650199586,"ts_ns":1795318650199586000,"schema":"public","table":"products","txId":939,"lsn":31602848,"xmin":null},"transaction":null,"op":"u","ts_ms":1795318650553}"#;
     const DELETE: &str = r#"{"before":{"product_id":10,"name":"Tent","description":null,"price":"1.50","stock_quantity":1},"after":null,"source":{"ts_ms":1,"snapshot":"false","table":"products","txId":940,"lsn":31602900},"op":"d","ts_ms":2}"#;
+
+    #[test]
+    fn a_position_is_read_from_whatever_holds_one() {
+        assert_eq!(lsn_of(UPDATE.as_bytes()), Some(31602848));
+        assert_eq!(lsn_of(br#"{"op":"x","source":{"lsn":77}}"#), Some(77), "an op this version does not know");
+        assert_eq!(lsn_of(b"{not json"), None);
+        assert_eq!(lsn_of(br#"{"source":{"lsn":"77"}}"#), None);
+    }
 
     #[test]
     fn an_update_decodes_to_the_row_after_with_exact_money_and_its_position() {

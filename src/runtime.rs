@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{GROUP_PREFIX, KafkaArgs, Store, StoresArgs, job_group};
-use crate::dead_letter::{DeadLetters, SourceRecord, redrive};
+use crate::dead_letter::{self, DeadLetters, SourceRecord, redrive};
 use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
@@ -173,8 +173,7 @@ async fn run_store<J: Job>(
     let topic = args.kafka.table_topic(J::TABLE);
     let group = args.group.clone().unwrap_or_else(|| job_group(GROUP_PREFIX, J::TABLE));
     let suffix = if store.index == 0 { String::new() } else { format!("@store{}", store.index) };
-    let dead_letter_topic =
-        args.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dead_letter", args.kafka.topic_prefix));
+    let dead_letter_topic = dead_letter::topic(&args.kafka, args.dead_letter_topic.as_deref());
 
     let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&store.mongo))
         .await

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Capture, success};
+use common::{Capture, success, wait_until};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -39,7 +39,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
         .await
         .unwrap();
     sqlx::query("UPDATE products SET name = 'refused' WHERE product_id = 3").execute(&mut cap.pg).await.unwrap();
-    let listed = wait_for(|| dead_letters(&["list"]), |list| list.contains(": 3 dead letters"));
+    let listed = wait_until(CONVERGE, || dead_letters(&["list"]), |list| list.contains(": 3 dead letters"));
     assert_eq!(listed.matches("Document failed validation").count(), 2, "{listed}");
     // Then a count per source topic and what happened.
     let summary = |n: usize, kind: &str| {
@@ -72,7 +72,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     // Product 2 takes the name MongoDB refused; product 3 keeps its newer one (verify compares both).
     cap.converge(&["products"], CONVERGE).await;
     // The record that still does not decode comes back, as a new letter: the only one not sent back yet.
-    let listed = wait_for(|| dead_letters(&["list"]), |list| list.contains(": 4 dead letters"));
+    let listed = wait_until(CONVERGE, || dead_letters(&["list"]), |list| list.contains(": 4 dead letters"));
     assert_eq!(listed.matches("(sent back)").count(), 3, "{listed}");
     let new = dead_letters(&["list", "--new"]);
     assert_eq!(new.matches("reason:").count(), 1, "{new}");
@@ -87,17 +87,4 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
 
     mongo.shutdown().await;
     cap.teardown().await;
-}
-
-/// Runs `read` until `done` holds for what it returns; panics with the last after [`CONVERGE`].
-fn wait_for(read: impl Fn() -> String, done: impl Fn(&str) -> bool) -> String {
-    let started = Instant::now();
-    loop {
-        let got = read();
-        if done(&got) {
-            return got;
-        }
-        assert!(started.elapsed() < CONVERGE, "never came:\n{got}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }

@@ -21,6 +21,30 @@ use crate::config::KafkaArgs;
 use crate::envelope::Place;
 use crate::kafka;
 
+/// Where the dead letters are and how far `dead_letters redrive` went: what the `dead_letters` tool reads, and
+/// `compact`, which keeps every letter not sent back yet redrivable.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeadLetterArgs {
+    /// The dead-letter topic. Default: <prefix>.dead_letter, where the jobs write by default.
+    #[arg(long, env = "CDC_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
+    /// The consumer group whose offsets remember how far `dead_letters redrive` went.
+    #[arg(long, alias = "group", env = "CDC_REDRIVE_GROUP", default_value = "cdc-cqrs-redrive")]
+    pub redrive_group: String,
+}
+
+impl DeadLetterArgs {
+    pub fn topic(&self, kafka: &KafkaArgs) -> String {
+        topic(kafka, self.dead_letter_topic.as_deref())
+    }
+}
+
+/// The dead-letter topic: `explicit`, or `<prefix>.dead_letter`.
+pub fn topic(kafka: &KafkaArgs, explicit: Option<&str>) -> String {
+    explicit.map_or_else(|| format!("{}.dead_letter", kafka.topic_prefix), str::to_owned)
+}
+
 /// Where one job's pipeline sends what it cannot apply.
 pub struct DeadLetters {
     producer: FutureProducer,

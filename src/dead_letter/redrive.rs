@@ -17,8 +17,9 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::SourceRecord;
+use super::{DeadLetterArgs, SourceRecord};
 use crate::config::KafkaArgs;
+use crate::envelope;
 use crate::kafka;
 
 /// The header naming where a record sent back was dead-lettered (`<topic>/<partition>/<offset>`).
@@ -200,6 +201,46 @@ impl Reading<'_> {
     }
 }
 
+/// The dead letters `redrive` has not gone over yet, by the WAL position of their change: what `compact`
+/// keeps redrivable (see [`crate::compaction`]).
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// Per position, the first letter holding it (`<topic>/<partition>/<offset>`).
+    by_lsn: BTreeMap<u64, String>,
+    /// Letters whose record names no position (it is not a Debezium envelope at all).
+    pub without_position: u64,
+}
+
+impl Waiting {
+    /// Reads the letters after where the redrive group stands, up to the topic's end now (none if the topic
+    /// does not exist).
+    pub async fn read(args: &KafkaArgs, dead_letters: &DeadLetterArgs) -> Result<Waiting> {
+        let topic = dead_letters.topic(args);
+        let mut waiting = Waiting::default();
+        let Some(dlt) = DeadLetterTopic::open(args, &topic, &dead_letters.redrive_group)? else { return Ok(waiting) };
+        let start = dlt.partitions.iter().map(|(&p, s)| (p, s.next_to_redrive())).collect();
+        let mut reading = dlt.read_from(&start)?;
+        while let Some(letter) = reading.next().await? {
+            match letter.record.payload.as_deref().and_then(envelope::lsn_of) {
+                Some(lsn) => {
+                    waiting
+                        .by_lsn
+                        .entry(lsn)
+                        .or_insert_with(|| format!("{topic}/{}/{}", letter.partition, letter.offset));
+                }
+                None => waiting.without_position += 1,
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// The oldest letter whose change is after `lsn`, and where it is.
+    pub fn oldest_after(&self, lsn: i64) -> Option<(u64, &str)> {
+        let from = u64::try_from(lsn.saturating_add(1)).unwrap_or(0);
+        self.by_lsn.range(from..).next().map(|(&lsn, at)| (lsn, at.as_str()))
+    }
+}
+
 /// Sends dead letters back to the places they came from.
 pub struct SendBack {
     producer: FutureProducer,
@@ -295,6 +336,16 @@ mod tests {
         assert_eq!(some.passes_over(&letter("Document failed validation", Some("a"))), None);
         assert!(some.passes_over(&letter("Document failed validation", Some("b"))).is_some());
         assert!(some.passes_over(&letter("not a Debezium JSON envelope", Some("a"))).is_some());
+    }
+
+    #[test]
+    fn the_oldest_waiting_letter_is_the_first_after_a_position() {
+        let at = |s: &str| s.to_owned();
+        let waiting = Waiting { by_lsn: BTreeMap::from([(50, at("d/0/3")), (90, at("d/0/1"))]), without_position: 0 };
+        assert_eq!(waiting.oldest_after(-1), Some((50, "d/0/3")));
+        assert_eq!(waiting.oldest_after(49), Some((50, "d/0/3")));
+        assert_eq!(waiting.oldest_after(50), Some((90, "d/0/1")), "at or below the horizon: nothing to keep");
+        assert_eq!(waiting.oldest_after(90), None);
     }
 
     #[test]

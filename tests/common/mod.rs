@@ -131,6 +131,19 @@ fn newest_edit(dirs: &[std::path::PathBuf]) -> Option<std::time::SystemTime> {
 }
 
 /// Asserts a binary succeeded, showing its output if not; returns its stdout.
+/// Runs `read` (a command's output) until `done` holds for what it returns; panics with the last after `timeout`.
+pub fn wait_until(timeout: Duration, read: impl Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let started = Instant::now();
+    loop {
+        let got = read();
+        if done(&got) {
+            return got;
+        }
+        assert!(started.elapsed() < timeout, "never came:\n{got}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 pub fn success(bin: &str, out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
