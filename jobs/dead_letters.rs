@@ -65,6 +65,7 @@ enum Command {
 const CHUNK: usize = 1000;
 
 fn main() -> ExitCode {
+    cli::stop_at_closed_stdout();
     let cli = Cli::parse();
     cli::run(async move {
         let topic = cli.dead_letters.topic(&cli.kafka);

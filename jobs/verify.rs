@@ -33,6 +33,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    cli::stop_at_closed_stdout();
     let cli = Cli::parse();
     cli::run(async move {
         let collections = if cli.collections.is_empty() {

@@ -31,6 +31,16 @@ where
     std::process::exit(code)
 }
 
+/// For a tool whose output is a listing: a closed stdout (`dead_letters list | head`) ends the process quietly,
+/// as it does `ls`, instead of a panic in `println!` (Rust ignores SIGPIPE). Not for the jobs or the service,
+/// whose sockets must answer a closed peer with an error, not die.
+pub fn stop_at_closed_stdout() {
+    // SAFETY: called at the start of `main`, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Resolves at SIGTERM or Ctrl-C: when an orchestrator, or the user, asks the process to stop.
 pub async fn terminated() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
