@@ -41,6 +41,16 @@ pub fn stop_at_closed_stdout() {
     }
 }
 
+/// This machine's name (a container's, under Docker): what names a process to others.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Resolves at SIGTERM or Ctrl-C: when an orchestrator, or the user, asks the process to stop.
 pub async fn terminated() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

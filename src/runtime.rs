@@ -185,7 +185,7 @@ async fn run_store<J: Job>(
     let instance_id = match args.instance_id.as_deref() {
         Some("") => String::new(),
         Some(id) => format!("{id}{suffix}"),
-        None => format!("{}-{}{suffix}", hostname(), J::BIN),
+        None => format!("{}-{}{suffix}", crate::cli::hostname(), J::BIN),
     };
     if !instance_id.is_empty() {
         config.set("group.instance.id", &instance_id);
@@ -931,15 +931,6 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 fn now_ms() -> i64 {

@@ -184,6 +184,11 @@ async fn a_load_killed_half_way_is_run_again() {
         orders.estimated_document_count().await.unwrap_or(0) > 0
     })
     .await;
+    // A second run while the first writes: refused at once, naming it; the first goes on.
+    let second = cap.run_first_load(&[]);
+    assert!(!second.status.success(), "a second first_load ran beside the first");
+    assert!(stderr(&second).contains("another first_load is running on this store"), "{}", stderr(&second));
+    assert!(load.try_wait().unwrap().is_none(), "the first run stopped");
     load.kill().unwrap();
     load.wait().unwrap();
     let written = orders.count_documents(doc! {}).await.unwrap();
@@ -204,7 +209,40 @@ async fn a_load_killed_half_way_is_run_again() {
     rebuild.wait().unwrap();
     cap.converge(&ALL, Duration::from_secs(5)).await;
     cap.workload(&["--products", "0", "--orders", "0", "--changes", "200", "--seed", "52"]);
+
+    // A lease held from another host: refused as soon as it is seen renewed; taken over once it is not
+    // renewed for 30 s (the holder died). The killed rebuild's own lease (this host, its process gone) was
+    // taken over at once above.
+    let leases = client.database(&cap.name).collection::<Document>("_handoff");
+    let lease = |age: Duration| {
+        let at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - age.as_millis() as i64);
+        let holder = bson::oid::ObjectId::new();
+        doc! { "_id": "first_load_lease", "owner": holder, "host": "elsewhere", "pid": 1_i64, "since": at, "renewed_at": at }
+    };
+    // (Over the killed rebuild's: still there, nothing ran since.)
+    leases.replace_one(doc! { "_id": "first_load_lease" }, lease(Duration::ZERO)).await.unwrap();
+    let renewing = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let now = bson::DateTime::now();
+                leases
+                    .update_one(doc! { "_id": "first_load_lease" }, doc! { "$set": { "renewed_at": now } })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let refused = cap.run_first_load(&["--rebuild"]);
+    renewing.abort();
+    assert!(!refused.status.success(), "first_load ran beside a live holder on another host");
+    assert!(
+        stderr(&refused).contains("host elsewhere, pid 1") && stderr(&refused).contains("renewed its lease just now")
+    );
+    leases.replace_one(doc! { "_id": "first_load_lease" }, lease(Duration::from_secs(40))).await.unwrap();
     success("first_load", &cap.run_first_load(&["--rebuild"]));
+    assert_eq!(leases.count_documents(doc! { "_id": "first_load_lease" }).await.unwrap(), 0, "the lease is released");
     cap.converge(&ALL, Duration::from_secs(5)).await;
     client.shutdown().await;
     cap.teardown().await;

@@ -5,9 +5,11 @@
 //! built with polars (frames) -> unordered bulk inserts (target). A first load pauses the jobs while it
 //! writes the live collections; `--rebuild` writes shadow collections while the jobs go on, then swaps
 //! them in and rewinds the jobs to where they stood before the snapshot. A crashed run is simply run
-//! again: a half-done load is dropped and redone from a fresh snapshot, a half-done swap is finished.
+//! again: a half-done load is dropped and redone from a fresh snapshot, a half-done swap is finished. One
+//! run at a time per store (`lease`): a second is refused while the first runs.
 
 mod frames;
+mod lease;
 mod source;
 mod target;
 
@@ -29,6 +31,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::Mutex;
 
 use frames::Oversized;
+use lease::Lease;
 use source::{Reader, SnapshotSource};
 
 // Millions of small documents are built and freed across threads: glibc's per-thread arenas made the
@@ -42,7 +45,8 @@ use target::Target;
 /// and order status), then let the stream jobs go on from exactly that snapshot: no change lost, none
 /// applied twice, even while writes go on. Run it with the Debezium connector registered (its slot must
 /// exist). Into empty collections by default (the stream jobs wait meanwhile); with --rebuild, beside
-/// the live ones, swapped in when complete. Safe to run again after a crash.
+/// the live ones, swapped in when complete. Safe to run again after a crash; a run beside one still running
+/// on the same read store is refused.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -87,9 +91,23 @@ fn main() -> ExitCode {
 }
 
 async fn load(cli: &Cli) -> Result<Summary> {
-    let started = Instant::now();
     let sink = MongoSink::connect(&cli.mongo).await?;
     let db = sink.database().clone();
+    let lease = Lease::take(&db).await?;
+    let done = tokio::select! {
+        done = load_holding_the_lease(cli, &db) => done,
+        lost = lease.lost() => Err(lost),
+    };
+    // Released after a failure too: what the run left is the next run's to finish or redo.
+    let released = lease.release().await;
+    let summary = done?;
+    released?;
+    Ok(summary)
+}
+
+async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database) -> Result<Summary> {
+    let started = Instant::now();
+    let db = db.clone();
     let previous = handoff::read(&db, None).await?;
     if previous.phase == Phase::Swapping {
         Target::swap_in(&db).await?;
