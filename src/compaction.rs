@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bson::{Document, doc};
-use mongodb::Database;
+use mongodb::{ClientSession, Database};
 use rdkafka::consumer::BaseConsumer;
 use sqlx::PgPool;
 
@@ -92,7 +92,8 @@ impl Compaction {
     /// Compacts each of `stores` (named for errors), see the module doc.
     pub async fn run(&self, stores: &[(&str, &Database)]) -> Result<Report> {
         for (name, db) in stores {
-            refuse_during_first_load(&handoff::read(db, None).await?).with_context(|| format!("compacting {name}"))?;
+            let refused = refuse_during_first_load(db, None).await;
+            refused.with_context(|| format!("compacting {name}"))?;
         }
         // The slot first, then the ends (see the module doc).
         let position = slot_position(&self.pg, &self.slot).await?;
@@ -209,7 +210,20 @@ impl Compaction {
     }
 }
 
-fn refuse_during_first_load(state: &handoff::Handoff) -> Result<()> {
+/// Refuses while a first_load is under way in the store: a load or a swap, or a run holding its lease (a
+/// `--rebuild` loads while the phase is still done, and its swap rewinds the jobs to before its snapshot).
+async fn refuse_during_first_load(db: &Database, mut session: Option<&mut ClientSession>) -> Result<()> {
+    refuse_in_phase(&handoff::read(db, session.as_deref_mut()).await?)?;
+    if let Some(run) = handoff::running_first_load(db, session).await? {
+        bail!(
+            "a first_load is running on this store ({run}): run compact once it is done (its rewind may replay \
+             changes the horizon would drop)"
+        );
+    }
+    Ok(())
+}
+
+fn refuse_in_phase(state: &handoff::Handoff) -> Result<()> {
     if state.phase != Phase::Done {
         bail!(
             "first_load is {} in this store: run compact once it is done (its rewind may replay changes the horizon \
@@ -243,7 +257,7 @@ async fn raise_horizon(db: &Database, drop_at_or_below: i64) -> Result<()> {
     let mut session = db.client().start_session().await.context("starting a MongoDB session")?;
     // On a conflict a job's batch holds a lane: it is let commit first.
     sink::in_transaction(&mut session, "writing the compaction horizon", Duration::from_millis(50), async |session| {
-        refuse_during_first_load(&handoff::read(db, Some(&mut *session)).await?)?;
+        refuse_during_first_load(db, Some(&mut *session)).await?;
         let marks = db.collection::<Document>(TRUNCATIONS);
         for collection in Collection::ALL {
             for lane in 0..LANES {
@@ -269,9 +283,9 @@ mod tests {
     #[test]
     fn first_load_under_way_refuses_with_what_to_do() {
         let mut state = handoff::Handoff::none();
-        assert!(refuse_during_first_load(&state).is_ok());
+        assert!(refuse_in_phase(&state).is_ok());
         state.phase = Phase::Loading;
-        let err = refuse_during_first_load(&state).unwrap_err().to_string();
+        let err = refuse_in_phase(&state).unwrap_err().to_string();
         assert!(err.contains("first_load is loading") && err.contains("once it is done"), "{err}");
     }
 }

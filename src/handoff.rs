@@ -30,6 +30,10 @@ const ID: &str = "first_load";
 const TABLES: [&str; 3] = ["products", "orders", "order_details"];
 /// The field of a `_truncations` document that [`begin`] sets to a new token.
 pub(crate) const HANDOFF_TOKEN: &str = "handoff";
+/// The `_handoff` document of the first_load running on a store: its lease (first_load's `lease` module).
+pub const LEASE_ID: &str = "first_load_lease";
+/// A lease not renewed for this long belongs to a run that died.
+pub const LEASE_EXPIRY_MS: i64 = 30_000;
 
 /// A PostgreSQL snapshot as `pg_current_snapshot()` gives it (64-bit transaction ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +191,25 @@ pub async fn read(db: &Database, session: Option<&mut ClientSession>) -> Result<
     }
     .map_err(anyhow::Error::new)?;
     found.map_or(Ok(Handoff::none()), |d| Handoff::from_bson(&d).context("reading the first_load handoff state"))
+}
+
+/// The first_load running on the store (`host ..., pid ...`), if one holds a lease renewed in the last
+/// [`LEASE_EXPIRY_MS`] by MongoDB's clock (in `session`'s transaction when given).
+pub async fn running_first_load(db: &Database, session: Option<&mut ClientSession>) -> Result<Option<String>> {
+    let live = doc! { "_id": LEASE_ID, "$expr": {
+        "$gt": [ "$renewed_at", { "$subtract": [ "$$NOW", LEASE_EXPIRY_MS ] } ],
+    } };
+    let leases = db.collection::<Document>(COLLECTION);
+    let find = leases.find_one(live);
+    let found = match session {
+        Some(s) => find.session(s).await,
+        None => find.await,
+    }
+    .context("reading the first_load lease")?;
+    Ok(found.map(|d| {
+        let host = d.get_str("host").unwrap_or("?");
+        format!("host {host}, pid {}", d.get_i64("pid").unwrap_or(0))
+    }))
 }
 
 /// The gate for a batch of a job that knows `epoch`, under `handoff` (read in the batch's transaction, or

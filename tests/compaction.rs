@@ -92,6 +92,25 @@ async fn compaction_removes_the_marks_and_a_replay_after_it_brings_nothing_back(
         n
     };
     slot_past_now(&mut cap.pg, &cap.name, "restart_lsn").await;
+    // A first_load running on the store (its lease renewed just now, here from another host; a --rebuild
+    // loads while the phase says done): refused, nothing removed. A lease 40 s old is a run that died.
+    let leases = db.collection::<Document>("_handoff");
+    let lease = |age_ms: i64| {
+        let at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - age_ms);
+        let owner = bson::oid::ObjectId::new();
+        doc! { "_id": "first_load_lease", "owner": owner, "host": "elsewhere", "pid": 7_i64, "since": at, "renewed_at": at }
+    };
+    leases.insert_one(lease(0)).await.unwrap();
+    let out = compact(&["--wait-secs", "60"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "compact ran beside a first_load");
+    assert!(stderr.contains("a first_load is running on this store (host elsewhere, pid 7)"), "{stderr}");
+    let mut left = 0;
+    for table in tables {
+        left += count(table, doc! { "_deleted": true }).await;
+    }
+    assert_eq!(left, tombstones, "a refused compaction removed tombstones");
+    leases.replace_one(doc! { "_id": "first_load_lease" }, lease(40_000)).await.unwrap();
     let report = success("compact", &compact(&["--wait-secs", "60"]));
     assert!(report.contains("removed the marks older than"), "{report}");
     for table in tables {

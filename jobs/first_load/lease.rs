@@ -5,6 +5,7 @@
 //! state until it is done. Another run waits for it: a holder on this host whose process is gone is replaced
 //! at once (a load killed and run again); one that is running is refused at once, or, on another host, as soon
 //! as it is seen renewing its lease; one that has not renewed for [`EXPIRY_MS`] is taken for dead and replaced.
+//! `compact` refuses to run while a lease is live (a rebuild's rewind would replay changes its horizon drops).
 //! Times are MongoDB's (`$$NOW`), so the hosts' clocks do not matter.
 
 use std::time::Duration;
@@ -16,10 +17,9 @@ use cdc_cqrs::{cli, handoff};
 use mongodb::{Collection, Database};
 use tokio::sync::watch;
 
-const ID: &str = "first_load_lease";
+const ID: &str = handoff::LEASE_ID;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// A lease not renewed for this long belongs to a run that died.
-const EXPIRY_MS: i64 = 30_000;
+const EXPIRY_MS: i64 = handoff::LEASE_EXPIRY_MS;
 
 /// This run's hold on the store.
 pub struct Lease {
