@@ -296,6 +296,12 @@ async fn run_store<J: Job>(
 
         for (place, rejected) in &dead {
             let reason = &rejected.reason;
+            // Undecodable for every store alike: the first store's pipeline sends it, the others go on. A letter
+            // a store sent would come back from a redrive once a store, and each copy again once a store.
+            if store.index != 0 {
+                tracing::debug!(job = J::TABLE, place.partition, place.offset, %reason, "the first store's pipeline dead-letters this record");
+                continue;
+            }
             tracing::warn!(job = J::TABLE, place.partition, place.offset, %reason, "dead-lettering a record");
             retry("writing to the dead-letter topic", &shutdown, || {
                 dead_letters.undecodable(*place, &rejected.record, reason)
