@@ -193,7 +193,8 @@ async fn run_store<J: Job>(
     let consumer: JobConsumer = config.create_with_context(JobContext).context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
-    let dead_letters = DeadLetters::new(&args.kafka, dead_letter_topic, topic.clone(), store.name.clone())?;
+    let dead_letters =
+        DeadLetters::new(&args.kafka, dead_letter_topic, topic.clone(), store.name.clone(), sink.database())?;
     tracing::info!(job = J::TABLE, %topic, %group, %instance_id, database = %store.mongo.database, "started");
 
     let mut checkpoints = HashMap::new();

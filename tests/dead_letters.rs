@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Capture, success, wait_until};
+use futures::TryStreamExt;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -53,6 +54,25 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert!(summary(2, "refused by store0") && summary(1, "did not decode"), "{listed}");
     assert!(listed.contains("not a Debezium JSON envelope"), "{listed}");
     assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
+
+    // A replay (store 0's checkpoints gone, as a `--rebuild`'s rewind moves them back) meets the three records
+    // again, the validator still there: none is sent twice.
+    let checkpoints = db.collection::<bson::Document>("_checkpoints");
+    let position = async || {
+        let all: Vec<bson::Document> = checkpoints.find(bson::doc! {}).await.unwrap().try_collect().await.unwrap();
+        all.iter().map(|d| d.get_i64("next_offset").unwrap()).sum::<i64>()
+    };
+    let reached = position().await;
+    job.stop();
+    checkpoints.drop().await.unwrap();
+    let job = cap.spawn_job_with("stream_products", "products", &[("CDC_MONGO_URI", &stores)]);
+    let started = Instant::now();
+    while position().await < reached {
+        assert!(started.elapsed() < CONVERGE, "the replay never reached where the job was");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replayed = dead_letters(&["list"]);
+    assert!(replayed.contains(": 3 dead letters"), "a replay sent letters again:\n{replayed}");
 
     // The cause fixed; product 3 changes again meanwhile: its dead letter is now stale.
     db.run_command(bson::doc! { "collMod": "products", "validator": {} }).await.unwrap();

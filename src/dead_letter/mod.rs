@@ -9,9 +9,13 @@
 
 pub mod redrive;
 
+/// The collection of a read store that records the source records dead-lettered (see [`DeadLetters`]).
+pub const SENT: &str = "_dead_lettered";
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bson::doc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -55,6 +59,9 @@ pub struct DeadLetters {
     source_topic: String,
     /// The read store the pipeline writes (a refusal is one store's).
     store: String,
+    /// The store's record of the source records dead-lettered (`_dead_lettered`, by `<topic>/<partition>/<offset>`):
+    /// a replay meets them again (a `--rebuild`'s rewind, checkpoints dropped) and sends none twice.
+    sent: mongodb::Collection<bson::Document>,
     /// Reads refused changes' records back, made at the first (refusals tend to come in runs: every further
     /// line of an order past 16 MB).
     reader: tokio::sync::Mutex<Option<StreamConsumer>>,
@@ -74,10 +81,17 @@ impl SourceRecord {
 }
 
 impl DeadLetters {
-    pub fn new(kafka: &KafkaArgs, topic: String, source_topic: String, store: String) -> Result<DeadLetters> {
+    pub fn new(
+        kafka: &KafkaArgs,
+        topic: String,
+        source_topic: String,
+        store: String,
+        db: &mongodb::Database,
+    ) -> Result<DeadLetters> {
         let producer = kafka::producer_config(kafka).create().context("Kafka producer")?;
         let reader = tokio::sync::Mutex::new(None);
-        Ok(DeadLetters { producer, kafka: kafka.clone(), topic, source_topic, store, reader })
+        let sent = db.collection(SENT);
+        Ok(DeadLetters { producer, kafka: kafka.clone(), topic, source_topic, store, sent, reader })
     }
 
     /// Sends a record that did not decode, whole.
@@ -92,6 +106,11 @@ impl DeadLetters {
     }
 
     async fn send(&self, place: Place, record: &SourceRecord, reason: &str, store: Option<&str>) -> Result<()> {
+        let id = format!("{}/{}/{}", self.source_topic, place.partition, place.offset);
+        if self.sent.find_one(doc! { "_id": &id }).await.context("reading the dead letters sent")?.is_some() {
+            tracing::info!(record = %id, "dead-lettered before (a replay): not sent again");
+            return Ok(());
+        }
         let (partition, offset) = (place.partition.to_string(), place.offset.to_string());
         let mut headers = OwnedHeaders::new()
             .insert(Header { key: "reason", value: Some(reason) })
@@ -109,6 +128,12 @@ impl DeadLetters {
             out = out.payload(p);
         }
         self.producer.send(out, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::Error::new(e))?;
+        // After the send: a crash between the two sends the letter again at the replay, never loses it.
+        self.sent
+            .update_one(doc! { "_id": &id }, doc! { "$setOnInsert": { "at": bson::DateTime::now(), "reason": reason } })
+            .upsert(true)
+            .await
+            .context("recording a dead letter sent")?;
         Ok(())
     }
 
