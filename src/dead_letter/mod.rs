@@ -6,11 +6,11 @@
 //! the change stands alone). A job keeps only the decoded change, so a refused change's record is read back
 //! from its topic: what lands in the dead-letter topic is always the source record, ready to be sent again
 //! ([`redrive`], the `dead_letters` tool).
+//!
+//! Each record is sent once: one that does not decode by the first read store's pipeline only (it is the same
+//! for every store), and a replay sends nothing a store's pipelines sent before (their `_dead_lettered` notes).
 
 pub mod redrive;
-
-/// The collection of a read store that records the source records dead-lettered (see [`DeadLetters`]).
-pub const SENT: &str = "_dead_lettered";
 
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaArgs;
 use crate::envelope::Place;
 use crate::kafka;
+
+/// The collection of a read store that records the source records dead-lettered (see [`DeadLetters`]).
+pub const SENT: &str = "_dead_lettered";
 
 /// Where the dead letters are and how far `dead_letters redrive` went: what the `dead_letters` tool reads, and
 /// `compact`, which keeps every letter not sent back yet redrivable.
