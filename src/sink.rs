@@ -429,7 +429,10 @@ impl<'a> ReadModels<'a> {
         for w in writes {
             by_collection.entry(w.collection).or_default().push(w.statement);
         }
-        futures::future::try_join_all(by_collection.into_iter().map(|(collection, statements)| {
+        // Every collection's command runs to its end even when another's fails: a change MongoDB refuses in one
+        // collection (an order at 16 MB) is dead-lettered whole, and its statements in the others must have
+        // been applied, not dropped with a future cancelled half way (its product copies in order_details).
+        let written = futures::future::join_all(by_collection.into_iter().map(|(collection, statements)| {
             self.statements.fetch_add(statements.len(), Ordering::Relaxed);
             async move {
                 // Kept aside: a refused one is run again document by document (see `one_by_one`).
@@ -449,8 +452,8 @@ impl<'a> ReadModels<'a> {
                 Ok(())
             }
         }))
-        .await?;
-        Ok(())
+        .await;
+        written.into_iter().collect()
     }
 
     /// `refusal` of a statement that changes several documents by `_id` (a fan-out of copies), after the
@@ -507,7 +510,10 @@ impl<'a> ReadModels<'a> {
         guarded: impl Fn(&K) -> W,
     ) -> Result<Vec<K>> {
         let (keys, documents): (Vec<K>, Vec<RawDocumentBuf>) = new.into_iter().unzip();
-        let (taken, ()) = tokio::try_join!(self.insert(collection, documents), self.write(writes))?;
+        // Both to their end, as in `write`.
+        let (taken, written) = tokio::join!(self.insert(collection, documents), self.write(writes));
+        let taken = taken?;
+        written?;
         let taken: Vec<K> = taken.into_iter().map(|i| keys[i]).collect();
         self.write(taken.iter().flat_map(&guarded).collect()).await?;
         Ok(taken)

@@ -133,7 +133,10 @@ impl Job for OrderDetailsJob {
         let live = events.len() < LIVE_BELOW;
         let lines = write_lines(events, order_ids, &products, &statuses, store, live);
         if live {
-            tokio::try_join!(documents, lines)?;
+            // Both to their end even if one is refused (see `ReadModels::write`).
+            let (documents, lines) = tokio::join!(documents, lines);
+            documents?;
+            lines?;
         } else {
             documents.await?;
             lines.await?;
@@ -248,10 +251,12 @@ async fn write_lines(
             }
         }
         let ((updated, updates), (inserted, documents)) = lines.into_writes(live)?;
-        let (lost, taken) = tokio::try_join!(
+        // Both to their end even if one is refused (see `ReadModels::write`).
+        let (lost, taken) = tokio::join!(
             store.write_if_unchanged(Collection::Orders, updates),
             store.insert(Collection::Orders, documents),
-        )?;
+        );
+        let (lost, taken) = (lost?, taken?);
         ids = lost.into_iter().map(|i| updated[i]).chain(taken.into_iter().map(|i| inserted[i])).collect();
         ids.sort_unstable();
         if !ids.is_empty() && attempt % 5 == 0 {
