@@ -13,9 +13,10 @@
 //! - the jobs drop a replayed change from before it: the restart position becomes the horizon in every lane's
 //!   `_truncations` document (its `horizon`, beside the last TRUNCATE's position), which a job's batch reads as
 //!   it takes its lane and which makes it drop those changes as it drops the ones a TRUNCATE removed (see
-//!   [`crate::sink`]). It is written in one transaction with a check that
-//!   no first_load is under way (a load or a rebuild writes the same documents, so the two serialize), and a
-//!   batch in flight under the old horizon conflicts with it and is redone under the new one.
+//!   [`crate::sink`]). It is written in one transaction with a check that no first_load is under way (a load
+//!   or a swap writes the same documents, so the two serialize) nor running at all (its lease: a `--rebuild`
+//!   loads while the phase says done, and its swap rewinds the jobs to before its snapshot), and a batch in
+//!   flight under the old horizon conflicts with it and is redone under the new one.
 //!
 //! Only then do marks below the horizon go.
 //!
