@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Capture, JobProcess};
+use common::{Capture, JobProcess, StoppedStore};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -331,40 +331,6 @@ impl Drop for Api {
     fn drop(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
-    }
-}
-
-/// A read store's mongod frozen with SIGSTOP, thawed (SIGCONT) when dropped, whatever the test's outcome.
-struct StoppedStore(String);
-
-impl StoppedStore {
-    fn sigstop(i: usize) -> StoppedStore {
-        let dir = std::env::var("CDC_STACK_DIR").expect("CDC_STACK_DIR (from scripts/stack exec)");
-        let pid = std::fs::read_to_string(format!("{dir}/run/mongo{i}.pid")).expect("the store's pid file");
-        let pid = pid.trim().to_owned();
-        assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
-        // The signal is only queued: wait until every thread is stopped, or a read sent right away may
-        // still be answered (seen once on a loaded machine).
-        let stopped = |pid: &str| {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the store's threads");
-            tasks.flatten().all(|t| {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-            })
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !stopped(&pid) {
-            assert!(std::time::Instant::now() < deadline, "store {i} did not stop within 5 s of SIGSTOP");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        StoppedStore(pid)
-    }
-}
-
-impl Drop for StoppedStore {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
     }
 }
 

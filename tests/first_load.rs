@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bson::{Document, doc};
-use common::{Capture, JobProcess, success};
+use common::{Capture, JobProcess, StoppedStore, success};
 
 const ALL: [&str; 3] = ["products", "orders", "order_details"];
 const JOBS: [&str; 3] = ["stream_products", "stream_orders", "stream_order_details"];
@@ -244,6 +244,63 @@ async fn a_load_killed_half_way_is_run_again() {
     success("first_load", &cap.run_first_load(&["--rebuild"]));
     assert_eq!(leases.count_documents(doc! { "_id": "first_load_lease" }).await.unwrap(), 0, "the lease is released");
     cap.converge(&ALL, Duration::from_secs(5)).await;
+    client.shutdown().await;
+    cap.teardown().await;
+}
+
+/// A load cut off from MongoDB (its mongod frozen) cannot renew its lease: it stops before the lease expires
+/// and another run could take the store over, and a rerun finishes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_that_cannot_renew_its_lease_stops_before_it_expires() {
+    let cap = Capture::start_after(
+        "fl_fenced",
+        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "61"],
+    )
+    .await;
+    // Store 2 (the other tests here load store 0, which must not freeze under them).
+    let store = cap.stack.mongo_uris.get(2).expect("this test needs 3 read stores (CDC_MONGO_STORES=3)").clone();
+    let client = mongodb::Client::with_uri_str(&store).await.unwrap();
+    let orders = client.database(&cap.name).collection::<Document>("orders");
+    let mut load = cap
+        .first_load(&["--chunk", "200", "--parallelism", "1"])
+        .env("CDC_MONGO_URI", &store)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("first_load");
+    wait_for("documents to be written", Duration::from_secs(60), async || {
+        orders.estimated_document_count().await.unwrap_or(0) > 0
+    })
+    .await;
+    let frozen = StoppedStore::sigstop(2);
+    let frozen_at = Instant::now();
+    let status = loop {
+        if let Some(status) = load.try_wait().unwrap() {
+            break status;
+        }
+        // Its last renewal was before the freeze: by 30 s after it, another run could take the lease over.
+        if frozen_at.elapsed() >= Duration::from_secs(30) {
+            let _ = load.kill();
+            panic!("first_load went on with its lease about to expire");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(frozen);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut load.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "first_load succeeded with its store frozen");
+    assert!(err.contains("could not renew its lease for 15 s"), "{err}");
+
+    let rerun = cap.first_load(&[]).env("CDC_MONGO_URI", &store).output().unwrap();
+    success("first_load", &rerun);
+    let verify = cap
+        .stack
+        .command("verify")
+        .env("CDC_MONGO_URI", &store)
+        .env("CDC_MONGO_DATABASE", &cap.name)
+        .args(["--database", &cap.name])
+        .output()
+        .unwrap();
+    success("verify", &verify);
     client.shutdown().await;
     cap.teardown().await;
 }

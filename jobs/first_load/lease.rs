@@ -5,10 +5,12 @@
 //! state until it is done. Another run waits for it: a holder on this host whose process is gone is replaced
 //! at once (a load killed and run again); one that is running is refused at once, or, on another host, as soon
 //! as it is seen renewing its lease; one that has not renewed for [`EXPIRY_MS`] is taken for dead and replaced.
-//! `compact` refuses to run while a lease is live (a rebuild's rewind would replay changes its horizon drops).
-//! Times are MongoDB's (`$$NOW`), so the hosts' clocks do not matter.
+//! A run that could not renew its lease for half that time (MongoDB unreachable) stops before anyone may take it
+//! over. `compact` refuses to run while a lease is live (a rebuild's rewind would replay changes its horizon
+//! drops). The lease's times are MongoDB's (`$$NOW`), so the hosts' clocks do not matter; a run times its own
+//! renewals on its monotonic clock.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bson::oid::ObjectId;
@@ -20,6 +22,9 @@ use tokio::sync::watch;
 const ID: &str = handoff::LEASE_ID;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 const EXPIRY_MS: i64 = handoff::LEASE_EXPIRY_MS;
+/// A run that could not renew its lease for this long stops, before another run may take the store over
+/// (half the expiry: the renewal's own waits and the two clocks' drift fit in the other half).
+const FENCE: Duration = Duration::from_millis(EXPIRY_MS as u64 / 2);
 
 /// This run's hold on the store.
 pub struct Lease {
@@ -136,23 +141,31 @@ impl Lease {
         }
     }
 
-    /// Lets the next run go at once.
+    /// Lets the next run go at once (if MongoDB does not answer, the lease expires by itself).
     pub async fn release(self) -> Result<()> {
         self.renewer.abort();
-        self.leases
-            .delete_one(doc! { "_id": ID, "owner": self.owner })
-            .await
-            .context("releasing the first_load lease")?;
-        Ok(())
+        let release = self.leases.delete_one(doc! { "_id": ID, "owner": self.owner });
+        match tokio::time::timeout(RENEW_EVERY, release).await {
+            Ok(released) => released.map(|_| ()).context("releasing the first_load lease"),
+            Err(_) => {
+                let expiry = EXPIRY_MS / 1000;
+                tracing::warn!(
+                    "releasing the first_load lease got no answer: it expires {expiry} s after its last renewal"
+                );
+                Ok(())
+            }
+        }
     }
 }
 
-/// Renews the lease until another run has it (then says so through `lost`).
+/// Renews the lease until another run has it, or it could not for [`FENCE`] (then says why through `lost`).
 async fn renew(leases: Collection<Document>, owner: ObjectId, lost: watch::Sender<Option<String>>) {
+    let mut renewed_at = Instant::now();
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
         let renewed = vec![doc! { "$set": { "renewed_at": "$$NOW" } }];
-        match leases.update_one(doc! { "_id": ID, "owner": owner }, renewed).await {
+        let renewal = leases.update_one(doc! { "_id": ID, "owner": owner }, renewed);
+        match tokio::time::timeout(RENEW_EVERY, renewal).await.unwrap_or_else(|_| Err(timed_out())) {
             Ok(r) if r.matched_count == 0 => {
                 let why = format!(
                     "another first_load took this store over: this run could not renew its lease for {} s (was \
@@ -162,10 +175,23 @@ async fn renew(leases: Collection<Document>, owner: ObjectId, lost: watch::Sende
                 let _ = lost.send(Some(why));
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => renewed_at = Instant::now(),
             Err(e) => tracing::warn!(error = %e, "renewing the first_load lease failed; trying again"),
         }
+        if renewed_at.elapsed() >= FENCE {
+            let why = format!(
+                "this first_load could not renew its lease for {} s (is MongoDB reachable?): it stopped before another \
+                 run could take the store over; run it again",
+                FENCE.as_secs()
+            );
+            let _ = lost.send(Some(why));
+            return;
+        }
     }
+}
+
+fn timed_out() -> mongodb::error::Error {
+    mongodb::error::Error::custom(format!("no answer in {RENEW_EVERY:?}"))
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
