@@ -87,12 +87,7 @@ fn main() -> ExitCode {
 async fn list(dlt: &DeadLetterTopic, only_new: bool) -> Result<()> {
     let held: i64 = dlt.partitions.values().map(|s| s.high - s.low).sum();
     println!("{}: {held} dead letters ({})", dlt.topic, spans(dlt));
-    let start = dlt
-        .partitions
-        .iter()
-        .map(|(&p, s)| (p, if only_new { s.next_to_redrive() } else { s.low }))
-        .collect::<BTreeMap<_, _>>();
-    let mut reading = dlt.read_from(&start)?;
+    let mut reading = dlt.read_from(&dlt.starts(!only_new))?;
     // (source topic, what happened) -> letters, for the closing summary.
     let mut kinds: BTreeMap<(String, String), usize> = BTreeMap::new();
     while let Some(letter) = reading.next().await? {
@@ -119,9 +114,7 @@ async fn redrive(
     from_beginning: bool,
     dry_run: bool,
 ) -> Result<()> {
-    let start: BTreeMap<i32, i64> =
-        dlt.partitions.iter().map(|(&p, s)| (p, if from_beginning { s.low } else { s.next_to_redrive() })).collect();
-    let ends: BTreeMap<i32, i64> = dlt.partitions.iter().map(|(&p, s)| (p, s.high)).collect();
+    let (start, ends) = (dlt.starts(from_beginning), dlt.ends());
     if start == ends {
         println!("{}: nothing new since the last redrive ({})", dlt.topic, spans(dlt));
         return Ok(());
@@ -172,19 +165,23 @@ async fn redrive(
         println!("  passed over {n}: {why}");
     }
     if !dry_run {
-        let at: Vec<String> = ends.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
-        println!("  the next redrive starts at {}", at.join(", "));
+        println!("  the next redrive starts at {}", offsets(&ends));
     }
     Ok(())
 }
 
 fn skip(dlt: &DeadLetterTopic) -> Result<()> {
     let skipped: i64 = dlt.partitions.values().map(|s| s.high - s.next_to_redrive()).sum();
-    let ends: BTreeMap<i32, i64> = dlt.partitions.iter().map(|(&p, s)| (p, s.high)).collect();
+    let ends = dlt.ends();
     dlt.mark_redriven(&ends)?;
-    let at: Vec<String> = ends.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
-    println!("{}: gave up on {skipped} dead letters; the next redrive starts at {}", dlt.topic, at.join(", "));
+    println!("{}: gave up on {skipped} dead letters; the next redrive starts at {}", dlt.topic, offsets(&ends));
     Ok(())
+}
+
+/// `partition 0 offset 12, partition 1 offset 9`.
+fn offsets(at: &BTreeMap<i32, i64>) -> String {
+    let at: Vec<String> = at.iter().map(|(p, o)| format!("partition {p} offset {o}")).collect();
+    at.join(", ")
 }
 
 /// Each partition's offsets and how far redrive went in it.

@@ -138,6 +138,18 @@ impl DeadLetterTopic {
         Ok(Some(DeadLetterTopic { consumer, topic: topic.to_owned(), group: group.to_owned(), partitions }))
     }
 
+    /// Where a read starts in each partition: the first record held (`from_beginning`), or where the last redrive
+    /// stopped.
+    pub fn starts(&self, from_beginning: bool) -> BTreeMap<i32, i64> {
+        let start = |s: &Span| if from_beginning { s.low } else { s.next_to_redrive() };
+        self.partitions.iter().map(|(&p, s)| (p, start(s))).collect()
+    }
+
+    /// Each partition's end as found by [`DeadLetterTopic::open`].
+    pub fn ends(&self) -> BTreeMap<i32, i64> {
+        self.partitions.iter().map(|(&p, s)| (p, s.high)).collect()
+    }
+
     /// Reads from `start` (per partition) up to each partition's end as found by [`DeadLetterTopic::open`].
     pub fn read_from(&self, start: &BTreeMap<i32, i64>) -> Result<Reading<'_>> {
         let mut tpl = TopicPartitionList::new();
@@ -218,8 +230,7 @@ impl Waiting {
         let topic = dead_letters.topic(args);
         let mut waiting = Waiting::default();
         let Some(dlt) = DeadLetterTopic::open(args, &topic, &dead_letters.redrive_group)? else { return Ok(waiting) };
-        let start = dlt.partitions.iter().map(|(&p, s)| (p, s.next_to_redrive())).collect();
-        let mut reading = dlt.read_from(&start)?;
+        let mut reading = dlt.read_from(&dlt.starts(false))?;
         while let Some(letter) = reading.next().await? {
             match letter.record.payload.as_deref().and_then(envelope::lsn_of) {
                 Some(lsn) => {
