@@ -193,12 +193,16 @@ pub async fn read(db: &Database, session: Option<&mut ClientSession>) -> Result<
     found.map_or(Ok(Handoff::none()), |d| Handoff::from_bson(&d).context("reading the first_load handoff state"))
 }
 
+/// Whether a lease document was renewed in the last [`LEASE_EXPIRY_MS`] by MongoDB's clock (an aggregation
+/// expression): what tells a running first_load from one that died.
+pub fn lease_live() -> Document {
+    doc! { "$gt": [ "$renewed_at", { "$subtract": [ "$$NOW", LEASE_EXPIRY_MS ] } ] }
+}
+
 /// The first_load running on the store (`host ..., pid ...`), if one holds a lease renewed in the last
 /// [`LEASE_EXPIRY_MS`] by MongoDB's clock (in `session`'s transaction when given).
 pub async fn running_first_load(db: &Database, session: Option<&mut ClientSession>) -> Result<Option<String>> {
-    let live = doc! { "_id": LEASE_ID, "$expr": {
-        "$gt": [ "$renewed_at", { "$subtract": [ "$$NOW", LEASE_EXPIRY_MS ] } ],
-    } };
+    let live = doc! { "_id": LEASE_ID, "$expr": lease_live() };
     let leases = db.collection::<Document>(COLLECTION);
     let find = leases.find_one(live);
     let found = match session {

@@ -78,7 +78,8 @@ impl Lease {
         let mut waiting: Option<(ObjectId, DateTime)> = None;
         loop {
             let held = leases.find_one(doc! { "_id": ID }).await.context("reading the first_load lease")?;
-            let taken = match held.as_ref().map(Holder::of).transpose().context("reading the first_load lease")? {
+            let holder = held.as_ref().map(Holder::of).transpose().context("reading the first_load lease")?;
+            let taken = match &holder {
                 None => {
                     // Upserted only where none is: another run's insert makes this one a duplicate key.
                     let free = doc! { "_id": ID, "owner": { "$exists": false } };
@@ -111,9 +112,7 @@ impl Lease {
                                 waiting = Some((h.owner, h.renewed_at));
                             }
                         }
-                        doc! { "_id": ID, "owner": h.owner, "$expr": {
-                            "$lt": [ "$renewed_at", { "$subtract": [ "$$NOW", EXPIRY_MS ] } ],
-                        } }
+                        doc! { "_id": ID, "owner": h.owner, "$expr": { "$not": [handoff::lease_live()] } }
                     };
                     let replaced =
                         leases.update_one(from, claim.clone()).await.context("taking the first_load lease")?;
@@ -121,7 +120,7 @@ impl Lease {
                 }
             };
             if taken {
-                if let Some(h) = held.as_ref().and_then(|d| Holder::of(d).ok()) {
+                if let Some(h) = &holder {
                     tracing::warn!(holder = %h.describe(), "took over the lease of a first_load that died");
                 }
                 let (tx, lost) = watch::channel(None);
@@ -132,7 +131,8 @@ impl Lease {
         }
     }
 
-    /// Resolves with why if another run takes the lease over; never otherwise.
+    /// Resolves with why if this run lost the lease (another took it over, or it could not renew it in time);
+    /// never otherwise.
     pub async fn lost(&self) -> anyhow::Error {
         let mut lost = self.lost.clone();
         match lost.wait_for(Option::is_some).await {
