@@ -118,12 +118,14 @@ async fn compact_stores(cli: &Cli, compaction: &Compaction) -> anyhow::Result<()
             )
         });
         println!(
-            "{}: {verb} the marks older than {}{held}: tombstones {}; {} removed lines in {} orders",
+            "{}: {verb} the marks older than {}{held}: tombstones {}; {} removed lines in {} orders; {} notes of \
+             dead letters sent that the jobs are past",
             store.name,
             done.horizon,
             tombstones.join(", "),
             done.removed_lines,
-            done.orders_with_removed_lines
+            done.orders_with_removed_lines,
+            done.dead_letter_notes
         );
     }
     if report.letters_without_position > 0 {

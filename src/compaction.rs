@@ -39,8 +39,8 @@ use rdkafka::consumer::BaseConsumer;
 use sqlx::PgPool;
 
 use crate::config::KafkaArgs;
-use crate::dead_letter::DeadLetterArgs;
 use crate::dead_letter::redrive::Waiting;
+use crate::dead_letter::{self, DeadLetterArgs};
 use crate::handoff::{self, Phase};
 use crate::kafka::{Offsets, records_behind, topic_ends};
 use crate::postgres::{Lsn, slot_position};
@@ -77,6 +77,8 @@ pub struct Compacted {
     /// Orders whose `_removed` lost entries, and how many entries in all.
     pub orders_with_removed_lines: u64,
     pub removed_lines: u64,
+    /// Notes of dead letters sent (`_dead_lettered`) that no replay can meet any more, removed.
+    pub dead_letter_notes: u64,
 }
 
 /// What a compaction did.
@@ -104,10 +106,10 @@ impl Compaction {
             .await?
             .context("reading the change topics' ends")?;
         let deadline = Instant::now() + self.wait;
+        let mut applied = Vec::with_capacity(stores.len());
         for (name, db) in stores {
-            self.wait_for_jobs(db, &ends, position.confirmed, deadline)
-                .await
-                .with_context(|| format!("compacting {name}"))?;
+            let reached = self.wait_for_jobs(db, &ends, position.confirmed, deadline);
+            applied.push(reached.await.with_context(|| format!("compacting {name}"))?);
         }
         // Only now: every letter of a change before the ends is in the topic (a job sends it before it moves
         // its checkpoint past the change).
@@ -115,16 +117,17 @@ impl Compaction {
             .await
             .context("reading the dead letters not sent back yet")?;
         let mut report = Report { letters_without_position: waiting.without_position, ..Default::default() };
-        for (name, db) in stores {
-            let done = self.compact(db, position.restart.min(position.confirmed), &waiting);
+        for ((name, db), applied) in stores.iter().zip(&applied) {
+            let done = self.compact(db, position.restart.min(position.confirmed), &waiting, applied);
             report.stores.push(done.await.with_context(|| format!("compacting {name}"))?);
         }
         Ok(report)
     }
 
     /// Raises one store's horizon to `restart`, or below the oldest waiting letter its horizon has not passed
-    /// yet, then removes the marks below it.
-    async fn compact(&self, db: &Database, restart: Lsn, waiting: &Waiting) -> Result<Compacted> {
+    /// yet, then removes the marks below it, and the notes of dead letters sent that the jobs are past
+    /// (`applied`, the store's checkpoints once they reached the topic ends).
+    async fn compact(&self, db: &Database, restart: Lsn, waiting: &Waiting, applied: &Offsets) -> Result<Compacted> {
         let mut out = Compacted { horizon: restart, ..Default::default() };
         // A letter at or below the horizon already is refused when sent back, whatever this run does.
         if let Some((lsn, at)) = waiting.oldest_after(current_horizon(db).await?) {
@@ -179,11 +182,41 @@ impl Compaction {
                 .await
                 .context("removing the orders' old removed lines")?;
         }
+        out.dead_letter_notes = self.forget_dead_letters_sent(db, applied).await?;
         Ok(out)
     }
 
-    /// Waits until every job's checkpoints in the store reach `ends`.
-    async fn wait_for_jobs(&self, db: &Database, ends: &Offsets, confirmed: Lsn, deadline: Instant) -> Result<()> {
+    /// Removes the store's notes of dead letters sent (`_dead_lettered`, which keep a replay from sending a
+    /// letter twice) for records before the store's checkpoints in `applied`. No replay meets them again: a
+    /// `--rebuild` rewinds the checkpoints to where they stood when it began, later than now (compact refuses
+    /// while one runs); only checkpoints dropped by hand go back further.
+    async fn forget_dead_letters_sent(&self, db: &Database, applied: &Offsets) -> Result<u64> {
+        let notes = db.collection::<Document>(dead_letter::SENT);
+        let mut cursor = notes.find(doc! {}).projection(doc! { "_id": 1 }).await.context("reading _dead_lettered")?;
+        let mut passed = Vec::new();
+        while cursor.advance().await? {
+            let id = cursor.deserialize_current()?.get_str("_id").map(str::to_owned).unwrap_or_default();
+            let past = dead_letter::parse_sent_id(&id).is_some_and(|(topic, partition, offset)| {
+                applied.get(&(topic.to_owned(), partition)).is_some_and(|&next| offset < next)
+            });
+            if past {
+                passed.push(id);
+            }
+        }
+        if self.dry_run {
+            return Ok(passed.len() as u64);
+        }
+        let mut forgotten = 0;
+        for ids in passed.chunks(10_000) {
+            let gone =
+                notes.delete_many(doc! { "_id": { "$in": ids } }).await.context("removing _dead_lettered notes")?;
+            forgotten += gone.deleted_count;
+        }
+        Ok(forgotten)
+    }
+
+    /// Waits until every job's checkpoints in the store reach `ends`, and returns them.
+    async fn wait_for_jobs(&self, db: &Database, ends: &Offsets, confirmed: Lsn, deadline: Instant) -> Result<Offsets> {
         loop {
             let applied = sink::applied(db, &self.feeds).await?;
             let records = records_behind(ends, &applied);
@@ -196,7 +229,7 @@ impl Compaction {
                 }
             }
             if behind.is_empty() {
-                return Ok(());
+                return Ok(applied);
             }
             if Instant::now() >= deadline {
                 bail!(

@@ -28,6 +28,19 @@ use crate::kafka;
 /// The collection of a read store that records the source records dead-lettered (see [`DeadLetters`]).
 pub const SENT: &str = "_dead_lettered";
 
+/// The `_id` of a note in [`SENT`]: the source record's place.
+fn sent_id(topic: &str, place: Place) -> String {
+    format!("{topic}/{}/{}", place.partition, place.offset)
+}
+
+/// The source topic, partition and offset a note's `_id` names (see [`sent_id`]; topic names hold no `/`).
+pub fn parse_sent_id(id: &str) -> Option<(&str, i32, i64)> {
+    let mut parts = id.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    Some((parts.next()?, partition, offset))
+}
+
 /// Where the dead letters are and how far `dead_letters redrive` went: what the `dead_letters` tool reads, and
 /// `compact`, which keeps every letter not sent back yet redrivable.
 #[derive(clap::Args, Clone, Debug)]
@@ -109,7 +122,7 @@ impl DeadLetters {
     }
 
     async fn send(&self, place: Place, record: &SourceRecord, reason: &str, store: Option<&str>) -> Result<()> {
-        let id = format!("{}/{}/{}", self.source_topic, place.partition, place.offset);
+        let id = sent_id(&self.source_topic, place);
         if self.sent.find_one(doc! { "_id": &id }).await.context("reading the dead letters sent")?.is_some() {
             tracing::info!(record = %id, "dead-lettered before (a replay): not sent again");
             return Ok(());
@@ -167,5 +180,18 @@ impl DeadLetters {
             Some(record) => Ok(record),
             None => bail!("the refused change's record at offset {} is no longer in its topic", place.offset),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_names_its_source_record() {
+        let id = sent_id("shop.public.order_details", Place { partition: 3, offset: 1234 });
+        assert_eq!(parse_sent_id(&id), Some(("shop.public.order_details", 3, 1234)));
+        assert_eq!(parse_sent_id("no place"), None);
+        assert_eq!(parse_sent_id("topic/x/1"), None);
     }
 }
