@@ -122,6 +122,22 @@ pub struct Metrics {
     pub since_received: Histogram,
 }
 
+/// What a job process reports once, whatever its read stores.
+pub struct ProcessMetrics {
+    /// `job="<table>",topic="<dead-letter topic>"`.
+    labels: String,
+    /// The letters in the dead-letter topic not sent back yet (-1 until first read: not shown).
+    pub dead_letters_waiting: Arc<Gauge>,
+}
+
+impl ProcessMetrics {
+    pub fn new(job: &str, dead_letter_topic: &str) -> ProcessMetrics {
+        let dead_letters_waiting = Arc::new(Gauge::default());
+        dead_letters_waiting.set(-1);
+        ProcessMetrics { labels: format!("job=\"{job}\",topic=\"{dead_letter_topic}\""), dead_letters_waiting }
+    }
+}
+
 /// One plain series: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&Metrics) -> String);
 
@@ -197,9 +213,16 @@ impl Metrics {
     }
 }
 
-/// The Prometheus text exposition of several label sets (a job's read stores): each family once.
-pub fn render(all: &[Arc<Metrics>]) -> String {
+/// The Prometheus text exposition of several label sets (a job's read stores) and the process's own series:
+/// each family once.
+pub fn render(all: &[Arc<Metrics>], process: &ProcessMetrics) -> String {
     let mut out = String::new();
+    let waiting = process.dead_letters_waiting.get();
+    if waiting >= 0 {
+        let name = "cdc_dead_letters_waiting";
+        let help = "Dead letters not sent back yet (after the redrive group's offsets): each waits for someone to act.";
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {waiting}", process.labels);
+    }
     for (name, kind, help, value) in SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for m in all {
@@ -249,8 +272,8 @@ pub fn value(text: &str, name: &str) -> Option<f64> {
 }
 
 /// Serves `GET /metrics` on `addr` in the background.
-pub async fn serve(addr: SocketAddr, metrics: Vec<Arc<Metrics>>) -> anyhow::Result<()> {
-    let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics))));
+pub async fn serve(addr: SocketAddr, metrics: Vec<Arc<Metrics>>, process: Arc<ProcessMetrics>) -> anyhow::Result<()> {
+    let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics, &process))));
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?;
     tokio::spawn(async move {

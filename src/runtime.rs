@@ -33,7 +33,7 @@ use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
 use crate::kafka::{self, JobConsumer, JobContext};
-use crate::metrics::{Metrics, serve};
+use crate::metrics::{Metrics, ProcessMetrics, serve};
 use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Progress, ReadModels};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
@@ -107,6 +107,11 @@ pub struct JobArgs {
     #[arg(long, env = "CDC_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
 
+    /// The consumer group of `dead_letters redrive`: the letters after its offsets are the ones waiting
+    /// (the metric `cdc_dead_letters_waiting`).
+    #[arg(long, env = "CDC_REDRIVE_GROUP", default_value = dead_letter::REDRIVE_GROUP)]
+    pub redrive_group: String,
+
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101); off when not given.
     #[arg(long, env = "CDC_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -146,7 +151,12 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     let metrics: Vec<Arc<Metrics>> =
         stores.iter().map(|s| Arc::new(Metrics::new(J::TABLE, &format!("store{}", s.index)))).collect();
     if let Some(addr) = args.metrics_addr {
-        serve(addr, metrics.clone()).await?;
+        let dead_letter_topic = dead_letter::topic(&args.kafka, args.dead_letter_topic.as_deref());
+        let process = Arc::new(ProcessMetrics::new(J::TABLE, &dead_letter_topic));
+        serve(addr, metrics.clone(), process.clone()).await?;
+        let waiting = process.dead_letters_waiting.clone();
+        let (kafka, group) = (args.kafka.clone(), args.redrive_group.clone());
+        tokio::spawn(dead_letter::watch_waiting(kafka, dead_letter_topic, group, waiting));
     }
     let shutdown = shutdown_signal();
     let (job, args) = (Arc::new(job), Arc::new(args));

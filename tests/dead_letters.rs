@@ -20,7 +20,9 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     // The job keeps every read store of the stack (three in CI): a record that does not decode is one letter,
     // not one a store, and sent back it comes back once. The validator below is store 0's alone.
     let stores = cap.stack.mongo_uris.join(" ");
-    let job = cap.spawn_job_with("stream_products", "products", &[("CDC_MONGO_URI", &stores)]);
+    let metrics_addr = format!("127.0.0.1:{}", cdc_cqrs::metrics::free_port().unwrap());
+    let env = [("CDC_MONGO_URI", stores.as_str()), ("CDC_METRICS_ADDR", metrics_addr.as_str())];
+    let job = cap.spawn_job_with("stream_products", "products", &env);
     cap.converge(&["products"], CONVERGE).await;
     let dead_letters = |args: &[&str]| {
         let out = cap.stack.command("dead_letters").env("CDC_TOPIC_PREFIX", &cap.name).args(args).output().unwrap();
@@ -54,6 +56,8 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert!(summary(2, "refused by store0") && summary(1, "did not decode"), "{listed}");
     assert!(listed.contains("not a Debezium JSON envelope"), "{listed}");
     assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
+    // The job's metrics say how many wait for someone to act.
+    waiting_letters_reach(&metrics_addr, 3).await;
 
     // A replay (store 0's checkpoints gone, as a `--rebuild`'s rewind moves them back) meets the three records
     // again, the validator still there: none is sent twice.
@@ -65,7 +69,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     let reached = position().await;
     job.stop();
     checkpoints.drop().await.unwrap();
-    let job = cap.spawn_job_with("stream_products", "products", &[("CDC_MONGO_URI", &stores)]);
+    let job = cap.spawn_job_with("stream_products", "products", &env);
     let started = Instant::now();
     while position().await < reached {
         assert!(started.elapsed() < CONVERGE, "the replay never reached where the job was");
@@ -100,6 +104,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     let new = dead_letters(&["list", "--new"]);
     assert_eq!(new.matches("reason:").count(), 1, "{new}");
     assert!(new.contains("not a Debezium JSON envelope"), "{new}");
+    waiting_letters_reach(&metrics_addr, 1).await;
     job.stop();
 
     let filtered = dead_letters(&["redrive", "--reason-contains", "Document failed validation"]);
@@ -110,4 +115,18 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
 
     mongo.shutdown().await;
     cap.teardown().await;
+}
+
+/// Waits until the job serving metrics on `addr` counts `n` dead letters waiting (it reads them every 10 s).
+async fn waiting_letters_reach(addr: &str, n: i64) {
+    let started = Instant::now();
+    loop {
+        let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+        let waiting = cdc_cqrs::metrics::value(&text, "cdc_dead_letters_waiting");
+        if waiting == Some(n as f64) {
+            return;
+        }
+        assert!(started.elapsed() < CONVERGE, "cdc_dead_letters_waiting never reached {n}: {waiting:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

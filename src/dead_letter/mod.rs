@@ -12,6 +12,7 @@
 
 pub mod redrive;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +25,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaArgs;
 use crate::envelope::Place;
 use crate::kafka;
+use crate::metrics::Gauge;
+
+/// The consumer group whose offsets remember how far `dead_letters redrive` went, unless told otherwise.
+pub const REDRIVE_GROUP: &str = "cdc-cqrs-redrive";
+
+/// How often a job reads how many dead letters wait (see [`watch_waiting`]).
+const WAITING_EVERY: Duration = Duration::from_secs(10);
 
 /// The collection of a read store that records the source records dead-lettered (see [`DeadLetters`]).
 pub const SENT: &str = "_dead_lettered";
@@ -50,7 +58,7 @@ pub struct DeadLetterArgs {
     pub dead_letter_topic: Option<String>,
 
     /// The consumer group whose offsets remember how far `dead_letters redrive` went.
-    #[arg(long, alias = "group", env = "CDC_REDRIVE_GROUP", default_value = "cdc-cqrs-redrive")]
+    #[arg(long, alias = "group", env = "CDC_REDRIVE_GROUP", default_value = REDRIVE_GROUP)]
     pub redrive_group: String,
 }
 
@@ -63,6 +71,29 @@ impl DeadLetterArgs {
 /// The dead-letter topic: `explicit`, or `<prefix>.dead_letter`.
 pub fn topic(kafka: &KafkaArgs, explicit: Option<&str>) -> String {
     explicit.map_or_else(|| format!("{}.dead_letter", kafka.topic_prefix), str::to_owned)
+}
+
+/// Keeps `waiting` at the number of dead letters in `topic` not sent back yet (after where the redrive `group`
+/// stands: what the next `dead_letters redrive` goes over), read every [`WAITING_EVERY`]: the series an
+/// operator alerts on, since a letter waits until someone acts. A failed read keeps the last count.
+pub async fn watch_waiting(kafka: KafkaArgs, topic: String, group: String, waiting: Arc<Gauge>) {
+    let mut failing = false;
+    loop {
+        let (kafka, topic, group) = (kafka.clone(), topic.clone(), group.clone());
+        let read = tokio::task::spawn_blocking(move || redrive::DeadLetterTopic::open(&kafka, &topic, &group)).await;
+        match read.map_err(anyhow::Error::new).and_then(|r| r) {
+            Ok(found) => {
+                waiting.set(found.map_or(0, |t| t.waiting()));
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %format!("{e:#}"), "reading how many dead letters wait; trying again");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(WAITING_EVERY).await;
+    }
 }
 
 /// Where one job's pipeline sends what it cannot apply.

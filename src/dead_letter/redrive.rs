@@ -145,6 +145,11 @@ impl DeadLetterTopic {
         self.partitions.iter().map(|(&p, s)| (p, start(s))).collect()
     }
 
+    /// The letters after where the redrive group stands, up to the ends found by [`DeadLetterTopic::open`].
+    pub fn waiting(&self) -> i64 {
+        self.partitions.values().map(|s| s.high - s.next_to_redrive()).sum()
+    }
+
     /// Each partition's end as found by [`DeadLetterTopic::open`].
     pub fn ends(&self) -> BTreeMap<i32, i64> {
         self.partitions.iter().map(|(&p, s)| (p, s.high)).collect()
