@@ -80,10 +80,12 @@ pub async fn watch_waiting(kafka: KafkaArgs, topic: String, group: String, waiti
     let mut failing = false;
     loop {
         let (kafka, topic, group) = (kafka.clone(), topic.clone(), group.clone());
-        let read = tokio::task::spawn_blocking(move || redrive::DeadLetterTopic::open(&kafka, &topic, &group)).await;
-        match read.map_err(anyhow::Error::new).and_then(|r| r) {
-            Ok(found) => {
-                waiting.set(found.map_or(0, |t| t.waiting()));
+        // The client is made and dropped (its close blocks) on a blocking thread.
+        let count = move || Ok(redrive::DeadLetterTopic::open(&kafka, &topic, &group)?.map_or(0, |t| t.waiting()));
+        let read = tokio::task::spawn_blocking(count).await;
+        match read.map_err(anyhow::Error::new).and_then(|r: Result<i64>| r) {
+            Ok(count) => {
+                waiting.set(count);
                 failing = false;
             }
             Err(e) if !failing => {
