@@ -106,9 +106,9 @@ impl std::fmt::Display for Snapshot {
 /// Where a load stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Loading straight into the read collections: jobs wait.
+    /// A first load (not a rebuild) loading: jobs wait.
     Loading,
-    /// Swapping rebuilt collections in: jobs wait.
+    /// Swapping loaded collections in: jobs wait.
     Swapping,
     /// Done (or never started): jobs apply what the snapshot does not hold.
     Done,
@@ -141,12 +141,15 @@ pub struct Handoff {
     pub snapshot: Option<Snapshot>,
     /// `true` for a `--rebuild` (the live collections stay whole while it loads).
     pub rebuild: bool,
+    /// The lease owner of the run that began this phase: its shadow collections are the ones a swap renames
+    /// (none from a version before fencing: the shadows had one name).
+    pub loaded_by: Option<String>,
 }
 
 impl Handoff {
     /// No load ever ran: the stream alone builds the read models.
     pub fn none() -> Handoff {
-        Handoff { epoch: 0, phase: Phase::Done, snapshot: None, rebuild: false }
+        Handoff { epoch: 0, phase: Phase::Done, snapshot: None, rebuild: false, loaded_by: None }
     }
 
     /// Whether the loaded data already holds the change of transaction `tx_id`.
@@ -166,6 +169,7 @@ impl Handoff {
                 _ => None,
             },
             rebuild: d.get_bool("rebuild").unwrap_or(false),
+            loaded_by: d.get_str("loaded_by").ok().map(str::to_owned),
         })
     }
 }
@@ -228,12 +232,15 @@ pub fn gate(handoff: Arc<Handoff>, epoch: i64) -> Gate {
     }
 }
 
-/// Starts a new epoch in `phase`. With `rewind`, every job checkpoint moves, in the same transaction, to
-/// the offset `rewind` gives for its `_id` (0 if none). Every job batch that has not committed yet
-/// conflicts with this transaction (see the module doc). Returns the new epoch.
+/// Starts a new epoch in `phase` for the first_load run holding the lease `owner` (whose shadow collections
+/// a swap renames). With `rewind`, every job checkpoint moves, in the same transaction, to the offset `rewind`
+/// gives for its `_id` (0 if none). Every job batch that has not committed yet conflicts with this
+/// transaction (see the module doc), and so does another run taking the lease over: a run that lost it
+/// changes nothing. Returns the new epoch.
 pub async fn begin(
     db: &Database,
     session: &mut ClientSession,
+    owner: ObjectId,
     phase: Phase,
     snapshot: Option<&Snapshot>,
     rebuild: bool,
@@ -241,16 +248,25 @@ pub async fn begin(
 ) -> Result<i64> {
     let pause = std::time::Duration::ZERO;
     crate::sink::in_transaction(session, "recording the handoff state", pause, async |session| {
+        let handoffs = db.collection::<Document>(COLLECTION);
+        // Written, not just read: a takeover committed meanwhile conflicts with this transaction.
+        let held = handoffs
+            .update_one(doc! { "_id": LEASE_ID, "owner": owner }, doc! { "$currentDate": { "renewed_at": true } })
+            .session(&mut *session)
+            .await?;
+        if held.matched_count == 0 {
+            bail!("this first_load no longer holds the store's lease: another run took it over; run one at a time");
+        }
         let current = read(db, Some(&mut *session)).await?;
         let epoch = current.epoch + 1;
         let mut state = doc! {
             "epoch": epoch,
             "phase": phase.name(),
             "rebuild": rebuild,
+            "loaded_by": owner.to_hex(),
             "started_at": bson::DateTime::now(),
         };
         state.insert("snapshot", snapshot.map_or(Bson::Null, |s| Bson::Document(s.to_bson())));
-        let handoffs = db.collection::<Document>(COLLECTION);
         handoffs.replace_one(doc! { "_id": ID }, state).upsert(true).session(&mut *session).await?;
         let marks = db.collection::<Document>(crate::sink::TRUNCATIONS);
         let token = ObjectId::new();

@@ -33,6 +33,16 @@ async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() ->
     }
 }
 
+/// Documents in the shadows of `collection` (`<collection>_load_<run>`), where a run loads before its swap.
+async fn shadow_documents(db: &mongodb::Database, collection: &str) -> u64 {
+    let prefix = format!("{collection}_load_");
+    let mut n = 0;
+    for name in db.list_collection_names().await.unwrap().into_iter().filter(|c| c.starts_with(&prefix)) {
+        n += db.collection::<Document>(&name).count_documents(doc! {}).await.unwrap();
+    }
+    n
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -68,7 +78,7 @@ async fn a_seeded_load_equals_the_source_and_refuses_to_overwrite() {
     assert!(out.contains("rebuilt and swapped in"), "{out}");
     cap.converge(&ALL, Duration::from_secs(5)).await;
     let names = client.database(&cap.name).list_collection_names().await.unwrap();
-    assert!(!names.iter().any(|n| n.ends_with("_rebuild")), "no shadow left: {names:?}");
+    assert!(!names.iter().any(|n| n.contains("_load_")), "no shadow left: {names:?}");
     let indexes = |name: &'static str| {
         let db = client.database(&cap.name);
         async move { db.collection::<Document>(name).list_index_names().await.unwrap() }
@@ -160,7 +170,8 @@ async fn the_handoff_loses_and_doubles_nothing_while_writes_go_on() {
     assert!(writer.wait().unwrap().success(), "the workload failed");
     cap.converge(&ALL, CONVERGE).await;
     let state = handoff(&client, &cap).await.unwrap();
-    assert_eq!(state.get_i64("epoch").unwrap(), 2);
+    // The first load's load and swap, then the rebuild's swap.
+    assert_eq!(state.get_i64("epoch").unwrap(), 3);
     for job in jobs {
         job.stop();
     }
@@ -178,12 +189,10 @@ async fn a_load_killed_half_way_is_run_again() {
     )
     .await;
     let client = mongo(&cap).await;
-    let orders = client.database(&cap.name).collection::<Document>("orders");
+    let db = client.database(&cap.name);
     let mut load = cap.first_load(&["--chunk", "200", "--parallelism", "1"]).spawn().expect("first_load");
-    wait_for("documents to be written", Duration::from_secs(60), async || {
-        orders.estimated_document_count().await.unwrap_or(0) > 0
-    })
-    .await;
+    wait_for("documents to be written", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0)
+        .await;
     // A second run while the first writes: refused at once, naming it; the first goes on.
     let second = cap.run_first_load(&[]);
     assert!(!second.status.success(), "a second first_load ran beside the first");
@@ -191,7 +200,7 @@ async fn a_load_killed_half_way_is_run_again() {
     assert!(load.try_wait().unwrap().is_none(), "the first run stopped");
     load.kill().unwrap();
     load.wait().unwrap();
-    let written = orders.count_documents(doc! {}).await.unwrap();
+    let written = shadow_documents(&db, "orders").await;
     assert!(written > 0 && written < 8000, "killed half way ({written} orders written)");
     assert_eq!(handoff(&client, &cap).await.unwrap().get_str("phase").unwrap(), "loading");
 
@@ -200,11 +209,7 @@ async fn a_load_killed_half_way_is_run_again() {
 
     // A rebuild killed half way: the live read models stay whole and equal; a rerun swaps in.
     let mut rebuild = cap.first_load(&["--rebuild", "--chunk", "200", "--parallelism", "1"]).spawn().unwrap();
-    let shadow = client.database(&cap.name).collection::<Document>("orders_rebuild");
-    wait_for("shadow documents", Duration::from_secs(60), async || {
-        shadow.estimated_document_count().await.unwrap_or(0) > 0
-    })
-    .await;
+    wait_for("shadow documents", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0).await;
     rebuild.kill().unwrap();
     rebuild.wait().unwrap();
     cap.converge(&ALL, Duration::from_secs(5)).await;
@@ -260,17 +265,15 @@ async fn a_load_that_cannot_renew_its_lease_stops_before_it_expires() {
     // Store 2 (the other tests here load store 0, which must not freeze under them).
     let store = cap.stack.mongo_uris.get(2).expect("this test needs 3 read stores (CDC_MONGO_STORES=3)").clone();
     let client = mongodb::Client::with_uri_str(&store).await.unwrap();
-    let orders = client.database(&cap.name).collection::<Document>("orders");
+    let db = client.database(&cap.name);
     let mut load = cap
         .first_load(&["--chunk", "200", "--parallelism", "1"])
         .env("CDC_MONGO_URI", &store)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("first_load");
-    wait_for("documents to be written", Duration::from_secs(60), async || {
-        orders.estimated_document_count().await.unwrap_or(0) > 0
-    })
-    .await;
+    wait_for("documents to be written", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0)
+        .await;
     let frozen = StoppedStore::sigstop(2);
     let frozen_at = Instant::now();
     let status = loop {
@@ -301,6 +304,81 @@ async fn a_load_that_cannot_renew_its_lease_stops_before_it_expires() {
         .output()
         .unwrap();
     success("verify", &verify);
+    client.shutdown().await;
+    cap.teardown().await;
+}
+
+/// A run frozen past its lease's expiry (a paused VM) that wakes after another run took the store over and
+/// finished writes on until it notices (here its renewal stalls on a lock for 5 s, as a slow server would
+/// make it): what it writes lands in its own shadows, never in the read models the other run swapped in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_frozen_past_its_lease_writes_nothing_into_the_models_swapped_in() {
+    let mut cap = Capture::start_after(
+        "fl_frozen",
+        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "71"],
+    )
+    .await;
+    let client = mongo(&cap).await;
+    let db = client.database(&cap.name);
+    let leases = db.collection::<Document>("_handoff");
+    // From another host, so that the next run waits for its lease to expire rather than refusing at once.
+    let frozen = cap
+        .first_load(&["--chunk", "200", "--parallelism", "1"])
+        .env("HOSTNAME", "frozen-host")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("first_load");
+    let live = db.collection::<Document>("orders");
+    wait_for("documents to be written", Duration::from_secs(60), async || {
+        shadow_documents(&db, "orders").await + live.count_documents(doc! {}).await.unwrap() > 0
+    })
+    .await;
+    let signal = |sig: &str| {
+        let pid = frozen.id().to_string();
+        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    };
+    signal("-STOP");
+    let owner =
+        leases.find_one(doc! { "_id": "first_load_lease" }).await.unwrap().unwrap().get_object_id("owner").unwrap();
+    // Most orders go: every one the frozen run writes from now on is from before (its snapshot).
+    sqlx::query("DELETE FROM orders WHERE order_id % 4 <> 0").execute(&mut cap.pg).await.unwrap();
+
+    // The next run takes over once the frozen one's lease is 30 s old, loads and swaps in.
+    success("first_load", &cap.run_first_load(&[]));
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+
+    // The frozen run wakes believing it holds the lease, and its renewal hangs (a transaction holds the lease
+    // document): it writes until its renewal gives up (5 s) and it stops.
+    let at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 60_000);
+    let stale = doc! { "_id": "first_load_lease", "owner": owner, "host": "frozen-host", "pid": 1_i64, "since": at, "renewed_at": at };
+    leases.insert_one(stale).await.unwrap();
+    let mut lock = client.start_session().await.unwrap();
+    lock.start_transaction().await.unwrap();
+    leases
+        .update_one(doc! { "_id": "first_load_lease" }, doc! { "$set": { "locked": true } })
+        .session(&mut lock)
+        .await
+        .unwrap();
+    let before = shadow_documents(&db, "orders").await;
+    signal("-CONT");
+    let out = frozen.wait_with_output().unwrap();
+    let written = shadow_documents(&db, "orders").await;
+    lock.abort_transaction().await.unwrap();
+    drop(lock); // the client's shutdown waits for its sessions
+    leases.delete_one(doc! { "_id": "first_load_lease" }).await.unwrap();
+    // The models swapped in are untouched: no deleted order back.
+    cap.converge(&ALL, Duration::from_secs(5)).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the frozen run finished after another took the store over");
+    assert!(err.contains("could not renew its lease"), "{err}");
+    assert!(
+        written > before,
+        "the frozen run wrote nothing after waking ({before} -> {written}): the test shows nothing"
+    );
+    // The next run drops what the frozen one left.
+    success("first_load", &cap.run_first_load(&["--rebuild"]));
+    assert_eq!(shadow_documents(&db, "orders").await, 0, "a frozen run's shadow left behind");
+    cap.converge(&ALL, Duration::from_secs(5)).await;
     client.shutdown().await;
     cap.teardown().await;
 }

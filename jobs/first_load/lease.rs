@@ -8,7 +8,9 @@
 //! A run that could not renew its lease for half that time (MongoDB unreachable) stops before anyone may take it
 //! over. `compact` refuses to run while a lease is live (a rebuild's rewind would replay changes its horizon
 //! drops). The lease's times are MongoDB's (`$$NOW`), so the hosts' clocks do not matter; a run times its own
-//! renewals on its monotonic clock.
+//! renewals on its monotonic clock. Time alone does not fence a run frozen past its lease (a paused VM): its
+//! owner id names the shadow collections it writes (`target`) and is checked in the transaction that starts
+//! its swap (`handoff::begin`), so what it writes after losing the lease is never swapped in.
 
 use std::time::{Duration, Instant};
 
@@ -129,6 +131,11 @@ impl Lease {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// This run's mark on the lease, and on what it writes (see the `target` module).
+    pub fn owner(&self) -> ObjectId {
+        self.owner
     }
 
     /// Resolves with why if this run lost the lease (another took it over, or it could not renew it in time);

@@ -2,11 +2,12 @@
 //! and hands over to the stream jobs at exactly that snapshot (see `cdc_cqrs::handoff`).
 //!
 //! Flow: one exported snapshot -> key ranges read by `--parallelism` connections (source) -> documents
-//! built with polars (frames) -> unordered bulk inserts (target). A first load pauses the jobs while it
-//! writes the live collections; `--rebuild` writes shadow collections while the jobs go on, then swaps
-//! them in and rewinds the jobs to where they stood before the snapshot. A crashed run is simply run
+//! built with polars (frames) -> unordered bulk inserts into the run's own shadow collections (target),
+//! swapped in at the end. A first load pauses the jobs while it loads; `--rebuild` loads while the jobs go
+//! on, and its swap rewinds the jobs to where they stood before the snapshot. A crashed run is simply run
 //! again: a half-done load is dropped and redone from a fresh snapshot, a half-done swap is finished. One
-//! run at a time per store (`lease`): a second is refused while the first runs.
+//! run at a time per store (`lease`): a second is refused while the first runs, and one that lost its lease
+//! writes nothing that is swapped in.
 
 mod frames;
 mod lease;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bson::doc;
+use bson::oid::ObjectId;
 use cdc_cqrs::cli;
 use cdc_cqrs::config::{MongoArgs, PgArgs};
 use cdc_cqrs::handoff::{self, Phase};
@@ -95,7 +97,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
     let db = sink.database().clone();
     let lease = Lease::take(&db).await?;
     let done = tokio::select! {
-        done = load_holding_the_lease(cli, &db) => done,
+        done = load_holding_the_lease(cli, &db, lease.owner()) => done,
         lost = lease.lost() => Err(lost),
     };
     // Released after a failure too: what the run left is the next run's to finish or redo.
@@ -105,12 +107,12 @@ async fn load(cli: &Cli) -> Result<Summary> {
     Ok(summary)
 }
 
-async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database) -> Result<Summary> {
+async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database, owner: ObjectId) -> Result<Summary> {
     let started = Instant::now();
     let db = db.clone();
     let previous = handoff::read(&db, None).await?;
     if previous.phase == Phase::Swapping {
-        Target::swap_in(&db).await?;
+        Target::swap_in(&db, previous.loaded_by.as_deref()).await?;
         handoff::finish(&db, previous.epoch, doc! { "note": "swap finished by a later run" }).await?;
         return Ok(Summary::resumed_swap(previous.epoch));
     }
@@ -129,15 +131,15 @@ async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database) -> Result<Sum
     let (epoch, rewind) = if rebuild {
         (None, Some(handoff::checkpoints(&db).await?))
     } else {
-        (Some(handoff::begin(&db, &mut session, Phase::Loading, None, false, None).await?), None)
+        (Some(handoff::begin(&db, &mut session, owner, Phase::Loading, None, false, None).await?), None)
     };
     let source = SnapshotSource::open(&cli.pg).await?;
     if let Some(epoch) = epoch {
         handoff::set_snapshot(&db, epoch, &source.snapshot).await?;
     }
     tracing::info!(snapshot = %source.snapshot, rebuild, "snapshot taken");
-    let target = Target::new(db.clone(), rebuild);
-    target.reset().await?;
+    let target = Target::new(db.clone(), owner);
+    target.reset(!rebuild).await?;
 
     let (tables, oversized) = copy(cli, &source, &target).await?;
     target.create_indexes().await?;
@@ -151,15 +153,10 @@ async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database) -> Result<Sum
         "lines_not_embedded": oversized.iter().map(|o| o.left_out.len() as i64).sum::<i64>(),
         "seconds": started.elapsed().as_secs_f64(),
     };
-    let epoch = match epoch {
-        Some(epoch) => epoch,
-        None => {
-            let epoch =
-                handoff::begin(&db, &mut session, Phase::Swapping, Some(&snapshot), true, rewind.as_ref()).await?;
-            Target::swap_in(&db).await?;
-            epoch
-        }
-    };
+    // A first load swaps too (into empty collections): only the run holding the lease swaps its shadows in.
+    let swap = Some(&snapshot);
+    let epoch = handoff::begin(&db, &mut session, owner, Phase::Swapping, swap, rebuild, rewind.as_ref()).await?;
+    Target::swap_in(&db, Some(&owner.to_hex())).await?;
     handoff::finish(&db, epoch, summary_doc).await?;
     Ok(Summary { epoch, rebuild, snapshot: Some(snapshot.to_string()), tables, oversized, elapsed: started.elapsed() })
 }

@@ -1,31 +1,43 @@
-//! Where `first_load` writes: straight into the read collections (a first load, with the stream jobs
-//! paused), or into shadow collections that replace the live ones in one step at the end (`--rebuild`,
-//! readers never see a half-built model and the jobs go on meanwhile).
+//! Where `first_load` writes: shadow collections named for the run (its lease's owner), which replace the
+//! live ones in one step at the end. Readers never see a half-built model during a `--rebuild` (the jobs go on
+//! meanwhile); and a run that lost its lease while frozen (a paused VM) and writes on when it wakes writes only
+//! into its own shadows, which no swap takes: the lease fences its every write, not only its phase changes.
 
 use anyhow::{Context, Result, bail};
+use bson::oid::ObjectId;
 use bson::{Document, RawDocumentBuf, doc};
 use cdc_cqrs::projection::Collection;
 use cdc_cqrs::sink;
 use mongodb::Database;
 
-/// The shadow collection a rebuild loads `collection` into.
-fn shadow(collection: Collection) -> String {
-    format!("{}_rebuild", collection.name())
+/// The shadow collection the run whose lease is `owner` loads `collection` into (`None`: a swap begun by a
+/// version before shadows were named for their run).
+fn shadow(collection: Collection, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) => format!("{}_load_{owner}", collection.name()),
+        None => format!("{}_rebuild", collection.name()),
+    }
+}
+
+/// Whether `name` is a shadow of `collection`, whichever run's.
+fn is_shadow(name: &str, collection: Collection) -> bool {
+    name == shadow(collection, None) || name.starts_with(&format!("{}_load_", collection.name()))
 }
 
 pub struct Target {
     db: Database,
-    rebuild: bool,
+    owner: String,
 }
 
 impl Target {
-    pub fn new(db: Database, rebuild: bool) -> Target {
-        Target { db, rebuild }
+    /// The target of the run holding the lease `owner`.
+    pub fn new(db: Database, owner: ObjectId) -> Target {
+        Target { db, owner: owner.to_hex() }
     }
 
     /// The MongoDB collection this load writes `collection`'s documents to.
     pub fn name(&self, collection: Collection) -> String {
-        if self.rebuild { shadow(collection) } else { collection.name().to_owned() }
+        shadow(collection, Some(&self.owner))
     }
 
     /// Fails, naming the fix, if a read collection holds documents (tombstones count: the stream wrote it).
@@ -44,11 +56,16 @@ impl Target {
         Ok(())
     }
 
-    /// Empty target collections (whatever an interrupted run left is dropped).
-    pub async fn reset(&self) -> Result<()> {
+    /// Drops every shadow, whichever run's (what an interrupted run left), and with `live` the read collections
+    /// too (a first load: they are empty, or what a run of a version that loaded into them left).
+    pub async fn reset(&self, live: bool) -> Result<()> {
+        let existing = self.db.list_collection_names().await.context("listing the collections")?;
         for collection in Collection::ALL {
-            let name = self.name(collection);
-            self.db.collection::<Document>(&name).drop().await.with_context(|| format!("dropping {name}"))?;
+            let live = live.then(|| collection.name().to_owned());
+            let shadows = existing.iter().filter(|name| is_shadow(name, collection)).cloned();
+            for name in shadows.chain(live) {
+                self.db.collection::<Document>(&name).drop().await.with_context(|| format!("dropping {name}"))?;
+            }
         }
         Ok(())
     }
@@ -77,13 +94,14 @@ impl Target {
         Ok(())
     }
 
-    /// Replaces each live collection by its shadow (`renameCollection` with `dropTarget`, one atomic step
-    /// per collection). Shadows already swapped by an interrupted run are skipped.
-    pub async fn swap_in(db: &Database) -> Result<()> {
+    /// Replaces each live collection by its shadow loaded by the run `loaded_by` (the handoff state's:
+    /// `renameCollection` with `dropTarget`, one atomic step per collection). Shadows already swapped by an
+    /// interrupted run are skipped.
+    pub async fn swap_in(db: &Database, loaded_by: Option<&str>) -> Result<()> {
         let existing = db.list_collection_names().await?;
         let admin = db.client().database("admin");
         for collection in Collection::ALL {
-            let shadow = shadow(collection);
+            let shadow = shadow(collection, loaded_by);
             if !existing.contains(&shadow) {
                 continue;
             }
