@@ -117,3 +117,32 @@ fn setup_and_jobs_run_this_projects_binaries() {
     assert_eq!(compact[..2], ["compact", "--every"], "compact keeps running: {compact:?}");
     assert!(manifest.contains("name = \"compact\""), "compact is not a binary of Cargo.toml");
 }
+
+#[test]
+fn prometheus_scrapes_every_job_where_it_serves_its_metrics() {
+    let doc = compose();
+    let read = |file: &str| {
+        let text = std::fs::read_to_string(format!("{}/monitoring/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        serde_yaml_ng::from_str::<Value>(&text).unwrap_or_else(|e| panic!("monitoring/{file}: {e}"))
+    };
+    let prometheus = read("prometheus.yml");
+    let scrape = &prometheus["scrape_configs"][0];
+    assert_eq!(scrape["honor_labels"], true, "the jobs' own `job` label would be renamed");
+    let targets = strings(&scrape["static_configs"][0]["targets"]);
+    for job in ["stream_products", "stream_orders", "stream_order_details"] {
+        let addr = service(&doc, job)["environment"]["CDC_METRICS_ADDR"].as_str().unwrap_or_default().to_owned();
+        let port = addr.rsplit(':').next().unwrap();
+        assert!(addr.starts_with("0.0.0.0:"), "{job} serves its metrics beyond its container: {addr}");
+        assert!(targets.contains(&format!("{job}:{port}")), "prometheus does not scrape {job} at {port}: {targets:?}");
+    }
+    let mounted = strings(&service(&doc, "prometheus")["volumes"]);
+    assert!(mounted.iter().any(|v| v.starts_with("./monitoring:/etc/prometheus")), "{mounted:?}");
+    assert_eq!(strings(&prometheus["rule_files"]), ["alerts.yml"]);
+    let rules = read("alerts.yml");
+    let rules = rules["groups"][0]["rules"].as_sequence().expect("alert rules");
+    assert!(!rules.is_empty());
+    for rule in rules {
+        assert!(rule["expr"].as_str().is_some_and(|e| !e.is_empty()), "{rule:?}");
+        assert!(rule["annotations"]["summary"].as_str().is_some(), "{rule:?}");
+    }
+}

@@ -58,6 +58,22 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
     // The job's metrics say how many wait for someone to act.
     waiting_letters_reach(&metrics_addr, 3).await;
+    // Every series the shipped alert rules use is one a job serves.
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap().text().await.unwrap();
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/monitoring/alerts.yml")).unwrap();
+    let used: Vec<&str> =
+        rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("cdc_")).collect();
+    assert!(used.len() >= 4, "{used:?}");
+    // A histogram is served as its `_bucket`, `_sum` and `_count` series.
+    let served: Vec<&str> =
+        metrics.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    for name in used {
+        let histogram = ["_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}"));
+        assert!(
+            served.iter().any(|s| *s == name || histogram.iter().any(|h| h == s)),
+            "monitoring/alerts.yml uses {name}, which no job serves:\n{metrics}"
+        );
+    }
 
     // A replay (store 0's checkpoints gone, as a `--rebuild`'s rewind moves them back) meets the three records
     // again, the validator still there: none is sent twice.
