@@ -64,6 +64,9 @@ impl Target {
             let live = live.then(|| collection.name().to_owned());
             let shadows = existing.iter().filter(|name| is_shadow(name, collection)).cloned();
             for name in shadows.chain(live) {
+                if name != collection.name() {
+                    tracing::info!(collection = %name, "dropping a shadow an earlier run left (it died, or lost its lease)");
+                }
                 self.db.collection::<Document>(&name).drop().await.with_context(|| format!("dropping {name}"))?;
             }
         }
