@@ -43,6 +43,21 @@ async fn shadow_documents(db: &mongodb::Database, collection: &str) -> u64 {
     n
 }
 
+/// Waits until a run has written orders into its shadow.
+async fn until_shadow_documents(db: &mongodb::Database) {
+    wait_for("documents to be written", Duration::from_secs(60), async || shadow_documents(db, "orders").await > 0)
+        .await;
+}
+
+/// A capture whose load, with [`SLOW_LOAD`], takes long enough to be caught half way.
+async fn slow_load_capture(what: &str, seed: &str) -> Capture {
+    let rows = ["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", seed];
+    Capture::start_after(what, &rows).await
+}
+
+/// first_load's flags for a load of [`slow_load_capture`] that can be caught half way.
+const SLOW_LOAD: [&str; 4] = ["--chunk", "200", "--parallelism", "1"];
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -183,16 +198,11 @@ async fn the_handoff_loses_and_doubles_nothing_while_writes_go_on() {
 /// half way leaves the live read models untouched.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_load_killed_half_way_is_run_again() {
-    let cap = Capture::start_after(
-        "fl_killed",
-        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "51"],
-    )
-    .await;
+    let cap = slow_load_capture("fl_killed", "51").await;
     let client = mongo(&cap).await;
     let db = client.database(&cap.name);
-    let mut load = cap.first_load(&["--chunk", "200", "--parallelism", "1"]).spawn().expect("first_load");
-    wait_for("documents to be written", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0)
-        .await;
+    let mut load = cap.first_load(&SLOW_LOAD).spawn().expect("first_load");
+    until_shadow_documents(&db).await;
     // A second run while the first writes: refused at once, naming it; the first goes on.
     let second = cap.run_first_load(&[]);
     assert!(!second.status.success(), "a second first_load ran beside the first");
@@ -208,8 +218,8 @@ async fn a_load_killed_half_way_is_run_again() {
     cap.converge(&ALL, Duration::from_secs(5)).await;
 
     // A rebuild killed half way: the live read models stay whole and equal; a rerun swaps in.
-    let mut rebuild = cap.first_load(&["--rebuild", "--chunk", "200", "--parallelism", "1"]).spawn().unwrap();
-    wait_for("shadow documents", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0).await;
+    let mut rebuild = cap.first_load(&SLOW_LOAD).arg("--rebuild").spawn().unwrap();
+    until_shadow_documents(&db).await;
     rebuild.kill().unwrap();
     rebuild.wait().unwrap();
     cap.converge(&ALL, Duration::from_secs(5)).await;
@@ -257,23 +267,18 @@ async fn a_load_killed_half_way_is_run_again() {
 /// and another run could take the store over, and a rerun finishes the job.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_load_that_cannot_renew_its_lease_stops_before_it_expires() {
-    let cap = Capture::start_after(
-        "fl_fenced",
-        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "61"],
-    )
-    .await;
+    let cap = slow_load_capture("fl_fenced", "61").await;
     // Store 2 (the other tests here load store 0, which must not freeze under them).
     let store = cap.stack.mongo_uris.get(2).expect("this test needs 3 read stores (CDC_MONGO_STORES=3)").clone();
     let client = mongodb::Client::with_uri_str(&store).await.unwrap();
     let db = client.database(&cap.name);
     let mut load = cap
-        .first_load(&["--chunk", "200", "--parallelism", "1"])
+        .first_load(&SLOW_LOAD)
         .env("CDC_MONGO_URI", &store)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("first_load");
-    wait_for("documents to be written", Duration::from_secs(60), async || shadow_documents(&db, "orders").await > 0)
-        .await;
+    until_shadow_documents(&db).await;
     let frozen = StoppedStore::sigstop(2);
     let frozen_at = Instant::now();
     let status = loop {
@@ -313,22 +318,19 @@ async fn a_load_that_cannot_renew_its_lease_stops_before_it_expires() {
 /// make it): what it writes lands in its own shadows, never in the read models the other run swapped in.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_frozen_past_its_lease_writes_nothing_into_the_models_swapped_in() {
-    let mut cap = Capture::start_after(
-        "fl_frozen",
-        &["--products", "100", "--orders", "8000", "--orders-per-tx", "50", "--seed", "71"],
-    )
-    .await;
+    let mut cap = slow_load_capture("fl_frozen", "71").await;
     let client = mongo(&cap).await;
     let db = client.database(&cap.name);
     let leases = db.collection::<Document>("_handoff");
     // From another host, so that the next run waits for its lease to expire rather than refusing at once.
     let frozen = cap
-        .first_load(&["--chunk", "200", "--parallelism", "1"])
+        .first_load(&SLOW_LOAD)
         .env("HOSTNAME", "frozen-host")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("first_load");
     let live = db.collection::<Document>("orders");
+    // Or in the live ones: a load writing them directly is what this test must catch.
     wait_for("documents to be written", Duration::from_secs(60), async || {
         shadow_documents(&db, "orders").await + live.count_documents(doc! {}).await.unwrap() > 0
     })
