@@ -123,8 +123,10 @@ pub struct MongoArgs {
 /// (each a replica set) holding the same read models, each with its own checkpoints.
 #[derive(Debug, Clone, Args)]
 pub struct StoresArgs {
-    /// MongoDB read stores, space separated (a URI may itself hold commas). A job keeps each one up to
-    /// date on its own: a slow or unreachable store holds back only itself.
+    /// MongoDB read stores, space separated (a URI may itself hold commas), each holding the read models. A
+    /// job keeps each one up to date on its own (a slow or unreachable store holds back only itself);
+    /// first_load loads them all from one snapshot; the query service spreads its reads over them; verify
+    /// and compact work on each.
     #[arg(
         id = "mongo_uri",
         long = "mongo-uri",

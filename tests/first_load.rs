@@ -194,6 +194,80 @@ async fn the_handoff_loses_and_doubles_nothing_while_writes_go_on() {
     cap.teardown().await;
 }
 
+/// Given every read store, one run loads them all from one snapshot while writes go on, each store handing
+/// over to its own pipeline of the jobs; a store that is not empty stops a first load before any store is
+/// touched; a rebuild swaps in everywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_run_loads_every_read_store_from_one_snapshot() {
+    let cap = Capture::start_after(
+        "fl_stores",
+        &["--products", "150", "--orders", "3000", "--orders-per-tx", "50", "--seed", "61"],
+    )
+    .await;
+    let uris = cap.stack.mongo_uris.clone();
+    assert!(uris.len() > 1, "this test needs several read stores (CDC_MONGO_STORES=3)");
+    let stores = uris.join(" ");
+    let mut clients = Vec::new();
+    for uri in &uris {
+        clients.push(mongodb::Client::with_uri_str(uri).await.unwrap());
+    }
+    let writes = |seconds: &str, seed: &str| {
+        let flags = ["--products", "0", "--orders", "0", "--duration", seconds, "--rate", "200", "--seed", seed];
+        cap.workload_in_background(&flags)
+    };
+    let first_load = |flags: &[&str]| {
+        let mut cmd = cap.first_load(flags);
+        cmd.env("CDC_MONGO_URI", &stores);
+        cmd
+    };
+
+    let mut writer = writes("15s", "62");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut load = first_load(&["--chunk", "300", "--parallelism", "2"]).spawn().expect("first_load");
+    // The jobs keep every store; started once the load has paused them in each, they wait for it there.
+    for client in &clients {
+        wait_for("the load to start in every store", Duration::from_secs(60), async || {
+            handoff(client, &cap).await.is_some_and(|h| h.get_str("phase").ok() == Some("loading"))
+        })
+        .await;
+    }
+    let env = [("CDC_MONGO_URI", stores.as_str())];
+    let jobs: Vec<JobProcess> = JOBS.iter().map(|j| cap.spawn_job_with(j, j, &env)).collect();
+    assert!(load.wait().unwrap().success(), "first_load failed");
+    let mut snapshots = Vec::new();
+    for client in &clients {
+        let state = handoff(client, &cap).await.expect("handoff state in every store");
+        assert_eq!(state.get_str("phase").unwrap(), "done");
+        snapshots.push(state.get_document("snapshot").unwrap().clone());
+    }
+    assert!(snapshots.iter().all(|s| *s == snapshots[0]), "one snapshot for every store: {snapshots:?}");
+    assert!(writer.wait().unwrap().success(), "the workload failed");
+    cap.converge_everywhere(&ALL, CONVERGE).await;
+
+    // Not empty: refused, naming a store, and no store's handoff moved.
+    let again = first_load(&[]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let err = stderr(&again);
+    assert!(err.contains("store0 (") && err.contains("not empty") && err.contains("--rebuild"), "{err}");
+    for client in &clients {
+        assert_eq!(handoff(client, &cap).await.unwrap().get_i64("epoch").unwrap(), 2, "a store was touched");
+    }
+
+    let mut writer = writes("10s", "63");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = success("first_load", &first_load(&["--rebuild", "--chunk", "300"]).output().unwrap());
+    assert_eq!(out.matches(": rebuilt and swapped in (handoff epoch 3)").count(), uris.len(), "{out}");
+    assert!(writer.wait().unwrap().success(), "the workload failed");
+    cap.converge_everywhere(&ALL, CONVERGE).await;
+    for job in jobs {
+        job.stop();
+    }
+    for client in clients {
+        client.shutdown().await;
+    }
+    cap.teardown().await;
+}
+
 /// A load killed half way leaves the jobs waiting; running it again finishes the job. A rebuild killed
 /// half way leaves the live read models untouched.
 #[tokio::test(flavor = "multi_thread")]

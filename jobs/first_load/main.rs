@@ -8,12 +8,16 @@
 //! again: a half-done load is dropped and redone from a fresh snapshot, a half-done swap is finished. One
 //! run at a time per store (`lease`): a second is refused while the first runs, and one that lost its lease
 //! writes nothing that is swapped in.
+//!
+//! Given several read stores (as the jobs are), one run loads them all: one snapshot, each document built
+//! once and inserted into every store, then each store swapped in its own handoff.
 
 mod frames;
 mod lease;
 mod source;
 mod target;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,12 +28,13 @@ use anyhow::{Context, Result, bail};
 use bson::doc;
 use bson::oid::ObjectId;
 use cdc_cqrs::cli;
-use cdc_cqrs::config::{MongoArgs, PgArgs};
+use cdc_cqrs::config::{PgArgs, StoresArgs};
 use cdc_cqrs::handoff::{self, Phase};
 use cdc_cqrs::projection::Collection;
 use cdc_cqrs::sink::MongoSink;
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use mongodb::Database;
 use tokio::sync::Mutex;
 
 use frames::Oversized;
@@ -40,7 +45,7 @@ use source::{Reader, SnapshotSource};
 // peak RSS several times the live data, and malloc/free a third of the CPU time.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use target::Target;
+use target::{Target, Targets};
 
 /// Copy products, orders and order_details from one consistent PostgreSQL snapshot into the MongoDB read
 /// models (orders embed their lines with product data and totals; order_details carry the product name
@@ -48,15 +53,16 @@ use target::Target;
 /// applied twice, even while writes go on. Run it with the Debezium connector registered (its slot must
 /// exist). Into empty collections by default (the stream jobs wait meanwhile); with --rebuild, beside
 /// the live ones, swapped in when complete. Safe to run again after a crash; a run beside one still running
-/// on the same read store is refused.
+/// on the same read store is refused. Given several read stores, loads them all from one snapshot.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
     #[command(flatten)]
     pg: PgArgs,
 
+    /// Every read store given is loaded from the same snapshot (the documents are built once).
     #[command(flatten)]
-    mongo: MongoArgs,
+    stores: StoresArgs,
 
     /// Replication slot of the Debezium connector (it must exist before the snapshot is taken).
     #[arg(long, env = "CDC_SLOT_NAME", default_value = "cdc_cqrs_ecommerce")]
@@ -92,57 +98,131 @@ fn main() -> ExitCode {
     })
 }
 
+/// A read store this run loads, its lease held.
+struct Store {
+    /// `store<i> (hosts)` when the run loads several, for the messages that must say which; empty with one.
+    label: String,
+    db: Database,
+    owner: ObjectId,
+}
+
+impl Store {
+    /// `e`, naming this store when the run loads several.
+    fn error(&self, e: anyhow::Error) -> anyhow::Error {
+        if self.label.is_empty() { e } else { e.context(self.label.clone()) }
+    }
+}
+
 async fn load(cli: &Cli) -> Result<Summary> {
-    let sink = MongoSink::connect(&cli.mongo).await?;
-    let db = sink.database().clone();
-    let lease = Lease::take(&db).await?;
+    let stores = cli.stores.stores();
+    if stores.is_empty() {
+        bail!("--mongo-uri / CDC_MONGO_URI names no read store: give it one URI, or several separated by spaces");
+    }
+    let several = stores.len() > 1;
+    let mut connected = Vec::new();
+    for store in &stores {
+        let label = if several { store.name.clone() } else { String::new() };
+        let sink = MongoSink::connect(&store.mongo).await;
+        let sink = sink.map_err(|e| if several { e.context(label.clone()) } else { e })?;
+        connected.push((label, sink.database().clone()));
+    }
+    // Every store's lease before any is read or written: a run refused on one store leaves them all as they were.
+    let mut leases = Vec::new();
+    let mut held = Vec::new();
+    for (label, db) in connected {
+        match Lease::take(&db).await {
+            Ok(lease) => {
+                held.push(Store { label, owner: lease.owner(), db });
+                leases.push(lease);
+            }
+            Err(e) => {
+                release(leases).await.ok();
+                return Err(if label.is_empty() { e } else { e.context(label) });
+            }
+        }
+    }
+    let lost = leases.iter().zip(&held).map(|(lease, store)| Box::pin(async move { store.error(lease.lost().await) }));
+    let lost = futures::future::select_all(lost);
     let done = tokio::select! {
-        done = load_holding_the_lease(cli, &db, lease.owner()) => done,
-        lost = lease.lost() => Err(lost),
+        done = load_holding_the_leases(cli, &held) => done,
+        (lost, _, _) = lost => Err(lost),
     };
     // Released after a failure too: what the run left is the next run's to finish or redo.
-    let released = lease.release().await;
+    let released = release(leases).await;
     let summary = done?;
     released?;
     Ok(summary)
 }
 
-async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database, owner: ObjectId) -> Result<Summary> {
-    let started = Instant::now();
-    let db = db.clone();
-    let previous = handoff::read(&db, None).await?;
-    if previous.phase == Phase::Swapping {
-        Target::swap_in(&db, previous.loaded_by.as_deref()).await?;
-        handoff::finish(&db, previous.epoch, doc! { "note": "swap finished by a later run" }).await?;
-        return Ok(Summary::resumed_swap(previous.epoch));
+/// Releases every lease, reporting the first that failed.
+async fn release(leases: Vec<Lease>) -> Result<()> {
+    let mut first = Ok(());
+    for lease in leases {
+        let released = lease.release().await;
+        if first.is_ok() {
+            first = released;
+        }
     }
-    // An earlier first load that did not finish left partial collections: redo it.
-    let interrupted = previous.phase == Phase::Loading;
-    let rebuild = cli.rebuild && !interrupted;
-    if !rebuild && !interrupted {
-        Target::check_empty(&db).await?;
+    first
+}
+
+/// What a run does in one store.
+struct StoreLoad<'a> {
+    store: &'a Store,
+    /// A rebuild (beside the live models, the jobs going on), or a first load (the jobs paused).
+    rebuild: bool,
+    /// A first load's epoch, begun before the snapshot.
+    epoch: Option<i64>,
+    /// A rebuild's checkpoints of the jobs, noted before the snapshot.
+    rewind: Option<HashMap<String, i64>>,
+}
+
+async fn load_holding_the_leases(cli: &Cli, stores: &[Store]) -> Result<Summary> {
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let mut loads = Vec::new();
+    for store in stores {
+        match plan(cli, store).await.map_err(|e| store.error(e))? {
+            Plan::SwapFinished(epoch) => summary.swaps_finished.push((store.label.clone(), epoch)),
+            Plan::Load { rebuild } => loads.push(StoreLoad { store, rebuild, epoch: None, rewind: None }),
+        }
+    }
+    if loads.is_empty() {
+        return Ok(summary);
     }
     SnapshotSource::check(&cli.pg, &cli.slot).await?;
 
-    let mut session = db.client().start_session().await?;
     // A first load stops the jobs before its snapshot: whatever they applied is older than it, so the
     // collections can be dropped and loaded from the snapshot. A rebuild notes where the jobs stand
     // before its snapshot: every change the snapshot lacks is past those checkpoints.
-    let (epoch, rewind) = if rebuild {
-        (None, Some(handoff::checkpoints(&db).await?))
-    } else {
-        (Some(handoff::begin(&db, &mut session, owner, Phase::Loading, None, false, None).await?), None)
-    };
-    let source = SnapshotSource::open(&cli.pg).await?;
-    if let Some(epoch) = epoch {
-        handoff::set_snapshot(&db, epoch, &source.snapshot).await?;
+    for load in &mut loads {
+        let (db, owner) = (&load.store.db, load.store.owner);
+        if load.rebuild {
+            load.rewind = Some(handoff::checkpoints(db).await.map_err(|e| load.store.error(e))?);
+        } else {
+            let mut session = db.client().start_session().await?;
+            let epoch = handoff::begin(db, &mut session, owner, Phase::Loading, None, false, None).await;
+            load.epoch = Some(epoch.map_err(|e| load.store.error(e))?);
+        }
     }
-    tracing::info!(snapshot = %source.snapshot, rebuild, "snapshot taken");
-    let target = Target::new(db.clone(), owner);
-    target.reset(!rebuild).await?;
+    let source = SnapshotSource::open(&cli.pg).await?;
+    let mut targets = Vec::new();
+    for load in &loads {
+        if let Some(epoch) = load.epoch {
+            let recorded = handoff::set_snapshot(&load.store.db, epoch, &source.snapshot).await;
+            recorded.map_err(|e| load.store.error(e))?;
+        }
+        let target = Target::new(load.store.db.clone(), load.store.owner);
+        target.reset(!load.rebuild).await.map_err(|e| load.store.error(e))?;
+        targets.push((load.store.label.clone(), target));
+    }
+    let targets = Targets::new(targets);
+    tracing::info!(snapshot = %source.snapshot, stores = loads.len(), "snapshot taken");
 
-    let (tables, oversized) = copy(cli, &source, &target).await?;
-    target.create_indexes().await?;
+    let (tables, oversized) = copy(cli, &source, &targets).await?;
+    for (target, load) in targets.iter().zip(&loads) {
+        target.create_indexes().await.map_err(|e| load.store.error(e))?;
+    }
     let snapshot = source.snapshot.clone();
     drop(source);
 
@@ -153,12 +233,55 @@ async fn load_holding_the_lease(cli: &Cli, db: &mongodb::Database, owner: Object
         "lines_not_embedded": oversized.iter().map(|o| o.left_out.len() as i64).sum::<i64>(),
         "seconds": started.elapsed().as_secs_f64(),
     };
-    // A first load swaps too (into empty collections): only the run holding the lease swaps its shadows in.
-    let swap = Some(&snapshot);
-    let epoch = handoff::begin(&db, &mut session, owner, Phase::Swapping, swap, rebuild, rewind.as_ref()).await?;
-    Target::swap_in(&db, Some(&owner.to_hex())).await?;
-    handoff::finish(&db, epoch, summary_doc).await?;
-    Ok(Summary { epoch, rebuild, snapshot: Some(snapshot.to_string()), tables, oversized, elapsed: started.elapsed() })
+    // One store after another, each in its own handoff: a swap that fails in one store is the next run's to
+    // finish there, and leaves the stores already swapped as they are.
+    for load in &loads {
+        let (db, owner) = (&load.store.db, load.store.owner);
+        let swapped = async {
+            // A first load swaps too (into empty collections): only the run holding the lease swaps its shadows in.
+            let (swap, rewind) = (Some(&snapshot), load.rewind.as_ref());
+            let mut session = db.client().start_session().await?;
+            let epoch = handoff::begin(db, &mut session, owner, Phase::Swapping, swap, load.rebuild, rewind).await?;
+            Target::swap_in(db, Some(&owner.to_hex())).await?;
+            handoff::finish(db, epoch, summary_doc.clone()).await?;
+            Ok::<_, anyhow::Error>(epoch)
+        };
+        let epoch = swapped.await.map_err(|e| load.store.error(e))?;
+        summary.loaded.push(Loaded { store: load.store.label.clone(), epoch, rebuild: load.rebuild });
+    }
+    summary.snapshot = Some(snapshot.to_string());
+    summary.tables = tables;
+    summary.oversized = oversized;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// What a store needs of this run.
+enum Plan {
+    /// An earlier run died in its swap: this run finished it (the swap's epoch), the store needs no load.
+    SwapFinished(i64),
+    Load {
+        rebuild: bool,
+    },
+}
+
+/// Finishes a swap an earlier run left half done, or checks the store can be loaded (empty, unless
+/// `--rebuild` or an earlier first load died half way).
+async fn plan(cli: &Cli, store: &Store) -> Result<Plan> {
+    let db = &store.db;
+    let previous = handoff::read(db, None).await?;
+    if previous.phase == Phase::Swapping {
+        Target::swap_in(db, previous.loaded_by.as_deref()).await?;
+        handoff::finish(db, previous.epoch, doc! { "note": "swap finished by a later run" }).await?;
+        return Ok(Plan::SwapFinished(previous.epoch));
+    }
+    // An earlier first load that did not finish left partial collections: redo it.
+    let interrupted = previous.phase == Phase::Loading;
+    let rebuild = cli.rebuild && !interrupted;
+    if !rebuild && !interrupted {
+        Target::check_empty(db).await?;
+    }
+    Ok(Plan::Load { rebuild })
 }
 
 /// One unit of work: a key range of one table.
@@ -176,7 +299,7 @@ struct TableCount {
     documents: u64,
 }
 
-async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<(Vec<TableCount>, Vec<Oversized>)> {
+async fn copy(cli: &Cli, source: &SnapshotSource, targets: &Targets) -> Result<(Vec<TableCount>, Vec<Oversized>)> {
     let mut first = source.reader().await?;
     let mut work: Vec<Range> = source::key_ranges(&mut first, "products", cli.chunk)
         .await?
@@ -195,7 +318,7 @@ async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<(Ve
     for _ in 1..cli.parallelism {
         readers.push(source.reader().await?);
     }
-    let workers = readers.into_iter().map(|reader| worker(reader, work.clone(), target, &bars));
+    let workers = readers.into_iter().map(|reader| worker(reader, work.clone(), targets, &bars));
     let per_worker = futures::future::try_join_all(workers).await?;
     bars.finish();
     let mut tables: Vec<TableCount> =
@@ -217,7 +340,7 @@ async fn copy(cli: &Cli, source: &SnapshotSource, target: &Target) -> Result<(Ve
 async fn worker(
     mut reader: Reader,
     work: Arc<Mutex<std::vec::IntoIter<Range>>>,
-    target: &Target,
+    targets: &Targets,
     bars: &Bars,
 ) -> Result<(Vec<TableCount>, Vec<Oversized>)> {
     let mut counts = vec![TableCount::default(); 3];
@@ -230,7 +353,7 @@ async fn worker(
                 let n = rows.product_id.len() as u64;
                 bars.read(0, n);
                 let docs = tokio::task::spawn_blocking(move || frames::product_documents(rows)).await?;
-                let written = target.insert(Collection::Products, &docs).await?;
+                let written = targets.insert(Collection::Products, &docs).await?;
                 bars.written(0, written);
                 counts[0].rows += n;
                 counts[0].documents += written;
@@ -254,8 +377,8 @@ async fn worker(
                     );
                 }
                 let (o, d) = tokio::try_join!(
-                    target.insert(Collection::Orders, &docs.orders),
-                    target.insert(Collection::OrderDetails, &docs.order_details)
+                    targets.insert(Collection::Orders, &docs.orders),
+                    targets.insert(Collection::OrderDetails, &docs.order_details)
                 )?;
                 tracing::debug!(
                     lo,
@@ -320,43 +443,59 @@ impl Bars {
 }
 
 /// What a run did, printed at the end.
+#[derive(Default)]
 struct Summary {
-    epoch: i64,
-    rebuild: bool,
+    /// Stores where this run finished a swap an earlier run left half done (and loaded nothing): the store's
+    /// label and the swap's epoch.
+    swaps_finished: Vec<(String, i64)>,
+    /// Stores this run loaded, all from one snapshot.
+    loaded: Vec<Loaded>,
     snapshot: Option<String>,
     tables: Vec<TableCount>,
     oversized: Vec<Oversized>,
     elapsed: Duration,
 }
 
-impl Summary {
-    fn resumed_swap(epoch: i64) -> Summary {
-        Summary {
-            epoch,
-            rebuild: true,
-            snapshot: None,
-            tables: Vec::new(),
-            oversized: Vec::new(),
-            elapsed: Duration::ZERO,
-        }
+/// One store this run loaded.
+struct Loaded {
+    /// Empty when the run loaded one store.
+    store: String,
+    epoch: i64,
+    rebuild: bool,
+}
+
+impl Loaded {
+    fn how(&self) -> &'static str {
+        if self.rebuild { "rebuilt and swapped in" } else { "loaded" }
     }
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.tables.is_empty() {
-            return writeln!(
+        for (store, epoch) in &self.swaps_finished {
+            let store = if store.is_empty() { String::new() } else { format!("{store}: ") };
+            writeln!(
                 f,
-                "first_load: finished the swap of rebuild epoch {} that an earlier run left half done",
-                self.epoch
-            );
+                "first_load: {store}finished the swap of rebuild epoch {epoch} that an earlier run left half done"
+            )?;
         }
-        let how = if self.rebuild { "rebuilt and swapped in" } else { "loaded" };
-        writeln!(f, "first_load: {how} in {:.1}s (handoff epoch {})", self.elapsed.as_secs_f64(), self.epoch)?;
+        let secs = self.elapsed.as_secs_f64();
+        match self.loaded.as_slice() {
+            [] => return Ok(()),
+            [one] if one.store.is_empty() => {
+                writeln!(f, "first_load: {} in {secs:.1}s (handoff epoch {})", one.how(), one.epoch)?;
+            }
+            stores => {
+                writeln!(f, "first_load: {} read stores from one snapshot in {secs:.1}s", stores.len())?;
+                for s in stores {
+                    writeln!(f, "  {}: {} (handoff epoch {})", s.store, s.how(), s.epoch)?;
+                }
+            }
+        }
         if let Some(s) = &self.snapshot {
             writeln!(f, "  snapshot {s} (the stream applies what it does not hold)")?;
         }
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let secs = secs.max(1e-9);
         for t in &self.tables {
             writeln!(
                 f,

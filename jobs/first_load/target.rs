@@ -120,3 +120,29 @@ impl Target {
         Ok(())
     }
 }
+
+/// Every store's target of a run: each document is built once and inserted into every store.
+pub struct Targets {
+    /// Each store's target, with the name that says which store in an error (empty with one store).
+    stores: Vec<(String, Target)>,
+}
+
+impl Targets {
+    pub fn new(stores: Vec<(String, Target)>) -> Targets {
+        Targets { stores }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.stores.iter().map(|(_, target)| target)
+    }
+
+    /// Inserts `docs` into every store at once; returns how many each took (all, or it failed).
+    pub async fn insert(&self, collection: Collection, docs: &[RawDocumentBuf]) -> Result<u64> {
+        let each = self.stores.iter().map(|(store, target)| async move {
+            let written = target.insert(collection, docs).await;
+            if store.is_empty() { written } else { written.with_context(|| store.clone()) }
+        });
+        let written = futures::future::try_join_all(each).await?;
+        Ok(written.into_iter().min().unwrap_or(0))
+    }
+}

@@ -459,6 +459,15 @@ impl Capture {
     /// Runs `verify` for `collections` until the read models equal PostgreSQL's projection; panics with
     /// the last report after `timeout`.
     pub async fn converge(&self, collections: &[&str], timeout: Duration) {
+        self.converge_in(&self.stack.mongo_uri, collections, timeout).await
+    }
+
+    /// [`Capture::converge`] in every read store of the stack.
+    pub async fn converge_everywhere(&self, collections: &[&str], timeout: Duration) {
+        self.converge_in(&self.stack.mongo_uris.join(" "), collections, timeout).await
+    }
+
+    async fn converge_in(&self, stores: &str, collections: &[&str], timeout: Duration) {
         let started = Instant::now();
         let mut args = vec!["--database", &self.name, "--examples", "3"];
         for c in collections {
@@ -468,6 +477,7 @@ impl Capture {
             let out = self
                 .stack
                 .command("verify")
+                .env("CDC_MONGO_URI", stores)
                 .env("CDC_MONGO_DATABASE", &self.name)
                 .args(&args)
                 .output()
