@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::Router;
@@ -127,15 +128,23 @@ pub struct ProcessMetrics {
     /// `job="<table>",topic="<dead-letter topic>"`.
     labels: String,
     /// The letters in the dead-letter topic not sent back yet (-1 until first read: not shown).
-    pub dead_letters_waiting: Arc<Gauge>,
+    pub dead_letters_waiting: Gauge,
+    /// When the oldest of them was dead-lettered, epoch ms (0: none waits); its age is served, as of the scrape.
+    pub oldest_dead_letter_ms: Gauge,
 }
 
 impl ProcessMetrics {
     pub fn new(job: &str, dead_letter_topic: &str) -> ProcessMetrics {
-        let dead_letters_waiting = Arc::new(Gauge::default());
+        let dead_letters_waiting = Gauge::default();
         dead_letters_waiting.set(-1);
-        ProcessMetrics { labels: format!("job=\"{job}\",topic=\"{dead_letter_topic}\""), dead_letters_waiting }
+        let labels = format!("job=\"{job}\",topic=\"{dead_letter_topic}\"");
+        ProcessMetrics { labels, dead_letters_waiting, oldest_dead_letter_ms: Gauge::default() }
     }
+}
+
+/// Wall-clock time, epoch ms: what Kafka record and Debezium timestamps are measured against.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// One plain series: name, type, help, and how to read it.
@@ -222,6 +231,11 @@ pub fn render(all: &[Arc<Metrics>], process: &ProcessMetrics) -> String {
         let name = "cdc_dead_letters_waiting";
         let help = "Dead letters not sent back yet (after the redrive group's offsets): each waits for someone to act.";
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {waiting}", process.labels);
+        let oldest = process.oldest_dead_letter_ms.get();
+        let age = if oldest > 0 { (now_ms() - oldest).max(0) as f64 / 1000.0 } else { 0.0 };
+        let name = "cdc_dead_letters_oldest_waiting_seconds";
+        let help = "How long the oldest dead letter not sent back yet has waited (0: none waits).";
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {age:.1}", process.labels);
     }
     for (name, kind, help, value) in SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

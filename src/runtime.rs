@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -33,7 +33,7 @@ use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
 use crate::kafka::{self, JobConsumer, JobContext};
-use crate::metrics::{Metrics, ProcessMetrics, serve};
+use crate::metrics::{Metrics, ProcessMetrics, now_ms, serve};
 use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Progress, ReadModels};
 
 /// One stream job: the table it follows and how its changes project onto the read models.
@@ -154,9 +154,8 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
         let dead_letter_topic = dead_letter::topic(&args.kafka, args.dead_letter_topic.as_deref());
         let process = Arc::new(ProcessMetrics::new(J::TABLE, &dead_letter_topic));
         serve(addr, metrics.clone(), process.clone()).await?;
-        let waiting = process.dead_letters_waiting.clone();
         let (kafka, group) = (args.kafka.clone(), args.redrive_group.clone());
-        tokio::spawn(dead_letter::watch_waiting(kafka, dead_letter_topic, group, waiting));
+        tokio::spawn(dead_letter::watch_waiting(kafka, dead_letter_topic, group, process));
     }
     let shutdown = shutdown_signal();
     let (job, args) = (Arc::new(job), Arc::new(args));
@@ -948,10 +947,6 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

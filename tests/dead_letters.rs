@@ -36,6 +36,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     let db = mongo.database(&cap.name);
     let products = db.collection::<bson::Document>("products");
     db.run_command(bson::doc! { "collMod": "products", "validator": { "name": { "$ne": "refused" } } }).await.unwrap();
+    let first_letter = Instant::now();
     sqlx::query("UPDATE products SET name = 'refused' WHERE product_id = 2").execute(&mut cap.pg).await.unwrap();
     let producer: FutureProducer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &cap.stack.brokers).create().unwrap();
@@ -58,6 +59,9 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert!(listed.contains(&format!("from {topic} partition ")), "{listed}");
     // The job's metrics say how many wait for someone to act.
     waiting_letters_reach(&metrics_addr, 3).await;
+    // And how long the oldest has waited: since the first refusal, not longer.
+    let oldest = metric(&metrics_addr, OLDEST).await;
+    assert!(oldest > 0.0 && oldest <= first_letter.elapsed().as_secs_f64() + 1.0, "{OLDEST} {oldest}");
     // Every series the shipped alert rules use is one a job serves.
     let metrics = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap().text().await.unwrap();
     let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/monitoring/alerts.yml")).unwrap();
@@ -110,6 +114,7 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert!(dry.contains("would send back 3 dead letters"), "{dry}");
     assert!(dead_letters(&["list", "--new"]).contains("reason:"), "still new after a dry run");
 
+    let redriven = Instant::now();
     let sent = dead_letters(&["redrive"]);
     assert!(sent.contains(&format!("sent back 3 dead letters to their topics ({topic} 3)")), "{sent}");
     // Product 2 takes the name MongoDB refused; product 3 keeps its newer one (verify compares both).
@@ -121,6 +126,10 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
     assert_eq!(new.matches("reason:").count(), 1, "{new}");
     assert!(new.contains("not a Debezium JSON envelope"), "{new}");
     waiting_letters_reach(&metrics_addr, 1).await;
+    // The oldest waiting is now that new letter, sent after the redrive began (the first ones are gone).
+    let oldest = metric(&metrics_addr, OLDEST).await;
+    let bound = redriven.elapsed().as_secs_f64() + 1.0;
+    assert!(oldest <= bound && bound + 1.0 < first_letter.elapsed().as_secs_f64(), "{OLDEST} {oldest}, bound {bound}");
     job.stop();
 
     let filtered = dead_letters(&["redrive", "--reason-contains", "Document failed validation"]);
@@ -131,6 +140,15 @@ async fn dead_letters_are_listed_and_sent_back_once_their_cause_is_fixed() {
 
     mongo.shutdown().await;
     cap.teardown().await;
+}
+
+/// The job's gauge of the oldest waiting dead letter's age.
+const OLDEST: &str = "cdc_dead_letters_oldest_waiting_seconds";
+
+/// A series' value in the metrics the job serves on `addr`.
+async fn metric(addr: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    cdc_cqrs::metrics::value(&text, name).unwrap_or_else(|| panic!("{name} is not served:\n{text}"))
 }
 
 /// Waits until the job serving metrics on `addr` counts `n` dead letters waiting (it reads them every 10 s).

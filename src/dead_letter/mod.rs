@@ -12,6 +12,7 @@
 
 pub mod redrive;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaArgs;
 use crate::envelope::Place;
 use crate::kafka;
-use crate::metrics::Gauge;
+use crate::metrics::ProcessMetrics;
 
 /// The consumer group whose offsets remember how far `dead_letters redrive` went, unless told otherwise.
 pub const REDRIVE_GROUP: &str = "cdc-cqrs-redrive";
@@ -73,19 +74,22 @@ pub fn topic(kafka: &KafkaArgs, explicit: Option<&str>) -> String {
     explicit.map_or_else(|| format!("{}.dead_letter", kafka.topic_prefix), str::to_owned)
 }
 
-/// Keeps `waiting` at the number of dead letters in `topic` not sent back yet (after where the redrive `group`
-/// stands: what the next `dead_letters redrive` goes over), read every [`WAITING_EVERY`]: the series an
-/// operator alerts on, since a letter waits until someone acts. A failed read keeps the last count.
-pub async fn watch_waiting(kafka: KafkaArgs, topic: String, group: String, waiting: Arc<Gauge>) {
+/// Keeps the process's dead-letter gauges at the letters in `topic` not sent back yet (after where the redrive
+/// `group` stands: what the next `dead_letters redrive` goes over) and when the oldest of them was sent, read
+/// every [`WAITING_EVERY`]: the series an operator alerts on, since a letter waits until someone acts. A failed
+/// read keeps the last values.
+pub async fn watch_waiting(kafka: KafkaArgs, topic: String, group: String, process: Arc<ProcessMetrics>) {
     let mut failing = false;
+    let mut heads = Heads::new();
     loop {
-        let (kafka, topic, group) = (kafka.clone(), topic.clone(), group.clone());
+        let (kafka, topic, group, known) = (kafka.clone(), topic.clone(), group.clone(), heads.clone());
         // The client is made and dropped (its close blocks) on a blocking thread.
-        let count = move || Ok(redrive::DeadLetterTopic::open(&kafka, &topic, &group)?.map_or(0, |t| t.waiting()));
-        let read = tokio::task::spawn_blocking(count).await;
-        match read.map_err(anyhow::Error::new).and_then(|r: Result<i64>| r) {
-            Ok(count) => {
-                waiting.set(count);
+        let read = tokio::task::spawn_blocking(move || read_waiting(&kafka, &topic, &group, &known)).await;
+        match read.map_err(anyhow::Error::new).and_then(|r| r) {
+            Ok((count, found)) => {
+                process.dead_letters_waiting.set(count);
+                process.oldest_dead_letter_ms.set(found.values().filter_map(|&(_, at)| at).min().unwrap_or(0));
+                heads = found;
                 failing = false;
             }
             Err(e) if !failing => {
@@ -96,6 +100,44 @@ pub async fn watch_waiting(kafka: KafkaArgs, topic: String, group: String, waiti
         }
         tokio::time::sleep(WAITING_EVERY).await;
     }
+}
+
+/// Per partition where letters wait: the first one's offset and when it was dead-lettered (epoch ms).
+type Heads = BTreeMap<i32, (i64, Option<i64>)>;
+
+/// How many letters wait, and their [`Heads`]. A head is read from the topic only when it is not in `known`
+/// (a redrive or a skip moved past the one before): one record, not every letter every time.
+fn read_waiting(kafka: &KafkaArgs, topic: &str, group: &str, known: &Heads) -> Result<(i64, Heads)> {
+    let Some(letters) = redrive::DeadLetterTopic::open(kafka, topic, group)? else { return Ok((0, Heads::new())) };
+    let mut heads = Heads::new();
+    let mut unread = BTreeMap::new();
+    for (&partition, span) in &letters.partitions {
+        let head = span.next_to_redrive();
+        if head >= span.high {
+            continue;
+        }
+        match known.get(&partition) {
+            Some(&(offset, at)) if offset == head => {
+                heads.insert(partition, (head, at));
+            }
+            _ => {
+                unread.insert(partition, head);
+            }
+        }
+    }
+    if !unread.is_empty() {
+        tokio::runtime::Handle::current().block_on(async {
+            let mut reading = letters.read_from(&unread)?;
+            while unread.keys().any(|p| !heads.contains_key(p)) {
+                let Some(letter) = reading.next().await? else { break };
+                if let Some(&head) = unread.get(&letter.partition) {
+                    heads.entry(letter.partition).or_insert((head, letter.timestamp_ms));
+                }
+            }
+            anyhow::Ok(())
+        })?;
+    }
+    Ok((letters.waiting(), heads))
 }
 
 /// Where one job's pipeline sends what it cannot apply.
