@@ -249,6 +249,7 @@ async fn one_run_loads_every_read_store_from_one_snapshot() {
     assert_eq!(again.status.code(), Some(1));
     let err = stderr(&again);
     assert!(err.contains("store0 (") && err.contains("not empty") && err.contains("--rebuild"), "{err}");
+    assert!(err.contains("or leave this store out of --mongo-uri"), "{err}");
     for client in &clients {
         assert_eq!(handoff(client, &cap).await.unwrap().get_i64("epoch").unwrap(), 2, "a store was touched");
     }

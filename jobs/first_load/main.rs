@@ -107,10 +107,14 @@ struct Store {
 }
 
 impl Store {
-    /// `e`, naming this store when the run loads several.
     fn error(&self, e: anyhow::Error) -> anyhow::Error {
-        if self.label.is_empty() { e } else { e.context(self.label.clone()) }
+        naming(&self.label, e)
     }
+}
+
+/// `e`, naming the store `label` when the run loads several (`label` is empty with one).
+fn naming(label: &str, e: anyhow::Error) -> anyhow::Error {
+    if label.is_empty() { e } else { e.context(label.to_owned()) }
 }
 
 async fn load(cli: &Cli) -> Result<Summary> {
@@ -122,8 +126,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
     let mut connected = Vec::new();
     for store in &stores {
         let label = if several { store.name.clone() } else { String::new() };
-        let sink = MongoSink::connect(&store.mongo).await;
-        let sink = sink.map_err(|e| if several { e.context(label.clone()) } else { e })?;
+        let sink = MongoSink::connect(&store.mongo).await.map_err(|e| naming(&label, e))?;
         connected.push((label, sink.database().clone()));
     }
     // Every store's lease before any is read or written: a run refused on one store leaves them all as they were.
@@ -137,7 +140,7 @@ async fn load(cli: &Cli) -> Result<Summary> {
             }
             Err(e) => {
                 release(leases).await.ok();
-                return Err(if label.is_empty() { e } else { e.context(label) });
+                return Err(naming(&label, e));
             }
         }
     }
@@ -279,7 +282,7 @@ async fn plan(cli: &Cli, store: &Store) -> Result<Plan> {
     let interrupted = previous.phase == Phase::Loading;
     let rebuild = cli.rebuild && !interrupted;
     if !rebuild && !interrupted {
-        Target::check_empty(db).await?;
+        Target::check_empty(db, !store.label.is_empty()).await?;
     }
     Ok(Plan::Load { rebuild })
 }

@@ -41,13 +41,15 @@ impl Target {
     }
 
     /// Fails, naming the fix, if a read collection holds documents (tombstones count: the stream wrote it).
-    pub async fn check_empty(db: &Database) -> Result<()> {
+    /// `one_of_several`: the run loads other stores too (this one may be loaded already by an earlier run).
+    pub async fn check_empty(db: &Database, one_of_several: bool) -> Result<()> {
         for collection in Collection::ALL {
             let n = db.collection::<Document>(collection.name()).estimated_document_count().await?;
             if n > 0 {
+                let or = if one_of_several { ", or leave this store out of --mongo-uri" } else { "" };
                 bail!(
                     "collection {}.{} is not empty ({n} documents): use --rebuild to load beside the live read models and \
-                     swap them in when done",
+                     swap them in when done{or}",
                     db.name(),
                     collection.name()
                 );
@@ -139,8 +141,7 @@ impl Targets {
     /// Inserts `docs` into every store at once; returns how many each took (all, or it failed).
     pub async fn insert(&self, collection: Collection, docs: &[RawDocumentBuf]) -> Result<u64> {
         let each = self.stores.iter().map(|(store, target)| async move {
-            let written = target.insert(collection, docs).await;
-            if store.is_empty() { written } else { written.with_context(|| store.clone()) }
+            target.insert(collection, docs).await.map_err(|e| crate::naming(store, e))
         });
         let written = futures::future::try_join_all(each).await?;
         Ok(written.into_iter().min().unwrap_or(0))
