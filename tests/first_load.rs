@@ -58,6 +58,27 @@ async fn slow_load_capture(what: &str, seed: &str) -> Capture {
 /// first_load's flags for a load of [`slow_load_capture`] that can be caught half way.
 const SLOW_LOAD: [&str; 4] = ["--chunk", "200", "--parallelism", "1"];
 
+/// A first_load lease held by a run on another host, last renewed `age` ago.
+fn lease_elsewhere(age: Duration) -> Document {
+    let at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - age.as_millis() as i64);
+    let holder = bson::oid::ObjectId::new();
+    doc! { "_id": "first_load_lease", "owner": holder, "host": "elsewhere", "pid": 1_i64, "since": at, "renewed_at": at }
+}
+
+/// Puts a lease held from another host in `leases` and renews it every 500 ms until the task is aborted.
+async fn hold_lease_elsewhere(leases: &mongodb::Collection<Document>) -> tokio::task::JoinHandle<()> {
+    leases.replace_one(doc! { "_id": "first_load_lease" }, lease_elsewhere(Duration::ZERO)).upsert(true).await.unwrap();
+    let leases = leases.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = bson::DateTime::now();
+            let renewed = doc! { "$set": { "renewed_at": now } };
+            leases.update_one(doc! { "_id": "first_load_lease" }, renewed).await.unwrap();
+        }
+    })
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -269,6 +290,62 @@ async fn one_run_loads_every_read_store_from_one_snapshot() {
     cap.teardown().await;
 }
 
+/// A load of several stores killed half way leaves each store's load to redo; a run refused on one store (its
+/// lease held from another host) releases the leases it took on the others; the next run loads them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_of_several_stores_killed_half_way_is_run_again() {
+    let cap = slow_load_capture("fl_stores_killed", "71").await;
+    let uris = cap.stack.mongo_uris.clone();
+    assert!(uris.len() > 1, "this test needs several read stores (CDC_MONGO_STORES=3)");
+    let stores = uris.join(" ");
+    let mut clients = Vec::new();
+    for uri in &uris {
+        clients.push(mongodb::Client::with_uri_str(uri).await.unwrap());
+    }
+    let dbs: Vec<_> = clients.iter().map(|c| c.database(&cap.name)).collect();
+    let first_load = |flags: &[&str]| {
+        let mut cmd = cap.first_load(flags);
+        cmd.env("CDC_MONGO_URI", &stores);
+        cmd
+    };
+
+    let mut load = first_load(&SLOW_LOAD).spawn().expect("first_load");
+    until_shadow_documents(&dbs[0]).await;
+    load.kill().unwrap();
+    load.wait().unwrap();
+    for (db, client) in dbs.iter().zip(&clients) {
+        let written = shadow_documents(db, "orders").await;
+        assert!(written < 8000, "killed half way ({written} orders written)");
+        assert_eq!(handoff(client, &cap).await.unwrap().get_str("phase").unwrap(), "loading");
+    }
+
+    // The last store's lease held from another host: refused, naming that store; the others' released.
+    let last = dbs.last().unwrap();
+    let renewing = hold_lease_elsewhere(&last.collection::<Document>("_handoff")).await;
+    let refused = first_load(&[]).output().unwrap();
+    renewing.abort();
+    let err = stderr(&refused);
+    let named = format!("store{} (", uris.len() - 1);
+    assert!(
+        !refused.status.success() && err.contains(&named) && err.contains("another first_load is running"),
+        "{err}"
+    );
+    for (i, db) in dbs[..dbs.len() - 1].iter().enumerate() {
+        let leases = db.collection::<Document>("_handoff");
+        let held = leases.count_documents(doc! { "_id": "first_load_lease" }).await.unwrap();
+        assert_eq!(held, 0, "a refused run left its lease held on store{i}");
+    }
+    last.collection::<Document>("_handoff").delete_one(doc! { "_id": "first_load_lease" }).await.unwrap();
+
+    let out = success("first_load", &first_load(&[]).output().unwrap());
+    assert_eq!(out.matches(": loaded (handoff epoch ").count(), uris.len(), "{out}");
+    cap.converge_everywhere(&ALL, Duration::from_secs(5)).await;
+    for client in clients {
+        client.shutdown().await;
+    }
+    cap.teardown().await;
+}
+
 /// A load killed half way leaves the jobs waiting; running it again finishes the job. A rebuild killed
 /// half way leaves the live read models untouched.
 #[tokio::test(flavor = "multi_thread")]
@@ -304,33 +381,15 @@ async fn a_load_killed_half_way_is_run_again() {
     // renewed for 30 s (the holder died). The killed rebuild's own lease (this host, its process gone) was
     // taken over at once above.
     let leases = client.database(&cap.name).collection::<Document>("_handoff");
-    let lease = |age: Duration| {
-        let at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - age.as_millis() as i64);
-        let holder = bson::oid::ObjectId::new();
-        doc! { "_id": "first_load_lease", "owner": holder, "host": "elsewhere", "pid": 1_i64, "since": at, "renewed_at": at }
-    };
     // (Over the killed rebuild's: still there, nothing ran since.)
-    leases.replace_one(doc! { "_id": "first_load_lease" }, lease(Duration::ZERO)).await.unwrap();
-    let renewing = {
-        let leases = leases.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let now = bson::DateTime::now();
-                leases
-                    .update_one(doc! { "_id": "first_load_lease" }, doc! { "$set": { "renewed_at": now } })
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let renewing = hold_lease_elsewhere(&leases).await;
     let refused = cap.run_first_load(&["--rebuild"]);
     renewing.abort();
     assert!(!refused.status.success(), "first_load ran beside a live holder on another host");
     assert!(
         stderr(&refused).contains("host elsewhere, pid 1") && stderr(&refused).contains("renewed its lease just now")
     );
-    leases.replace_one(doc! { "_id": "first_load_lease" }, lease(Duration::from_secs(40))).await.unwrap();
+    leases.replace_one(doc! { "_id": "first_load_lease" }, lease_elsewhere(Duration::from_secs(40))).await.unwrap();
     success("first_load", &cap.run_first_load(&["--rebuild"]));
     assert_eq!(leases.count_documents(doc! { "_id": "first_load_lease" }).await.unwrap(), 0, "the lease is released");
     cap.converge(&ALL, Duration::from_secs(5)).await;
