@@ -467,7 +467,8 @@ impl Capture {
         self.converge_in(&self.stack.mongo_uris.join(" "), collections, timeout).await
     }
 
-    async fn converge_in(&self, stores: &str, collections: &[&str], timeout: Duration) {
+    /// [`Capture::converge`] in the read stores `stores` (URIs, space separated).
+    pub async fn converge_in(&self, stores: &str, collections: &[&str], timeout: Duration) {
         let started = Instant::now();
         let mut args = vec!["--database", &self.name, "--examples", "3"];
         for c in collections {
