@@ -228,14 +228,23 @@ pub fn render(all: &[Arc<Metrics>], process: &ProcessMetrics) -> String {
     let mut out = String::new();
     let waiting = process.dead_letters_waiting.get();
     if waiting >= 0 {
-        let name = "cdc_dead_letters_waiting";
-        let help = "Dead letters not sent back yet (after the redrive group's offsets): each waits for someone to act.";
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {waiting}", process.labels);
         let oldest = process.oldest_dead_letter_ms.get();
         let age = if oldest > 0 { (now_ms() - oldest).max(0) as f64 / 1000.0 } else { 0.0 };
-        let name = "cdc_dead_letters_oldest_waiting_seconds";
-        let help = "How long the oldest dead letter not sent back yet has waited (0: none waits).";
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {age:.1}", process.labels);
+        let gauges = [
+            (
+                "cdc_dead_letters_waiting",
+                "Dead letters not sent back yet (after the redrive group's offsets): each waits for someone to act.",
+                waiting.to_string(),
+            ),
+            (
+                "cdc_dead_letters_oldest_waiting_seconds",
+                "How long the oldest dead letter not sent back yet has waited (0: none waits).",
+                format!("{age:.1}"),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} {value}", process.labels);
+        }
     }
     for (name, kind, help, value) in SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
