@@ -83,6 +83,41 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Read stores a test loads in one run: a client of each, and first_load commands over all of them.
+struct LoadedTogether<'a> {
+    cap: &'a Capture,
+    /// The stores' URIs, space separated, as `--mongo-uri` takes them.
+    uris: String,
+    clients: Vec<mongodb::Client>,
+}
+
+impl<'a> LoadedTogether<'a> {
+    /// The first `count` read stores of the stack.
+    async fn connect(cap: &'a Capture, count: usize) -> LoadedTogether<'a> {
+        let all = &cap.stack.mongo_uris;
+        assert!(count > 1 && all.len() >= count, "this test needs several read stores (CDC_MONGO_STORES=3)");
+        let uris = &all[..count];
+        let mut clients = Vec::new();
+        for uri in uris {
+            clients.push(mongodb::Client::with_uri_str(uri).await.unwrap());
+        }
+        LoadedTogether { cap, uris: uris.join(" "), clients }
+    }
+
+    /// A `first_load` command over every one of the stores, with `flags`.
+    fn first_load(&self, flags: &[&str]) -> std::process::Command {
+        let mut cmd = self.cap.first_load(flags);
+        cmd.env("CDC_MONGO_URI", &self.uris);
+        cmd
+    }
+
+    async fn shutdown(self) {
+        for client in self.clients {
+            client.shutdown().await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_seeded_load_equals_the_source_and_refuses_to_overwrite() {
     let cap = Capture::start_after(
@@ -227,68 +262,55 @@ async fn one_run_loads_every_read_store_from_one_snapshot() {
     .await;
     // Two of the stack's stores: each is a Kafka consumer per job, and noida-db (CI's broker) answers every
     // fetch at once, so each consumer costs the 2 cores.
-    let uris: Vec<String> = cap.stack.mongo_uris.iter().take(2).cloned().collect();
-    assert!(uris.len() > 1, "this test needs several read stores (CDC_MONGO_STORES=3)");
-    let stores = uris.join(" ");
-    let mut clients = Vec::new();
-    for uri in &uris {
-        clients.push(mongodb::Client::with_uri_str(uri).await.unwrap());
-    }
+    let stores = LoadedTogether::connect(&cap, 2).await;
     let writes = |seconds: &str, seed: &str| {
         let flags = ["--products", "0", "--orders", "0", "--duration", seconds, "--rate", "200", "--seed", seed];
         cap.workload_in_background(&flags)
     };
-    let first_load = |flags: &[&str]| {
-        let mut cmd = cap.first_load(flags);
-        cmd.env("CDC_MONGO_URI", &stores);
-        cmd
-    };
 
     let mut writer = writes("8s", "62");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut load = first_load(&["--chunk", "300", "--parallelism", "2"]).spawn().expect("first_load");
+    let mut load = stores.first_load(&["--chunk", "300", "--parallelism", "2"]).spawn().expect("first_load");
     // The jobs keep every store; started once the load has paused them in each, they wait for it there.
-    for client in &clients {
+    for client in &stores.clients {
         wait_for("the load to start in every store", Duration::from_secs(60), async || {
             handoff(client, &cap).await.is_some_and(|h| h.get_str("phase").ok() == Some("loading"))
         })
         .await;
     }
-    let env = [("CDC_MONGO_URI", stores.as_str())];
+    let env = [("CDC_MONGO_URI", stores.uris.as_str())];
     let jobs: Vec<JobProcess> = JOBS.iter().map(|j| cap.spawn_job_with(j, j, &env)).collect();
     assert!(load.wait().unwrap().success(), "first_load failed");
     let mut snapshots = Vec::new();
-    for client in &clients {
+    for client in &stores.clients {
         let state = handoff(client, &cap).await.expect("handoff state in every store");
         assert_eq!(state.get_str("phase").unwrap(), "done");
         snapshots.push(state.get_document("snapshot").unwrap().clone());
     }
     assert!(snapshots.iter().all(|s| *s == snapshots[0]), "one snapshot for every store: {snapshots:?}");
     assert!(writer.wait().unwrap().success(), "the workload failed");
-    cap.converge_in(&stores, &ALL, CONVERGE).await;
+    cap.converge_in(&stores.uris, &ALL, CONVERGE).await;
 
     // Not empty: refused, naming a store, and no store's handoff moved.
-    let again = first_load(&[]).output().unwrap();
+    let again = stores.first_load(&[]).output().unwrap();
     assert_eq!(again.status.code(), Some(1));
     let err = stderr(&again);
     assert!(err.contains("store0 (") && err.contains("not empty") && err.contains("--rebuild"), "{err}");
     assert!(err.contains("or leave this store out of --mongo-uri"), "{err}");
-    for client in &clients {
+    for client in &stores.clients {
         assert_eq!(handoff(client, &cap).await.unwrap().get_i64("epoch").unwrap(), 2, "a store was touched");
     }
 
     let mut writer = writes("6s", "63");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = success("first_load", &first_load(&["--rebuild", "--chunk", "300"]).output().unwrap());
-    assert_eq!(out.matches(": rebuilt and swapped in (handoff epoch 3)").count(), uris.len(), "{out}");
+    let out = success("first_load", &stores.first_load(&["--rebuild", "--chunk", "300"]).output().unwrap());
+    assert_eq!(out.matches(": rebuilt and swapped in (handoff epoch 3)").count(), stores.clients.len(), "{out}");
     assert!(writer.wait().unwrap().success(), "the workload failed");
-    cap.converge_in(&stores, &ALL, CONVERGE).await;
+    cap.converge_in(&stores.uris, &ALL, CONVERGE).await;
     for job in jobs {
         job.stop();
     }
-    for client in clients {
-        client.shutdown().await;
-    }
+    stores.shutdown().await;
     cap.teardown().await;
 }
 
@@ -297,25 +319,14 @@ async fn one_run_loads_every_read_store_from_one_snapshot() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_load_of_several_stores_killed_half_way_is_run_again() {
     let cap = slow_load_capture("fl_stores_killed", "71").await;
-    let uris = cap.stack.mongo_uris.clone();
-    assert!(uris.len() > 1, "this test needs several read stores (CDC_MONGO_STORES=3)");
-    let stores = uris.join(" ");
-    let mut clients = Vec::new();
-    for uri in &uris {
-        clients.push(mongodb::Client::with_uri_str(uri).await.unwrap());
-    }
-    let dbs: Vec<_> = clients.iter().map(|c| c.database(&cap.name)).collect();
-    let first_load = |flags: &[&str]| {
-        let mut cmd = cap.first_load(flags);
-        cmd.env("CDC_MONGO_URI", &stores);
-        cmd
-    };
+    let stores = LoadedTogether::connect(&cap, cap.stack.mongo_uris.len()).await;
+    let dbs: Vec<_> = stores.clients.iter().map(|c| c.database(&cap.name)).collect();
 
-    let mut load = first_load(&SLOW_LOAD).spawn().expect("first_load");
+    let mut load = stores.first_load(&SLOW_LOAD).spawn().expect("first_load");
     until_shadow_documents(&dbs[0]).await;
     load.kill().unwrap();
     load.wait().unwrap();
-    for (db, client) in dbs.iter().zip(&clients) {
+    for (db, client) in dbs.iter().zip(&stores.clients) {
         let written = shadow_documents(db, "orders").await;
         assert!(written < 8000, "killed half way ({written} orders written)");
         assert_eq!(handoff(client, &cap).await.unwrap().get_str("phase").unwrap(), "loading");
@@ -324,10 +335,10 @@ async fn a_load_of_several_stores_killed_half_way_is_run_again() {
     // The last store's lease held from another host: refused, naming that store; the others' released.
     let last = dbs.last().unwrap();
     let renewing = hold_lease_elsewhere(&last.collection::<Document>("_handoff")).await;
-    let refused = first_load(&[]).output().unwrap();
+    let refused = stores.first_load(&[]).output().unwrap();
     renewing.abort();
     let err = stderr(&refused);
-    let named = format!("store{} (", uris.len() - 1);
+    let named = format!("store{} (", dbs.len() - 1);
     assert!(
         !refused.status.success() && err.contains(&named) && err.contains("another first_load is running"),
         "{err}"
@@ -339,12 +350,10 @@ async fn a_load_of_several_stores_killed_half_way_is_run_again() {
     }
     last.collection::<Document>("_handoff").delete_one(doc! { "_id": "first_load_lease" }).await.unwrap();
 
-    let out = success("first_load", &first_load(&[]).output().unwrap());
-    assert_eq!(out.matches(": loaded (handoff epoch ").count(), uris.len(), "{out}");
-    cap.converge_everywhere(&ALL, Duration::from_secs(5)).await;
-    for client in clients {
-        client.shutdown().await;
-    }
+    let out = success("first_load", &stores.first_load(&[]).output().unwrap());
+    assert_eq!(out.matches(": loaded (handoff epoch ").count(), dbs.len(), "{out}");
+    cap.converge_in(&stores.uris, &ALL, Duration::from_secs(5)).await;
+    stores.shutdown().await;
     cap.teardown().await;
 }
 

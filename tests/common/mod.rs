@@ -462,11 +462,6 @@ impl Capture {
         self.converge_in(&self.stack.mongo_uri, collections, timeout).await
     }
 
-    /// [`Capture::converge`] in every read store of the stack.
-    pub async fn converge_everywhere(&self, collections: &[&str], timeout: Duration) {
-        self.converge_in(&self.stack.mongo_uris.join(" "), collections, timeout).await
-    }
-
     /// [`Capture::converge`] in the read stores `stores` (URIs, space separated).
     pub async fn converge_in(&self, stores: &str, collections: &[&str], timeout: Duration) {
         let started = Instant::now();
