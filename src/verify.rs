@@ -177,7 +177,7 @@ fn expected_documents<'a>(
 ) -> impl Stream<Item = Result<Document>> + 'a {
     match collection {
         Collection::Products => sqlx::query_as::<_, (i32, String, Option<String>, Decimal, i32)>(
-            "SELECT product_id, name, description, price, stock_quantity FROM products ORDER BY product_id",
+            "SELECT product_id, name, description, price, stock_quantity::int4 FROM products ORDER BY product_id",
         )
         .fetch(pg)
         .map_err(|e| anyhow::Error::new(e).context("reading products from PostgreSQL"))
@@ -231,7 +231,7 @@ fn expected_documents<'a>(
         })
         .boxed(),
         Collection::OrderDetails => sqlx::query_as::<_, (i32, i32, i32, Decimal, i32, Decimal, String, Option<String>)>(
-            "SELECT d.order_detail_id, d.order_id, d.product_id, d.unit_price, d.quantity, d.discount, p.name, o.status \
+            "SELECT d.order_detail_id, d.order_id, d.product_id, d.unit_price, d.quantity::int4, d.discount, p.name, o.status \
              FROM order_details d JOIN products p ON p.product_id = d.product_id JOIN orders o ON o.order_id = d.order_id \
              ORDER BY d.order_detail_id",
         )

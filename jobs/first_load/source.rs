@@ -47,6 +47,23 @@ impl SnapshotSource {
                 pg.database
             );
         }
+        // Money is read as whole cents and discounts as thousandths (exact integers for polars): a wider
+        // scale, which a migration may bring, would be rounded away.
+        let too_fine: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT v.t || '.' || v.c, format_type(a.atttypid, a.atttypmod), v.s \
+               FROM (VALUES ('products', 'price', 2), ('order_details', 'unit_price', 2), ('order_details', 'discount', 3)) v(t, c, s) \
+               JOIN pg_attribute a ON a.attrelid = ('public.' || v.t)::regclass AND a.attname = v.c AND NOT a.attisdropped \
+               JOIN information_schema.columns i ON i.table_schema = 'public' AND i.table_name = v.t AND i.column_name = v.c \
+              WHERE i.data_type <> 'numeric' OR i.numeric_scale IS NULL OR i.numeric_scale > v.s",
+        )
+        .fetch_all(&mut conn)
+        .await?;
+        if let Some((column, kind, scale)) = too_fine.first() {
+            bail!(
+                "{column} is {kind}: first_load reads it as an exact integer and takes numeric with at most {scale} \
+                 decimals (the stream jobs take any); alter the column back to numeric(p,{scale}) or load without first_load"
+            );
+        }
         let has_slot: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database())",
         )
@@ -166,7 +183,7 @@ impl Reader {
     pub async fn products(&mut self, (lo, hi): (i64, i64)) -> Result<Products> {
         let mut out = Products::default();
         let mut rows = sqlx::query_as::<_, (i32, String, Option<String>, i64, i32)>(
-            "SELECT product_id, name, description, (price * 100)::bigint, stock_quantity FROM products \
+            "SELECT product_id, name, description, (price * 100)::bigint, stock_quantity::int4 FROM products \
              WHERE product_id >= $1 AND product_id < $2",
         )
         .bind(lo)
@@ -203,7 +220,7 @@ impl Reader {
         drop(rows);
         let l = &mut out.lines;
         let mut rows = sqlx::query_as::<_, (i32, i32, i32, i64, i32, i64)>(
-            "SELECT order_detail_id, order_id, product_id, (unit_price * 100)::bigint, quantity, \
+            "SELECT order_detail_id, order_id, product_id, (unit_price * 100)::bigint, quantity::int4, \
              (discount * 1000)::bigint FROM order_details WHERE order_id >= $1 AND order_id < $2",
         )
         .bind(lo)
