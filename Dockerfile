@@ -9,7 +9,8 @@ RUN cargo build --release --bins \
     && find target/release -maxdepth 1 -type f -executable -exec cp {} /out/ \;
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libcurl4 \
+# curl: compose's health checks of the jobs (`/health`).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libcurl4 curl \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
 USER 10001

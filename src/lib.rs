@@ -12,6 +12,7 @@ pub mod dead_letter;
 pub mod envelope;
 pub mod feed;
 pub mod handoff;
+pub mod health;
 pub mod kafka;
 pub mod metrics;
 pub mod postgres;

@@ -7,11 +7,13 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
+
+use crate::health::{self, Pulse};
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -121,6 +123,10 @@ pub struct Metrics {
     pub in_job: Histogram,
     /// The job receiving the record to the MongoDB commit: the part of freshness the job alone decides.
     pub since_received: Histogram,
+    /// Whether the pipeline goes round (`/health`).
+    pub pulse: Pulse,
+    pub job: String,
+    pub store: String,
 }
 
 /// What a job process reports once, whatever its read stores.
@@ -150,7 +156,7 @@ pub fn now_ms() -> i64 {
 /// One plain series: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&Metrics) -> String);
 
-const SERIES: [Series; 12] = [
+const SERIES: [Series; 13] = [
     ("cdc_records_in_total", "counter", "Kafka records polled.", |m| m.records_in.get().to_string()),
     ("cdc_records_skipped_total", "counter", "Records below the checkpoint (already applied).", |m| {
         m.skipped.get().to_string()
@@ -184,6 +190,12 @@ const SERIES: [Series; 12] = [
     ("cdc_lag_ms", "gauge", "Source commit of the newest applied change to its MongoDB commit.", |m| {
         m.lag_ms.get().to_string()
     }),
+    (
+        "cdc_pipeline_stalled_seconds",
+        "gauge",
+        "Since the store's pipeline last came round its loop (every 200 ms when idle, once a batch under load): high when its store or the broker does not answer.",
+        |m| format!("{:.1}", m.pulse.stalled_ms() as f64 / 1000.0),
+    ),
     ("cdc_assigned_partitions", "gauge", "Partitions of the topic this process holds in its consumer group.", |m| {
         m.assigned_partitions.get().to_string()
     }),
@@ -218,6 +230,9 @@ impl Metrics {
             freshness: Histogram::default(),
             in_job: Histogram::default(),
             since_received: Histogram::default(),
+            pulse: Pulse::default(),
+            job: job.to_owned(),
+            store: store.to_owned(),
         }
     }
 }
@@ -294,9 +309,21 @@ pub fn value(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Serves `GET /metrics` on `addr` in the background.
-pub async fn serve(addr: SocketAddr, metrics: Vec<Arc<Metrics>>, process: Arc<ProcessMetrics>) -> anyhow::Result<()> {
-    let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics, &process))));
+/// Serves `GET /metrics` and `GET /health` (see [`health`]) on `addr` in the background.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Vec<Arc<Metrics>>,
+    process: Arc<ProcessMetrics>,
+    stalled_after: Duration,
+) -> anyhow::Result<()> {
+    let pipelines = metrics.clone();
+    let app = Router::new().route("/metrics", get(move || std::future::ready(render(&metrics, &process)))).route(
+        "/health",
+        get(move || {
+            let (code, body) = health::report(&pipelines, stalled_after);
+            std::future::ready((code, axum::Json(body)))
+        }),
+    );
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?;
     tokio::spawn(async move {

@@ -32,6 +32,7 @@ use crate::dead_letter::{self, DeadLetters, SourceRecord, redrive};
 use crate::envelope::{self, Event, Place};
 use crate::feed::Feed;
 use crate::handoff;
+use crate::health::Pulse;
 use crate::kafka::{self, JobConsumer, JobContext};
 use crate::metrics::{Metrics, ProcessMetrics, now_ms, serve};
 use crate::sink::{Applied, Checkpoint, LANES, MongoSink, Progress, ReadModels};
@@ -112,9 +113,15 @@ pub struct JobArgs {
     #[arg(long, env = "CDC_REDRIVE_GROUP", default_value = dead_letter::REDRIVE_GROUP)]
     pub redrive_group: String,
 
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101); off when not given.
+    /// Serve Prometheus metrics (`/metrics`) and the pipelines' health (`/health`) on this address (e.g.
+    /// 127.0.0.1:9101); off when not given.
     #[arg(long, env = "CDC_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// `/health` answers 503 once a store's pipeline has not come round its loop for this long (its store
+    /// or the broker does not answer, or a write keeps failing), e.g. 30s, 2m.
+    #[arg(long, env = "CDC_STALLED_AFTER", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    pub stalled_after: Duration,
 }
 
 /// A job binary's whole `main`: parses the job flags (`--help` describes them with `about`, followed by
@@ -153,7 +160,7 @@ pub async fn run<J: Job>(job: J, args: JobArgs) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
         let dead_letter_topic = dead_letter::topic(&args.kafka, args.dead_letter_topic.as_deref());
         let process = Arc::new(ProcessMetrics::new(J::TABLE, &dead_letter_topic));
-        serve(addr, metrics.clone(), process.clone()).await?;
+        serve(addr, metrics.clone(), process.clone(), args.stalled_after).await?;
         let (kafka, group) = (args.kafka.clone(), args.redrive_group.clone());
         tokio::spawn(dead_letter::watch_waiting(kafka, dead_letter_topic, group, process));
     }
@@ -184,10 +191,10 @@ async fn run_store<J: Job>(
     let suffix = if store.index == 0 { String::new() } else { format!("@store{}", store.index) };
     let dead_letter_topic = dead_letter::topic(&args.kafka, args.dead_letter_topic.as_deref());
 
-    let sink = retry("connecting to MongoDB", &shutdown, || MongoSink::connect(&store.mongo))
+    let sink = retry("connecting to MongoDB", &shutdown, &metrics.pulse, || MongoSink::connect(&store.mongo))
         .await
         .with_context(|| format!("stopped before {} answered", store.name))?;
-    retry("creating the read models' indexes", &shutdown, || sink.create_indexes()).await?;
+    retry("creating the read models' indexes", &shutdown, &metrics.pulse, || sink.create_indexes()).await?;
     let member = if J::BATCHES_BY_TIME { kafka::partition_queues_config } else { kafka::consumer_config };
     let mut config = member(&args.kafka, &format!("{group}{suffix}"));
     // An empty id asks for dynamic membership.
@@ -225,6 +232,7 @@ async fn run_store<J: Job>(
         if *shutdown.borrow() {
             break;
         }
+        metrics.pulse.beat();
         let carried = std::mem::take(&mut prefetched);
         if carried.is_empty() {
             // Nothing in hand, so no partition is ahead of another.
@@ -238,6 +246,7 @@ async fn run_store<J: Job>(
             // Idle: a first_load epoch may still have moved the checkpoints back.
             if last_epoch_check.elapsed() > Duration::from_secs(1) {
                 last_epoch_check = Instant::now();
+                metrics.pulse.step("reading first_load's epoch");
                 reload = handoff::read(sink.database(), None).await.is_ok_and(|h| h.epoch != epoch);
             }
             if !reload {
@@ -249,7 +258,7 @@ async fn run_store<J: Job>(
         // Partitions handed over by another member come with that member's progress, and a first_load
         // rebuild may have moved checkpoints back: re-read them and read on from there.
         if now_assigned != assigned || reload {
-            (checkpoints, epoch) = retry("reading checkpoints", &shutdown, || async {
+            (checkpoints, epoch) = retry("reading checkpoints", &shutdown, &metrics.pulse, || async {
                 let epoch = handoff::read(sink.database(), None).await?.epoch;
                 Ok((sink.checkpoints(&group, &topic).await?, epoch))
             })
@@ -313,7 +322,7 @@ async fn run_store<J: Job>(
                 continue;
             }
             tracing::warn!(job = J::TABLE, place.partition, place.offset, %reason, "dead-lettering a record");
-            retry("writing to the dead-letter topic", &shutdown, || {
+            retry("writing to the dead-letter topic", &shutdown, &metrics.pulse, || {
                 dead_letters.undecodable(*place, &rejected.record, reason)
             })
             .await?;
@@ -344,6 +353,7 @@ async fn run_store<J: Job>(
         let written = match written? {
             Ok(written) => written,
             Err(Applied::Paused(phase)) => {
+                metrics.pulse.waiting_for_first_load(true);
                 if last_pause_note.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(
                         job = J::TABLE,
@@ -364,6 +374,7 @@ async fn run_store<J: Job>(
             }
         };
         last_pause_note = None;
+        metrics.pulse.waiting_for_first_load(false);
         metrics.written.inc(written as u64);
 
         for (&partition, &next_offset) in &next {
@@ -523,7 +534,7 @@ impl<J: Job> BatchWriter<'_, J> {
             let last = end == events.len();
             let covers = if last { checkpoints } else { &[] };
             let attempt = Instant::now();
-            let applied = retry("writing the batch to MongoDB", self.shutdown, || {
+            let applied = retry("writing the batch to MongoDB", self.shutdown, &self.metrics.pulse, || {
                 let progress = Progress { applied: self.applied, moves: covers };
                 self.sink.apply(self.job, &events[start..end], lane, self.group, progress, self.epoch)
             })
@@ -579,7 +590,10 @@ impl<J: Job> BatchWriter<'_, J> {
     async fn dead_letter(&self, event: &Event<J::Row>, reason: &str) -> Result<()> {
         let place = event.source().and_then(|s| s.place).context("a refused change without its place")?;
         tracing::warn!(job = J::TABLE, place.partition, place.offset, %reason, "dead-lettering a refused change");
-        retry("writing to the dead-letter topic", self.shutdown, || self.dead_letters.refused(place, reason)).await?;
+        retry("writing to the dead-letter topic", self.shutdown, &self.metrics.pulse, || {
+            self.dead_letters.refused(place, reason)
+        })
+        .await?;
         self.metrics.dead_lettered.inc(1);
         Ok(())
     }
@@ -918,17 +932,25 @@ fn lag_records(consumer: &JobConsumer, topic: &str, checkpoints: &HashMap<i32, i
     })
 }
 
-/// Calls `attempt` until it succeeds, backing off from 200 ms to 10 s; gives up only at shutdown.
-async fn retry<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut attempt: F) -> Result<T>
+/// Calls `attempt` until it succeeds, backing off from 200 ms to 10 s; gives up only at shutdown. Each
+/// failure is the pipeline's last error on `/health` until its loop comes round again.
+async fn retry<T, F, Fut>(
+    what: &'static str,
+    shutdown: &watch::Receiver<bool>,
+    pulse: &Pulse,
+    mut attempt: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
     let mut delay = Duration::from_millis(200);
+    pulse.step(what);
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
             Err(e) if !*shutdown.borrow() => {
+                pulse.failed(what, &e);
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

@@ -119,7 +119,7 @@ fn setup_and_jobs_run_this_projects_binaries() {
 }
 
 #[test]
-fn prometheus_scrapes_every_job_where_it_serves_its_metrics() {
+fn prometheus_scrapes_every_job_where_it_serves_its_metrics_and_compose_checks_its_health() {
     let doc = compose();
     let read = |file: &str| {
         let text = std::fs::read_to_string(format!("{}/monitoring/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
@@ -134,6 +134,11 @@ fn prometheus_scrapes_every_job_where_it_serves_its_metrics() {
         let port = addr.rsplit(':').next().unwrap();
         assert!(addr.starts_with("0.0.0.0:"), "{job} serves its metrics beyond its container: {addr}");
         assert!(targets.contains(&format!("{job}:{port}")), "prometheus does not scrape {job} at {port}: {targets:?}");
+        let health = strings(&service(&doc, job)["healthcheck"]["test"]).join(" ");
+        assert!(health.contains(&format!("http://localhost:{port}/health")), "{job}'s health check: {health}");
+        let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+        let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+        assert!(runtime.contains(" curl "), "the image that runs {job} has no curl for its health check");
     }
     let mounted = strings(&service(&doc, "prometheus")["volumes"]);
     assert!(mounted.iter().any(|v| v.starts_with("./monitoring:/etc/prometheus")), "{mounted:?}");

@@ -3,7 +3,8 @@
 //! read-your-writes; validation answers; 1000 reads spread a third each (333/334) over the three stores,
 //! through the API and through the demo page in headless Chromium (screenshots kept in target/tmp); one store stopped
 //! (SIGSTOP: it hangs, the hardest way to be down) -> reads go on from the other two at once and the demo
-//! shows it down; resumed -> it catches up and the sync check finds every store equal to PostgreSQL.
+//! shows it down, and stream_products' `/health` shows its pipeline for that store stalled; resumed -> it catches
+//! up, the job is healthy again, and the sync check finds every store equal to PostgreSQL.
 //!
 //! One test: the phases share the stores, and stopping one must not surprise another phase.
 
@@ -27,9 +28,25 @@ async fn commands_queries_round_robin_and_a_store_down() {
     let stores = cap.stack.mongo_uris.clone();
     assert!(stores.len() >= 3, "this test needs 3 read stores: run the stack with CDC_MONGO_STORES=3 (the default)");
     let stores = stores[..3].join(" ");
-    let _jobs: Vec<JobProcess> =
-        JOBS.iter().map(|(bin, table)| cap.spawn_job_with(bin, table, &[("CDC_MONGO_URI", &stores)])).collect();
+    // stream_products serves its health, which counts a pipeline stalled after 5 s without coming round.
+    let health = format!("http://127.0.0.1:{}", cdc_cqrs::metrics::free_port().unwrap());
+    let _jobs: Vec<JobProcess> = JOBS
+        .iter()
+        .map(|(bin, table)| {
+            let mut env = vec![("CDC_MONGO_URI", stores.as_str())];
+            if *bin == "stream_products" {
+                env.extend([("CDC_METRICS_ADDR", &health["http://".len()..]), ("CDC_STALLED_AFTER", "5s")]);
+            }
+            cap.spawn_job_with(bin, table, &env)
+        })
+        .collect();
     let api = Api::start(&cap, &stores).await;
+    let (code, report) =
+        job_health(&health, |_, report| report["stores"].as_array().is_some_and(|s| s.len() == 3)).await;
+    assert_eq!(code, StatusCode::OK, "{report}");
+    for store in report["stores"].as_array().unwrap() {
+        assert_eq!(store["state"], "running", "{report}");
+    }
 
     commands_read_back_with_read_your_writes(&api).await;
     validation_errors(&api).await;
@@ -65,6 +82,26 @@ async fn commands_queries_round_robin_and_a_store_down() {
         api.post("/api/products", json!({"name": "During the outage", "price": 5, "stock_quantity": 1})).await;
     let read = api.read_after(&format!("/api/products/{}", created["product_id"]), &created).await;
     assert!(!read["store"].as_str().unwrap().starts_with("store2"));
+    // The products job's pipeline for store 2 no longer comes round (its write of that product hangs):
+    // its health says so, naming the store, while the other two pipelines run.
+    let (code, report) = job_health(&health, |code, _| code == StatusCode::SERVICE_UNAVAILABLE).await;
+    let states: Vec<(&str, &str)> = report["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["store"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("store0", "running"), ("store1", "running"), ("store2", "stalled")], "{code}: {report}");
+    assert!(report["stores"][2]["since_loop_s"].as_f64().unwrap() > 5.0, "{report}");
+    // Idle, it checks first_load's epoch every second; or it was writing the product when the store stopped.
+    let step = report["stores"][2]["step"].as_str().unwrap_or_default();
+    assert!(["reading first_load's epoch", "writing the batch to MongoDB"].contains(&step), "{report}");
+    let metrics = reqwest::get(format!("{health}/metrics")).await.unwrap().text().await.unwrap();
+    let stalled = metrics
+        .lines()
+        .find(|l| l.starts_with("cdc_pipeline_stalled_seconds{") && l.contains("store=\"store2\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(stalled.is_some_and(|s| s > 5.0), "cdc_pipeline_stalled_seconds of store2: {stalled:?}");
     let page = browser.demo(&api, 300, "demo-store2-down.png").await;
     assert_eq!(page["store2"], (0, "down".to_owned()), "{page:?}");
     assert_eq!(page["store0"].0 + page["store1"].0, 300, "{page:?}");
@@ -76,6 +113,8 @@ async fn commands_queries_round_robin_and_a_store_down() {
     api.wait_store(2, |s| s["healthy"].as_bool().unwrap() && s["behind_records"] == 0, "store2 caught up").await;
     let served = api.reads(&ids, 30).await;
     assert_eq!(served.len(), 3, "store2 serves again: {served:?}");
+    let (_, report) = job_health(&health, |code, _| code == StatusCode::OK).await;
+    assert_eq!(report["stores"][2]["state"], "running", "{report}");
     let (code, sync) = api.get("/api/sync").await;
     assert_eq!(code, StatusCode::OK);
     for store in sync["stores"].as_array().unwrap() {
@@ -86,6 +125,24 @@ async fn commands_queries_round_robin_and_a_store_down() {
     }
     drop(api);
     cap.teardown().await;
+}
+
+/// A job's `/health` once `done` holds for it (at most 60 s).
+async fn job_health(base: &str, done: impl Fn(StatusCode, &Value) -> bool) -> (StatusCode, Value) {
+    let started = Instant::now();
+    loop {
+        let answer = match reqwest::get(format!("{base}/health")).await {
+            Ok(r) => Some((r.status(), r.json::<Value>().await.unwrap_or_default())),
+            Err(_) => None, // not serving yet
+        };
+        if let Some((code, report)) = &answer
+            && done(*code, report)
+        {
+            return answer.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the job's health never came to that: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Each command, then the query that shows it, with `?after=` its position.
