@@ -4,7 +4,8 @@
 //! through the API and through the demo page in headless Chromium (screenshots kept in target/tmp); one store stopped
 //! (SIGSTOP: it hangs, the hardest way to be down) -> reads go on from the other two at once and the demo
 //! shows it down, and stream_products' `/health` shows its pipeline for that store stalled; resumed -> it catches
-//! up, the job is healthy again, and the sync check finds every store equal to PostgreSQL.
+//! up, the job is healthy again, and the sync check finds every store equal to PostgreSQL; the service's own
+//! `/health` answers 503 only once every store is frozen.
 //!
 //! One test: the phases share the stores, and stopping one must not surprise another phase.
 
@@ -41,6 +42,11 @@ async fn commands_queries_round_robin_and_a_store_down() {
         })
         .collect();
     let api = Api::start(&cap, &stores).await;
+    let (code, health_now) = api.get("/health").await;
+    assert_eq!(
+        (code, &health_now["read_stores_up"], &health_now["postgres"]["up"]),
+        (StatusCode::OK, &json!(3), &json!(true))
+    );
     let (code, report) =
         job_health(&health, |_, report| report["stores"].as_array().is_some_and(|s| s.len() == 3)).await;
     assert_eq!(code, StatusCode::OK, "{report}");
@@ -77,6 +83,8 @@ async fn commands_queries_round_robin_and_a_store_down() {
     assert_eq!(served.values().sum::<u32>(), 300, "every read answered with a store down: {served:?}");
     assert!(!served.keys().any(|s| s.starts_with("store2")), "the stopped store served reads: {served:?}");
     api.wait_store(2, |s| !s["up"].as_bool().unwrap(), "store2 down").await;
+    let (code, health_now) = api.get("/health").await;
+    assert_eq!((code, &health_now["read_stores_up"]), (StatusCode::OK, &json!(2)), "{health_now}");
     // Writes go on too, and read-your-writes is served by a store that has them.
     let created =
         api.post("/api/products", json!({"name": "During the outage", "price": 5, "stock_quantity": 1})).await;
@@ -123,6 +131,31 @@ async fn commands_queries_round_robin_and_a_store_down() {
         }
         assert_eq!(store["collections"].as_array().unwrap().len(), 3, "{store}");
     }
+
+    // Every store frozen: the service can take no query, and its health says so (for a load balancer).
+    let frozen: Vec<StoppedStore> = (0..3).map(StoppedStore::sigstop).collect();
+    let started = Instant::now();
+    let health_now = loop {
+        let (code, health_now) = api.get("/health").await;
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            break health_now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "/health still {code} with every store down: {health_now}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (&health_now["read_stores_up"], &health_now["postgres"]["up"]),
+        (&json!(0), &json!(true)),
+        "{health_now}"
+    );
+    drop(frozen);
+    for i in 0..3 {
+        api.wait_store(i, |s| s["up"] == true, "up again").await;
+    }
+    assert_eq!(api.get("/health").await.0, StatusCode::OK);
     drop(api);
     cap.teardown().await;
 }

@@ -145,6 +145,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/orders/{id}/lines", post(c::add_line))
         .route("/api/lines/{id}", patch(c::change_line).delete(c::remove_line))
         .route("/api/stores", get(stores_status))
+        .route("/health", get(health))
         .route("/api/sync", get(sync_report))
         .with_state(app)
 }
@@ -176,6 +177,28 @@ pub async fn serve(args: ServiceArgs) -> Result<()> {
         })
         .await
         .context("serving")
+}
+
+/// For a load balancer: 200 while the service can take commands (PostgreSQL answers within 1.5 s) and
+/// answer queries (a read store is up: one that lags still serves, the least behind first), else 503
+/// naming what is missing.
+async fn health(State(app): State<Arc<App>>) -> (StatusCode, Json<serde_json::Value>) {
+    let answered = tokio::time::timeout(Duration::from_millis(1500), sqlx::query("SELECT 1").execute(&app.pg)).await;
+    let postgres_error = match answered {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("{e}")),
+        Err(_) => Some("no answer in 1.5 s".to_owned()),
+    };
+    let stores = app.stores.status().await;
+    let up = stores.iter().filter(|s| s.up).count();
+    let ok = postgres_error.is_none() && up > 0;
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "postgres": { "up": postgres_error.is_none(), "error": postgres_error },
+        "read_stores_up": up,
+        "read_stores": stores.len(),
+    });
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
 async fn stores_status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
