@@ -226,7 +226,7 @@ fn expected_documents<'a>(
                     .collect::<Vec<_>>(),
             );
             let amounts: Vec<(Decimal, i32, Decimal)> = lines.iter().map(|l| (l.unit_price, l.quantity, l.discount)).collect();
-            order.insert("totals", readmodel::order_totals(&amounts));
+            order.insert("totals", readmodel::document(&readmodel::order_totals(&amounts)));
             order
         })
         .boxed(),

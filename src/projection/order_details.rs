@@ -28,8 +28,8 @@ use rust_decimal::Decimal;
 use super::orders::status_fan_out;
 use super::products::{details_fan_out, lines_fan_out};
 use super::{
-    Collection, Existing, LIVE_BELOW, Write, decimal_of_128, encode, field, guarded_replace, set_if_unchanged,
-    tombstone, truncate_all, value,
+    Collection, Existing, LIVE_BELOW, Write, decimal_of_128, field, guarded_replace, set_if_unchanged, tombstone,
+    truncate_all, value,
 };
 use crate::envelope::Event;
 use crate::readmodel;
@@ -461,7 +461,7 @@ impl OrderLines {
     }
 
     /// `totals` from the lines (the same sums and scale as first_load's and `verify`'s).
-    fn totals(&self) -> anyhow::Result<Document> {
+    fn totals(&self) -> anyhow::Result<RawDocumentBuf> {
         let (mut quantity, mut subtotal, mut total) = (0, Decimal::ZERO, Decimal::ZERO);
         for line in &self.lines {
             let money = |name| {
@@ -486,7 +486,7 @@ impl OrderLines {
         if !self.changed {
             return Ok(None);
         }
-        let totals = encode(&self.totals()?);
+        let totals = self.totals()?;
         let removed: RawArrayBuf =
             self.removed.iter().map(|(&id, &v)| rawdoc! { "order_detail_id": id, "_v": v }).collect();
         let lines: RawArrayBuf = self.lines.into_iter().collect();
@@ -589,7 +589,7 @@ fn new_detail(
 
 /// Totals from the lines, in cents (sums of two-decimal amounts; "0.00" fixes the scale of an empty sum).
 fn totals_stage() -> Document {
-    let zero = readmodel::order_totals(&[]).get("total").cloned().expect("totals have a total");
+    let zero = readmodel::document(&readmodel::order_totals(&[])).get("total").cloned().expect("totals have a total");
     let subtotal = doc! { "$add": [ zero.clone(), { "$sum": { "$map": {
         "input": "$lines", "in": { "$multiply": [ "$$this.unit_price", "$$this.quantity" ] },
     } } } ] };
@@ -627,7 +627,7 @@ fn remove_all_lines(pos: i64) -> Document {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projection::decimal;
+    use crate::projection::{decimal, encode};
 
     fn line(id: i32, price: &str, quantity: i32, discount: &str) -> OrderDetail {
         OrderDetail {
@@ -743,7 +743,7 @@ mod tests {
         // (How such a write merges and collides against a real mongod: tests/sink.rs.)
         let mut lines = new_order();
         lines.changed = true;
-        let fields = rawdoc! { "lines": lines.lines.iter().cloned().collect::<RawArrayBuf>(), "_removed": [], "totals": encode(&lines.totals().unwrap()) };
+        let fields = rawdoc! { "lines": lines.lines.iter().cloned().collect::<RawArrayBuf>(), "_removed": [], "totals": lines.totals().unwrap() };
         assert_eq!(statement, set_if_unchanged(7, None, fields));
     }
 }

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 
 use bson::{Bson, RawArrayBuf, RawDocument, RawDocumentBuf, cstr, doc, rawdoc};
 
-use super::{Collection, Existing, LIVE_BELOW, Write, encode, guarded_replace, tombstone};
+use super::{Collection, Existing, LIVE_BELOW, Write, guarded_replace, tombstone};
 use crate::envelope::Event;
 use crate::readmodel;
 use crate::rows::Order;
@@ -66,7 +66,7 @@ pub fn new_document(event: &Event<Order>) -> Option<RawDocumentBuf> {
 
 /// The `totals` of an order without lines.
 fn no_totals() -> &'static RawDocument {
-    static NO_TOTALS: LazyLock<RawDocumentBuf> = LazyLock::new(|| encode(&readmodel::order_totals(&[])));
+    static NO_TOTALS: LazyLock<RawDocumentBuf> = LazyLock::new(|| readmodel::order_totals(&[]));
     &NO_TOTALS
 }
 
