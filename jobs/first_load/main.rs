@@ -222,10 +222,18 @@ async fn load_holding_the_leases(cli: &Cli, stores: &[Store]) -> Result<Summary>
     let targets = Targets::new(targets);
     tracing::info!(snapshot = %source.snapshot, stores = loads.len(), "snapshot taken");
 
+    // Each phase's time in the log: where a slow load spends it.
+    let phase = Instant::now();
     let (tables, oversized) = copy(cli, &source, &targets).await?;
-    for (target, load) in targets.iter().zip(&loads) {
-        target.create_indexes().await.map_err(|e| load.store.error(e))?;
-    }
+    let documents: u64 = tables.iter().map(|t| t.documents).sum();
+    tracing::info!(documents, seconds = phase.elapsed().as_secs_f64(), "documents written");
+    let phase = Instant::now();
+    let builds = targets
+        .iter()
+        .zip(&loads)
+        .map(|(target, load)| async move { target.create_indexes().await.map_err(|e| load.store.error(e)) });
+    futures::future::try_join_all(builds).await?;
+    tracing::info!(seconds = phase.elapsed().as_secs_f64(), "indexes built");
     let snapshot = source.snapshot.clone();
     drop(source);
 
@@ -249,7 +257,9 @@ async fn load_holding_the_leases(cli: &Cli, stores: &[Store]) -> Result<Summary>
             handoff::finish(db, epoch, summary_doc.clone()).await?;
             Ok::<_, anyhow::Error>(epoch)
         };
+        let phase = Instant::now();
         let epoch = swapped.await.map_err(|e| load.store.error(e))?;
+        tracing::info!(store = %load.store.label, epoch, seconds = phase.elapsed().as_secs_f64(), "swapped in");
         summary.loaded.push(Loaded { store: load.store.label.clone(), epoch, rebuild: load.rebuild });
     }
     summary.snapshot = Some(snapshot.to_string());

@@ -91,11 +91,14 @@ impl Target {
         Ok(done.inserted_ids.len() as u64)
     }
 
-    /// The indexes the stream jobs' updates need, built once after the bulk insert (faster than during).
+    /// The indexes the stream jobs' updates need, built once after the bulk insert (faster than during), the
+    /// collections' at once: a build scans its collection on one core.
     pub async fn create_indexes(&self) -> Result<()> {
-        for collection in Collection::ALL {
-            sink::create_indexes(&self.db, collection, &self.name(collection)).await?;
-        }
+        let builds = Collection::ALL.map(|collection| {
+            let name = self.name(collection);
+            async move { sink::create_indexes(&self.db, collection, &name).await }
+        });
+        futures::future::try_join_all(builds).await?;
         Ok(())
     }
 
