@@ -120,8 +120,18 @@ pub struct JobArgs {
 
     /// `/health` answers 503 once a store's pipeline has not come round its loop for this long (its store
     /// or the broker does not answer, or a write keeps failing), e.g. 30s, 2m.
-    #[arg(long, env = "CDC_STALLED_AFTER", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "CDC_STALLED_AFTER", default_value = "30s", value_parser = stalled_after)]
     pub stalled_after: Duration,
+}
+
+/// A pipeline comes round every 200 ms when idle and once a batch under load: below a second, a busy one
+/// would read as stalled.
+fn stalled_after(s: &str) -> Result<Duration, String> {
+    let d = crate::cli::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("'{s}' is under 1s: a pipeline writing a batch would read as stalled; give e.g. 30s"));
+    }
+    Ok(d)
 }
 
 /// A job binary's whole `main`: parses the job flags (`--help` describes them with `about`, followed by

@@ -158,6 +158,11 @@ fn a_wrong_flag_is_one_line_naming_the_fix() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("sasl.pasword is not a librdkafka setting") && !err.contains("hunter2"), "{err}");
+    // A health threshold a busy pipeline would trip.
+    let out = Command::new(common::bin_path("stream_products")).env("CDC_STALLED_AFTER", "200ms").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("'200ms' is under 1s") && err.contains("e.g. 30s"), "{err}");
 }
 
 #[test]
