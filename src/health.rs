@@ -4,8 +4,10 @@
 //! A store's pipeline comes round its loop at least every 200 ms when idle and once a batch under load.
 //! One that has not come round for `--stalled-after` is stuck: its read store or the broker does not
 //! answer, or a write keeps failing (it retries with backoff and moves no offset; its last error says
-//! which). The lag metrics cannot tell this: they move only when a batch commits. A pipeline waiting for
-//! first_load comes round every second and is not stuck.
+//! which). So is one whose consumer has had no broker connection up for as long (its statistics, every
+//! 5 s): polling a broker that is gone, it comes round with nothing to read, like a quiet hour. The lag
+//! metrics cannot tell either: they move only when a batch commits. A pipeline waiting for first_load comes
+//! round every second and is not stuck.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,8 @@ use crate::metrics::{Metrics, now_ms};
 /// One pipeline's beat.
 pub struct Pulse {
     beat_ms: AtomicI64,
+    /// Since when no connection to a broker is up (0: one is, or not known yet).
+    broker_lost_ms: AtomicI64,
     waiting_for_first_load: AtomicBool,
     /// What failed since the last beat, and how, and the step it is on (checked without the locks on
     /// every beat).
@@ -32,6 +36,7 @@ impl Default for Pulse {
     fn default() -> Self {
         Pulse {
             beat_ms: AtomicI64::new(now_ms()),
+            broker_lost_ms: AtomicI64::new(0),
             waiting_for_first_load: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -69,9 +74,27 @@ impl Pulse {
         self.failed.store(true, Ordering::Relaxed);
     }
 
-    /// Since the loop last came round.
+    /// What the consumer's statistics say: whether a connection to a broker is up.
+    pub fn broker_reachable(&self, up: bool) {
+        if up {
+            self.broker_lost_ms.store(0, Ordering::Relaxed);
+        } else {
+            let _ = self.broker_lost_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Since no broker connection has been up (0 while one is).
+    fn broker_lost_for_ms(&self) -> i64 {
+        match self.broker_lost_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            since => (now_ms() - since).max(0),
+        }
+    }
+
+    /// Since the loop last came round, or since the broker was lost if longer: a pipeline polling a broker
+    /// that is gone comes round without reading anything.
     pub fn stalled_ms(&self) -> i64 {
-        (now_ms() - self.beat_ms.load(Ordering::Relaxed)).max(0)
+        (now_ms() - self.beat_ms.load(Ordering::Relaxed)).max(0).max(self.broker_lost_for_ms())
     }
 }
 
@@ -97,10 +120,12 @@ pub fn report(pipelines: &[Arc<Metrics>], stalled_after: Duration) -> (StatusCod
             } else {
                 "running"
             };
+            let broker_lost_ms = m.pulse.broker_lost_for_ms();
             json!({
                 "store": m.store,
                 "state": state,
-                "since_loop_s": stalled_ms as f64 / 1000.0,
+                "since_loop_s": (now_ms() - m.pulse.beat_ms.load(Ordering::Relaxed)).max(0) as f64 / 1000.0,
+                "broker_unreachable_s": (broker_lost_ms > 0).then(|| broker_lost_ms as f64 / 1000.0),
                 "step": *lock(&m.pulse.step),
                 "last_error": lock(&m.pulse.last_error).clone(),
             })

@@ -4,6 +4,7 @@
 //! the consumer the stream jobs run.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +13,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::KafkaArgs;
+use crate::health::Pulse;
 
 /// A consumer-group member that commits by hand, after the work a message covers is durable.
 ///
@@ -97,10 +99,31 @@ pub type JobConsumer = StreamConsumer<JobContext>;
 
 /// What a stream job's consumer tells of librdkafka's errors: a topic that does not exist yet is what a job
 /// started before Debezium's first change of its table meets (Debezium creates the topic then), not an
-/// error; anything else is logged as librdkafka says it.
-pub struct JobContext;
+/// error; anything else is logged as librdkafka says it. Its statistics (every [`STATISTICS_MS`]) say whether
+/// any broker connection is up, for the pipeline's health: a consumer polling a broker that is gone looks
+/// the same as one with nothing to read.
+pub struct JobContext {
+    pub pulse: Arc<Pulse>,
+}
+
+/// How often a job's consumer reports its brokers' states (`statistics.interval.ms`).
+pub const STATISTICS_MS: u32 = 5000;
 
 impl ClientContext for JobContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Statistics {
+            brokers: HashMap<String, Broker>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Broker {
+            state: String,
+        }
+        if let Ok(s) = serde_json::from_slice::<Statistics>(statistics) {
+            self.pulse.broker_reachable(s.brokers.values().any(|b| b.state == "UP"));
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
             tracing::warn!(

@@ -124,7 +124,7 @@ pub struct Metrics {
     /// The job receiving the record to the MongoDB commit: the part of freshness the job alone decides.
     pub since_received: Histogram,
     /// Whether the pipeline goes round (`/health`).
-    pub pulse: Pulse,
+    pub pulse: Arc<Pulse>,
     pub job: String,
     pub store: String,
 }
@@ -230,7 +230,7 @@ impl Metrics {
             freshness: Histogram::default(),
             in_job: Histogram::default(),
             since_received: Histogram::default(),
-            pulse: Pulse::default(),
+            pulse: Arc::default(),
             job: job.to_owned(),
             store: store.to_owned(),
         }

@@ -216,7 +216,9 @@ async fn run_store<J: Job>(
     if !instance_id.is_empty() {
         config.set("group.instance.id", &instance_id);
     }
-    let consumer: JobConsumer = config.create_with_context(JobContext).context("Kafka consumer")?;
+    config.set("statistics.interval.ms", kafka::STATISTICS_MS.to_string());
+    let context = JobContext { pulse: metrics.pulse.clone() };
+    let consumer: JobConsumer = config.create_with_context(context).context("Kafka consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let mut feed = Feed::new(consumer, &topic, J::BATCHES_BY_TIME);
     let dead_letters =

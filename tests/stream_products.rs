@@ -1,7 +1,8 @@
 //! stream_products against the real services: the `products` read model converges to PostgreSQL through
 //! inserts, price and stock updates, deletes, an out-of-line (TOASTed) description, a record that does not
-//! decode, a change MongoDB refuses, a full replay from the first offset, and a TRUNCATE; and a renamed
-//! product whose copy one order refuses, which reaches the product's other orders all the same.
+//! decode, a change MongoDB refuses, a full replay from the first offset, and a TRUNCATE; a renamed
+//! product whose copy one order refuses, which reaches the product's other orders all the same; and the
+//! job's health when its broker is gone.
 
 mod common;
 
@@ -251,6 +252,43 @@ async fn a_copy_refused_in_one_order_still_reaches_the_others() {
 }
 
 /// Every record of a topic, raw: value and headers (reads until 2 s pass without a new one).
+/// A job whose broker is gone polls and comes round its loop with nothing to read: its `/health` tells it from
+/// a quiet hour by its consumer's statistics (no broker connection up) and answers 503 once that lasts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_without_a_broker_is_reported_stalled() {
+    let stack = common::Stack::from_env();
+    let database = common::unique("no_broker");
+    // Nothing listens there: a port picked free, below the ephemeral range.
+    let nowhere = format!("127.0.0.1:{}", cdc_cqrs::metrics::free_port().unwrap());
+    let health = format!("127.0.0.1:{}", cdc_cqrs::metrics::free_port().unwrap());
+    let mut command = stack.command("stream_products");
+    command
+        .env("CDC_KAFKA_BROKERS", &nowhere)
+        .env("CDC_MONGO_DATABASE", &database)
+        .env("CDC_METRICS_ADDR", &health)
+        .env("CDC_STALLED_AFTER", "2s")
+        .env("RUST_LOG", "off");
+    let job = common::JobProcess::spawn(command);
+    let started = std::time::Instant::now();
+    let report = loop {
+        if let Ok(r) = reqwest::get(format!("http://{health}/health")).await
+            && r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        {
+            break r.json::<serde_json::Value>().await.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the job never said its broker was gone");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    job.kill();
+    let store = &report["stores"][0];
+    assert_eq!(store["state"], "stalled", "{report}");
+    assert!(store["broker_unreachable_s"].as_f64().is_some_and(|s| s > 2.0), "{report}");
+    // Its loop itself goes round: only the statistics tell.
+    assert!(store["since_loop_s"].as_f64().is_some_and(|s| s < 2.0), "{report}");
+    let mongo = mongodb::Client::with_uri_str(&stack.mongo_uri).await.unwrap();
+    mongo.database(&database).drop().await.unwrap();
+}
+
 fn raw_records(brokers: &str, topic: &str) -> Vec<RawRecord> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)

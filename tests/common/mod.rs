@@ -501,6 +501,11 @@ impl Capture {
 pub struct JobProcess(Option<std::process::Child>);
 
 impl JobProcess {
+    /// Starts `command` (a job the test configures itself).
+    pub fn spawn(mut command: Command) -> JobProcess {
+        JobProcess(Some(command.spawn().expect("starting a job")))
+    }
+
     /// Stops the job the way an orchestrator does (SIGTERM) and checks it exits cleanly.
     pub fn stop(mut self) {
         let mut child = self.0.take().expect("running");
