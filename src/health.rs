@@ -91,10 +91,14 @@ impl Pulse {
         }
     }
 
+    fn since_beat_ms(&self) -> i64 {
+        (now_ms() - self.beat_ms.load(Ordering::Relaxed)).max(0)
+    }
+
     /// Since the loop last came round, or since the broker was lost if longer: a pipeline polling a broker
     /// that is gone comes round without reading anything.
     pub fn stalled_ms(&self) -> i64 {
-        (now_ms() - self.beat_ms.load(Ordering::Relaxed)).max(0).max(self.broker_lost_for_ms())
+        self.since_beat_ms().max(self.broker_lost_for_ms())
     }
 }
 
@@ -102,9 +106,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The `/health` answer: 200 when every pipeline came round within `stalled_after`, else 503; the body
-/// says, per store, its state, the seconds since its loop came round, the step it waits on since then (if
-/// any) and its last error.
+/// The `/health` answer: 200 when every pipeline came round within `stalled_after` and had a broker
+/// connection up within it, else 503; the body says, per store, its state, the seconds since its loop came
+/// round and since no broker connection was up, the step it waits on (if any) and its last error.
 pub fn report(pipelines: &[Arc<Metrics>], stalled_after: Duration) -> (StatusCode, Value) {
     let mut stalled_any = false;
     let stores: Vec<Value> = pipelines
@@ -124,7 +128,7 @@ pub fn report(pipelines: &[Arc<Metrics>], stalled_after: Duration) -> (StatusCod
             json!({
                 "store": m.store,
                 "state": state,
-                "since_loop_s": (now_ms() - m.pulse.beat_ms.load(Ordering::Relaxed)).max(0) as f64 / 1000.0,
+                "since_loop_s": m.pulse.since_beat_ms() as f64 / 1000.0,
                 "broker_unreachable_s": (broker_lost_ms > 0).then(|| broker_lost_ms as f64 / 1000.0),
                 "step": *lock(&m.pulse.step),
                 "last_error": lock(&m.pulse.last_error).clone(),

@@ -193,7 +193,7 @@ const SERIES: [Series; 13] = [
     (
         "cdc_pipeline_stalled_seconds",
         "gauge",
-        "Since the store's pipeline last came round its loop (every 200 ms when idle, once a batch under load): high when its store or the broker does not answer.",
+        "Since the store's pipeline last came round its loop (every 200 ms when idle, once a batch under load), or since its consumer had no broker connection up if longer: high when its store or the broker does not answer.",
         |m| format!("{:.1}", m.pulse.stalled_ms() as f64 / 1000.0),
     ),
     ("cdc_assigned_partitions", "gauge", "Partitions of the topic this process holds in its consumer group.", |m| {
