@@ -17,19 +17,25 @@ use crate::rows::OrderDetail;
 /// MongoDB's limit on a document's size (`maxBsonObjectSize`): an order with enough lines reaches it.
 pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 
-/// Money, at its column's scale (`numeric(10,2)`), whoever read it: PostgreSQL's binary protocol gives a
-/// zero as `0`, Debezium as `"0.00"`.
+/// Money in one form whoever read it, exactly: at least the contract's 2 decimals (`numeric(10,2)`:
+/// PostgreSQL's binary protocol gives a zero as `0`, Debezium as `"0.00"`), more only where the value has
+/// them (a column migrated to `numeric(12,4)` holds `12.3400` for `12.34`, which a document written before
+/// the migration has as `12.34`).
 pub fn money(d: Decimal) -> Decimal128 {
-    let mut d = d;
-    d.rescale(2);
-    decimal128(d)
+    decimal128(canonical(d, 2))
 }
 
-/// A discount rate at its column's scale (`numeric(4,3)`).
+/// A discount rate the same way, at least at its column's 3 decimals (`numeric(4,3)`).
 fn rate(d: Decimal) -> Decimal128 {
-    let mut d = d;
-    d.rescale(3);
-    decimal128(d)
+    decimal128(canonical(d, 3))
+}
+
+fn canonical(d: Decimal, decimals: u32) -> Decimal {
+    let mut d = if d.scale() > decimals { d.normalize() } else { d };
+    if d.scale() < decimals {
+        d.rescale(decimals);
+    }
+    d
 }
 
 /// A raw shape of this module as a `Document`, for the callers that compare or extend documents.
@@ -181,6 +187,20 @@ mod tests {
         assert_eq!(line_total(dec("10.00"), 3, dec("0.150")).to_string(), "25.50");
         assert_eq!(line_total(dec("0.05"), 1, dec("0.500")).to_string(), "0.02"); // 0.025 -> 0.02
         assert_eq!(line_total(dec("0.15"), 1, dec("0.500")).to_string(), "0.08"); // 0.075 -> 0.08
+    }
+
+    #[test]
+    fn money_keeps_every_decimal_it_has_and_at_least_two() {
+        let shown = |s: &str| money(dec(s)).to_string();
+        assert_eq!(shown("12.3"), "12.30");
+        assert_eq!(shown("0"), "0.00");
+        assert_eq!(shown("12.3400"), "12.34");
+        assert_eq!(shown("12.3449"), "12.3449");
+        assert_eq!(shown("12.34490"), "12.3449");
+        assert_eq!(shown("1000.000"), "1000.00");
+        assert_eq!(rate(dec("0.15")).to_string(), "0.150");
+        assert_eq!(rate(dec("0.1250")).to_string(), "0.125");
+        assert_eq!(rate(dec("0.1255")).to_string(), "0.1255");
     }
 
     #[test]

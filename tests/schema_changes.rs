@@ -3,7 +3,8 @@
 //! `timestamptz`, all while the workload writes and the three jobs run. Nothing is dead-lettered, the read
 //! models stay equal to PostgreSQL's projection (their shape is the contract's: new columns stay out), and
 //! `first_load --rebuild` loads the migrated tables; a money column given more decimals than first_load
-//! reads exactly is still streamed, and first_load refuses it naming the column.
+//! reads exactly is streamed exactly (the product and its copies in orders), and first_load refuses it
+//! naming the column.
 
 mod common;
 
@@ -34,20 +35,10 @@ async fn the_read_models_follow_the_write_model_through_its_migrations() {
     let jobs = JOBS.map(|job| cap.spawn_job(job, job));
     cap.converge(&ALL, CONVERGE).await;
 
-    let mut workload = cap.workload_in_background(&[
-        "--products",
-        "0",
-        "--orders",
-        "0",
-        "--duration",
-        "20s",
-        "--rate",
-        "40",
-        "--seed",
-        "22",
-        "--connections",
-        "2",
-    ]);
+    // Changes only, at a steady rate, for as long as the migrations take.
+    let steady: Vec<&str> =
+        "--products 0 --orders 0 --duration 20s --rate 40 --seed 22 --connections 2".split(' ').collect();
+    let mut workload = cap.workload_in_background(&steady);
     let mut pg = cap.connect().await;
     for ddl in MIGRATIONS {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -87,6 +78,27 @@ async fn the_read_models_follow_the_write_model_through_its_migrations() {
     .await
     .unwrap();
     cap.converge(&ALL, CONVERGE).await;
+    // Exact, not rounded to cents on both sides: a changed price as PostgreSQL has it, its copies the same.
+    let (id, price): (i32, String) = sqlx::query_as(
+        "SELECT p.product_id, p.price::text FROM products p WHERE p.product_id % 2 = 0 \
+           AND EXISTS (SELECT 1 FROM order_details d WHERE d.product_id = p.product_id) ORDER BY 1 LIMIT 1",
+    )
+    .fetch_one(&mut pg)
+    .await
+    .unwrap();
+    assert!(!price.ends_with("00"), "a price with four decimals: {price}");
+    let db = mongodb::Client::with_uri_str(&cap.stack.mongo_uri).await.unwrap().database(&cap.name);
+    let product = db.collection::<bson::Document>("products").find_one(bson::doc! { "_id": id }).await.unwrap();
+    assert_eq!(product.unwrap().get("price").map(ToString::to_string), Some(price.clone()));
+    let order = db
+        .collection::<bson::Document>("orders")
+        .find_one(bson::doc! { "lines.product_id": id })
+        .projection(bson::doc! { "lines.$": 1 })
+        .await
+        .unwrap()
+        .expect("an order with that product");
+    let copy = order.get_array("lines").unwrap()[0].as_document().unwrap().get_document("product").unwrap();
+    assert_eq!(copy.get("price").map(ToString::to_string), Some(price));
     let refused = cap.run_first_load(&["--rebuild"]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "first_load loaded prices it would round:\n{stderr}");

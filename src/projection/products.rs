@@ -11,7 +11,7 @@ use bson::{Bson, Document, RawDocument, RawDocumentBuf, doc};
 use rust_decimal::Decimal;
 
 use super::{
-    Collection, Existing, Write, decimal, decimal_of, encode, field, guarded_replace, literal, tombstone, truncate_all,
+    Collection, Existing, Write, decimal_of, encode, field, guarded_replace, literal, tombstone, truncate_all,
 };
 use crate::envelope::{Event, Place, Source, Toasted};
 use crate::readmodel;
@@ -224,7 +224,7 @@ impl crate::runtime::Job for ProductsJob {
         let mut writes = Vec::new();
         for (id, orders) in &holders {
             let (row, pos, reach) = fanned[id];
-            let (name, price) = (Bson::String(row.name.clone()), decimal(row.price));
+            let (name, price) = (Bson::String(row.name.clone()), Bson::Decimal128(readmodel::money(row.price)));
             if reach.lines {
                 writes.extend(lines_fan_out(*id, &name, &price, pos, orders));
             }
@@ -240,7 +240,7 @@ impl crate::runtime::Job for ProductsJob {
 mod tests {
     use super::*;
     use crate::envelope::Source;
-    use crate::projection::encode;
+    use crate::projection::{decimal, encode};
 
     fn change(name: &str, price: &str) -> Event<Product> {
         let row = Product {
