@@ -48,7 +48,7 @@ async fn commands_queries_round_robin_and_a_store_down() {
         (StatusCode::OK, &json!(3), &json!(true))
     );
     let (code, report) =
-        job_health(&health, |_, report| report["stores"].as_array().is_some_and(|s| s.len() == 3)).await;
+        common::job_health(&health, |_, report| report["stores"].as_array().is_some_and(|s| s.len() == 3)).await;
     assert_eq!(code, StatusCode::OK, "{report}");
     for store in report["stores"].as_array().unwrap() {
         assert_eq!(store["state"], "running", "{report}");
@@ -92,7 +92,7 @@ async fn commands_queries_round_robin_and_a_store_down() {
     assert!(!read["store"].as_str().unwrap().starts_with("store2"));
     // The products job's pipeline for store 2 no longer comes round (its write of that product hangs):
     // its health says so, naming the store, while the other two pipelines run.
-    let (code, report) = job_health(&health, |code, _| code == StatusCode::SERVICE_UNAVAILABLE).await;
+    let (code, report) = common::job_health(&health, |code, _| code == StatusCode::SERVICE_UNAVAILABLE).await;
     let states: Vec<(&str, &str)> = report["stores"]
         .as_array()
         .unwrap()
@@ -121,7 +121,7 @@ async fn commands_queries_round_robin_and_a_store_down() {
     api.wait_store(2, |s| s["healthy"].as_bool().unwrap() && s["behind_records"] == 0, "store2 caught up").await;
     let served = api.reads(&ids, 30).await;
     assert_eq!(served.len(), 3, "store2 serves again: {served:?}");
-    let (_, report) = job_health(&health, |code, _| code == StatusCode::OK).await;
+    let (_, report) = common::job_health(&health, |code, _| code == StatusCode::OK).await;
     assert_eq!(report["stores"][2]["state"], "running", "{report}");
     let (code, sync) = api.get("/api/sync").await;
     assert_eq!(code, StatusCode::OK);
@@ -158,24 +158,6 @@ async fn commands_queries_round_robin_and_a_store_down() {
     assert_eq!(api.get("/health").await.0, StatusCode::OK);
     drop(api);
     cap.teardown().await;
-}
-
-/// A job's `/health` once `done` holds for it (at most 60 s).
-async fn job_health(base: &str, done: impl Fn(StatusCode, &Value) -> bool) -> (StatusCode, Value) {
-    let started = Instant::now();
-    loop {
-        let answer = match reqwest::get(format!("{base}/health")).await {
-            Ok(r) => Some((r.status(), r.json::<Value>().await.unwrap_or_default())),
-            Err(_) => None, // not serving yet
-        };
-        if let Some((code, report)) = &answer
-            && done(*code, report)
-        {
-            return answer.unwrap();
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the job's health never came to that: {answer:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Each command, then the query that shows it, with `?after=` its position.

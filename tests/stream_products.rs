@@ -269,16 +269,9 @@ async fn a_job_without_a_broker_is_reported_stalled() {
         .env("CDC_STALLED_AFTER", "2s")
         .env("RUST_LOG", "off");
     let job = common::JobProcess::spawn(command);
-    let started = std::time::Instant::now();
-    let report = loop {
-        if let Ok(r) = reqwest::get(format!("http://{health}/health")).await
-            && r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
-        {
-            break r.json::<serde_json::Value>().await.unwrap();
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the job never said its broker was gone");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let (_, report) =
+        common::job_health(&format!("http://{health}"), |code, _| code == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+            .await;
     job.kill();
     let store = &report["stores"][0];
     assert_eq!(store["state"], "stalled", "{report}");

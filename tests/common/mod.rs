@@ -531,6 +531,27 @@ impl Drop for JobProcess {
     }
 }
 
+/// A job's `/health` (at `base`, `http://host:port`) once `done` holds for it (at most 60 s).
+pub async fn job_health(
+    base: &str,
+    done: impl Fn(reqwest::StatusCode, &serde_json::Value) -> bool,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let started = Instant::now();
+    loop {
+        let answer = match reqwest::get(format!("{base}/health")).await {
+            Ok(r) => Some((r.status(), r.json::<serde_json::Value>().await.unwrap_or_default())),
+            Err(_) => None, // not serving yet
+        };
+        if let Some((code, report)) = &answer
+            && done(*code, report)
+        {
+            return answer.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the job's health never came to that: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// A read store's mongod frozen with SIGSTOP, thawed (SIGCONT) when dropped, whatever the test's outcome.
 pub struct StoppedStore(String);
 
