@@ -254,12 +254,14 @@ pub fn truncate_all(position: i64) -> Document {
     }
 }
 
-/// Money as BSON Decimal128, exactly (keeps the scale: 11.00 stays 11.00).
+/// A Decimal128 as BSON, exactly (keeps the scale: 11.00 stays 11.00), for the tests' documents; the read
+/// models' money goes through [`crate::readmodel::money`].
+#[cfg(test)]
 pub fn decimal(d: rust_decimal::Decimal) -> Bson {
     Bson::Decimal128(decimal128(d))
 }
 
-/// [`decimal`] as the Decimal128 itself, for raw BSON.
+/// A decimal as BSON Decimal128, exactly (keeps the scale: 11.00 stays 11.00).
 ///
 /// Encoded straight from the coefficient and scale (IEEE 754-2008 binary integer decimal: sign, 14-bit
 /// exponent biased by 6176, 113-bit coefficient): a rust_decimal's 96-bit mantissa always fits, and this is

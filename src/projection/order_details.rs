@@ -589,8 +589,8 @@ fn new_detail(
 
 /// Totals from the lines, in cents (sums of two-decimal amounts; "0.00" fixes the scale of an empty sum).
 fn totals_stage() -> Document {
-    let zero = readmodel::document(&readmodel::order_totals(&[])).get("total").cloned().expect("totals have a total");
-    let subtotal = doc! { "$add": [ zero.clone(), { "$sum": { "$map": {
+    let zero = readmodel::money(Decimal::ZERO);
+    let subtotal = doc! { "$add": [ zero, { "$sum": { "$map": {
         "input": "$lines", "in": { "$multiply": [ "$$this.unit_price", "$$this.quantity" ] },
     } } } ] };
     let total = doc! { "$add": [ zero, { "$sum": "$lines.line_total" } ] };
